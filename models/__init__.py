@@ -1,0 +1,17 @@
+"""kv-frontier models: attention variants that shrink the KV cache, and the LM around them."""
+from .cache import LayerCache, ModelCache
+from .config import (
+    FullAttentionConfig,
+    LinearConfig,
+    MLAConfig,
+    ModelConfig,
+    SWAConfig,
+    TensorCacheConfig,
+    TPAConfig,
+)
+from .lm import LanguageModel, build_model
+
+__all__ = [
+    "ModelConfig", "FullAttentionConfig", "MLAConfig", "TPAConfig", "SWAConfig", "LinearConfig",
+    "TensorCacheConfig", "LanguageModel", "build_model", "ModelCache", "LayerCache",
+]

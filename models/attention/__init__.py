@@ -1,0 +1,22 @@
+"""Attention variants, one file each, looked up by the config's `kind`."""
+from .full import FullAttention
+from .linear import DecayedLinearAttention
+from .mla import MultiHeadLatentAttention
+from .swa import SlidingWindowAttention
+from .tensor_cache import TensorCacheAttention
+from .tpa import TensorProductAttention
+
+ATTENTION = {
+    "mha": FullAttention,
+    "gqa": FullAttention,
+    "mqa": FullAttention,
+    "mla": MultiHeadLatentAttention,
+    "tpa": TensorProductAttention,
+    "swa": SlidingWindowAttention,
+    "linear": DecayedLinearAttention,
+    "tensor_cache": TensorCacheAttention,
+}
+
+
+def build_attention(cfg):
+    return ATTENTION[cfg.attention.kind](cfg)

@@ -1,0 +1,68 @@
+"""Sliding-window attention (SPEC "SWA"): softmax over positions [t-W+1, t].
+
+The cache is a fixed ring of the W most recent past (k, v) pairs, keys stored un-rotated and
+rotated when read, so that a Tensor Cache can hand the oldest pair to its L2 memory as is.
+Cache per layer: 2 * g * d_h * W elements, constant in T.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache import LayerCache
+from ..rope import apply_rope, rope_cos_sin
+from .base import attend, merge_heads, repeat_kv, split_heads
+
+
+class SlidingWindowAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        a = cfg.attention
+        self.h, self.g, self.d_h, self.W = cfg.n_heads, a.n_kv_heads, cfg.d_head, a.window
+        self.rope_base = cfg.rope_base
+        self.q_proj = nn.Linear(cfg.d_model, self.h * self.d_h, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, self.g * self.d_h, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, self.g * self.d_h, bias=False)
+        self.o_proj = nn.Linear(self.h * self.d_h, cfg.d_model, bias=False)
+
+    def project(self, x):
+        """q (B, h, T, d_h), k and v (B, g, T, d_h); nothing rotated yet."""
+        return (split_heads(self.q_proj(x), self.h), split_heads(self.k_proj(x), self.g),
+                split_heads(self.v_proj(x), self.g))
+
+    def window_attention(self, q, k, v, pos: int, cache: LayerCache | None):
+        """L1 output (B, h, T, d_h). With a cache, keys are [ring (positions pos-W..pos-1); new].
+
+        Returns (o1, k_ext, v_ext): the un-rotated keys/values that were attended over, so the
+        caller can see which pairs leave the window.
+        """
+        T = q.shape[2]
+        if cache is not None:
+            k = torch.cat([cache["k"], k], dim=2)
+            v = torch.cat([cache["v"], v], dim=2)
+            k_pos = torch.arange(pos - self.W, pos + T, device=q.device)
+        else:
+            k_pos = torch.arange(pos, pos + T, device=q.device)
+        q_pos = k_pos[-T:]
+        q_cos, q_sin = rope_cos_sin(q_pos, self.d_h, self.rope_base, q.dtype)
+        k_cos, k_sin = rope_cos_sin(k_pos, self.d_h, self.rope_base, q.dtype)
+        n_rep = self.h // self.g
+        o = attend(apply_rope(q, q_cos, q_sin), repeat_kv(apply_rope(k, k_cos, k_sin), n_rep),
+                   repeat_kv(v, n_rep), q_pos, k_pos, window=self.W)
+        if cache is not None:  # keep the W most recent pairs, in the same storage
+            cache["k"].copy_(k[:, :, -self.W:])
+            cache["v"].copy_(v[:, :, -self.W:])
+        return o, k, v
+
+    def forward(self, x, pos: int, cache: LayerCache | None = None):
+        q, k, v = self.project(x)
+        o, _, _ = self.window_attention(q, k, v, pos, cache)
+        return self.o_proj(merge_heads(o))
+
+    def init_cache(self, batch_size, device, dtype) -> LayerCache:
+        shape = (batch_size, self.g, self.W, self.d_h)
+        return LayerCache(k=torch.zeros(shape, device=device, dtype=dtype),
+                          v=torch.zeros(shape, device=device, dtype=dtype))
+
+    def cache_elements(self, context_len: int) -> int:
+        return 2 * self.g * self.d_h * self.W

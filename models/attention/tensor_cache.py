@@ -1,0 +1,60 @@
+"""Tensor Cache (SPEC "Tensor Cache"): L1 sliding window + L2 outer-product memory.
+
+L2 is fed ONLY by pairs evicted from the window: token i is written at step t = i + W,
+    A_t = lam A_{t-1} + eta k_{t-W}^T v_{t-W},    o2_t = q_t A_t,
+with un-rotated q and (L2-normalised) k. Fusion: o = o1 + sigmoid(gate_h) * o2.
+Training uses the chunked scan (`write: exact`) or the chunked-mean ablation
+(`write: chunk_mean`); decode is always the exact per-token write.
+State per layer: ring 2 * g * d_h * W + L2 h * d_h * d_h elements, constant in T.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.l2_scan import evicted_scan
+
+from ..cache import LayerCache
+from .base import DecayWriteRate, merge_heads, repeat_kv
+from .swa import SlidingWindowAttention
+
+
+class TensorCacheAttention(SlidingWindowAttention):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        a = cfg.attention
+        self.C, self.write, self.normalize_k = a.chunk_size, a.write, a.normalize_k
+        self.memory = DecayWriteRate(self.h)
+        self.gate = nn.Parameter(torch.full((self.h,), a.gate_init))
+
+    def l2_pairs(self, k, v):
+        """(B, g, T, d_h) un-rotated pairs -> per query head, keys normalised."""
+        if self.normalize_k:
+            k = F.normalize(k, dim=-1)
+        n_rep = self.h // self.g
+        return repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+
+    def forward(self, x, pos: int, cache: LayerCache | None = None):
+        T = x.shape[1]
+        q, k, v = self.project(x)
+        o1, k_ext, v_ext = self.window_attention(q, k, v, pos, cache)
+        lam, eta = self.memory()
+        if cache is None:  # training: the scan applies the W-step delay itself
+            k2, v2 = self.l2_pairs(k, v)
+            o2, _ = evicted_scan(q, k2, v2, lam, eta, window=self.W, chunk_size=self.C,
+                                 mode=self.write)
+        else:  # pairs leaving the window at steps pos..pos+T-1 are the first T of [ring; new]
+            k2, v2 = self.l2_pairs(k_ext[:, :, :T], v_ext[:, :, :T])
+            o2, cache["A"] = evicted_scan(q, k2, v2, lam, eta, window=0, chunk_size=self.C,
+                                          initial_state=cache["A"], output_final_state=True)
+        o = o1 + torch.sigmoid(self.gate)[None, :, None, None] * o2
+        return self.o_proj(merge_heads(o))
+
+    def init_cache(self, batch_size, device, dtype) -> LayerCache:
+        cache = super().init_cache(batch_size, device, dtype)
+        cache["A"] = torch.zeros(batch_size, self.h, self.d_h, self.d_h, device=device, dtype=dtype)
+        return cache
+
+    def cache_elements(self, context_len: int) -> int:
+        return super().cache_elements(context_len) + self.h * self.d_h * self.d_h

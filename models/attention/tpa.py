@@ -1,0 +1,64 @@
+"""Tensor Product Attention, T6 (SPEC "TPA / T6").
+
+Q_t = (1/R_q) sum_r a^q_r(x_t) (outer) b^q_r(x_t), a in R^h, b in R^{d_h}; likewise K (R_k) and
+V (R_v). RoPE rotates the b^q, b^k factors only. The cache holds the factors a^k, b^k (rotated),
+a^v, b^v: (R_k + R_v) * (h + d_h) elements per token per layer; decode scores straight from them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels.tpa_decode import tpa_decode
+
+from ..cache import LayerCache
+from ..rope import apply_rope, rope_cos_sin
+from .base import attend, merge_heads
+
+
+class TensorProductAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        a = cfg.attention
+        self.h, self.d_h, self.rope_base = cfg.n_heads, cfg.d_head, cfg.rope_base
+        self.ranks = {"q": a.rank_q, "k": a.rank_k, "v": a.rank_v}
+        self.a_proj = nn.ModuleDict({n: nn.Linear(cfg.d_model, r * self.h, bias=False) for n, r in self.ranks.items()})
+        self.b_proj = nn.ModuleDict({n: nn.Linear(cfg.d_model, r * self.d_h, bias=False) for n, r in self.ranks.items()})
+        self.o_proj = nn.Linear(self.h * self.d_h, cfg.d_model, bias=False)
+
+    def factors(self, x, name: str, cos=None, sin=None):
+        """a (B, T, R, h), b (B, T, R, d_h); b rotated when cos/sin are given."""
+        B, T, _ = x.shape
+        R = self.ranks[name]
+        a = self.a_proj[name](x).view(B, T, R, self.h)
+        b = self.b_proj[name](x).view(B, T, R, self.d_h)
+        if cos is not None:
+            b = apply_rope(b, cos[:, None], sin[:, None])
+        return a, b
+
+    def materialise(self, a, b):
+        """(1/R) sum_r a_r (outer) b_r: (B, T, R, h), (B, T, R, d) -> (B, h, T, d)."""
+        return torch.einsum("btrh,btrd->bhtd", a, b) / a.shape[2]
+
+    def forward(self, x, pos: int, cache: LayerCache | None = None):
+        T = x.shape[1]
+        q_pos = torch.arange(pos, pos + T, device=x.device)
+        cos, sin = rope_cos_sin(q_pos, self.d_h, self.rope_base, x.dtype)
+        a_q, b_q = self.factors(x, "q", cos, sin)
+        a_k, b_k = self.factors(x, "k", cos, sin)
+        a_v, b_v = self.factors(x, "v")
+        if cache is not None:
+            a_k, b_k, a_v, b_v = cache.append(dim=1, a_k=a_k, b_k=b_k, a_v=a_v, b_v=b_v).values()
+        if cache is not None and T == 1:  # decode from the factors alone
+            o = tpa_decode(a_q[:, 0], b_q[:, 0], a_k, b_k, a_v, b_v)[:, :, None]  # (B, h, 1, d_h)
+        else:
+            k_pos = torch.arange(a_k.shape[1], device=x.device)
+            o = attend(self.materialise(a_q, b_q), self.materialise(a_k, b_k),
+                       self.materialise(a_v, b_v), q_pos, k_pos)
+        return self.o_proj(merge_heads(o))
+
+    def init_cache(self, batch_size, device, dtype) -> LayerCache:
+        return LayerCache()
+
+    def cache_elements(self, context_len: int) -> int:
+        return (self.ranks["k"] + self.ranks["v"]) * (self.h + self.d_h) * context_len

@@ -1,0 +1,116 @@
+"""Typed model configuration. `attention` is a union discriminated on `kind`."""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _AttentionBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FullAttentionConfig(_AttentionBase):
+    """MHA (g = h), MQA (g = 1), GQA (1 < g < h): one module, `n_kv_heads = g`."""
+
+    kind: Literal["mha", "gqa", "mqa"] = "mha"
+    n_kv_heads: Optional[int] = Field(None, ge=1, description="g; resolved from kind when omitted")
+
+
+class MLAConfig(_AttentionBase):
+    kind: Literal["mla"] = "mla"
+    kv_lora_rank: int = Field(32, ge=1, description="d_c, width of the cached latent")
+    rope_dim: int = Field(16, ge=2, description="d_r, width of the shared decoupled RoPE key")
+    absorb: bool = Field(True, description="decode with W_uk/W_uv absorbed into q / output")
+
+
+class TPAConfig(_AttentionBase):
+    kind: Literal["tpa"] = "tpa"
+    rank_q: int = Field(6, ge=1)
+    rank_k: int = Field(2, ge=1)
+    rank_v: int = Field(2, ge=1)
+
+
+class SWAConfig(_AttentionBase):
+    kind: Literal["swa"] = "swa"
+    window: int = Field(64, ge=1, description="W: positions [t-W+1, t] are attended")
+    n_kv_heads: Optional[int] = Field(None, ge=1)
+
+
+class LinearConfig(_AttentionBase):
+    """Decayed linear attention S_t = lam S_{t-1} + eta k_t^T v_t (bounded-state baseline)."""
+
+    kind: Literal["linear"] = "linear"
+    chunk_size: int = Field(64, ge=1)
+
+
+class TensorCacheConfig(_AttentionBase):
+    """L1 sliding window + L2 outer-product memory fed only by evicted pairs.
+
+    Fusion: o = o1 + sigmoid(gate_h) * o2, one gate per head, initialised at `gate_init`.
+    """
+
+    kind: Literal["tensor_cache"] = "tensor_cache"
+    window: int = Field(64, ge=1)
+    chunk_size: int = Field(64, ge=1, description="C of the chunked parallel scan")
+    write: Literal["exact", "chunk_mean"] = "exact"
+    n_kv_heads: Optional[int] = Field(None, ge=1)
+    gate_init: float = -2.0
+    normalize_k: bool = Field(True, description="L2-normalise the keys written to L2")
+
+
+AttentionConfig = Annotated[
+    Union[FullAttentionConfig, MLAConfig, TPAConfig, SWAConfig, LinearConfig, TensorCacheConfig],
+    Field(discriminator="kind"),
+]
+
+
+class ModelConfig(BaseModel):
+    """A decoder-only LM: embedding, pre-norm blocks (RMSNorm, attention, SwiGLU), tied head."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_size: int = Field(259, ge=2)
+    d_model: int = Field(128, ge=2)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(4, ge=1)
+    d_head: Optional[int] = Field(None, ge=2, description="defaults to d_model // n_heads")
+    mlp_hidden: Optional[int] = Field(None, ge=1, description="defaults to ~8/3 d_model")
+    rope_base: float = Field(10000.0, gt=1.0)
+    norm_eps: float = Field(1e-5, gt=0.0)
+    init_std: float = Field(0.02, gt=0.0)
+    tie_embeddings: bool = True
+    attention: AttentionConfig = Field(default_factory=FullAttentionConfig)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "ModelConfig":
+        if self.d_head is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"n_heads: {self.n_heads} does not divide d_model={self.d_model}; "
+                    "set d_head explicitly"
+                )
+            self.d_head = self.d_model // self.n_heads
+        if self.d_head % 2:
+            raise ValueError(f"d_head: must be even for RoPE, got {self.d_head}")
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 32 * ((8 * self.d_model // 3 + 31) // 32)
+        att = self.attention
+        if isinstance(att, FullAttentionConfig):
+            wanted = {"mha": self.n_heads, "mqa": 1}.get(att.kind)
+            if att.n_kv_heads is None:
+                if wanted is None:
+                    raise ValueError("attention.n_kv_heads: required for kind 'gqa'")
+                att.n_kv_heads = wanted
+            elif wanted is not None and att.n_kv_heads != wanted:
+                raise ValueError(
+                    f"attention.n_kv_heads: kind '{att.kind}' needs {wanted}, got {att.n_kv_heads}"
+                )
+        if isinstance(att, (SWAConfig, TensorCacheConfig)) and att.n_kv_heads is None:
+            att.n_kv_heads = self.n_heads
+        g = getattr(att, "n_kv_heads", None)
+        if g is not None and (g > self.n_heads or self.n_heads % g):
+            raise ValueError(f"attention.n_kv_heads: {g} must divide n_heads={self.n_heads}")
+        if isinstance(att, MLAConfig) and att.rope_dim % 2:
+            raise ValueError(f"attention.rope_dim: must be even for RoPE, got {att.rope_dim}")
+        return self

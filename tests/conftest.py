@@ -1,0 +1,13 @@
+import os
+
+# Triton must see this before it is imported anywhere: kernels run in its CPU interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+for var, value in {
+    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+}.items():
+    os.environ.setdefault(var, value)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))

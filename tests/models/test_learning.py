@@ -3,7 +3,8 @@
 Sequences are 4 key-value pairs followed by the same pairs in a new order; the loss is taken on
 the values of the second half, which can only be predicted by recalling the first half. The loss
 starts near ln(vocab) = 3.6 nats; guessing among the 16 values without recall gives
-ln 16 = 2.77. Each variant must fall by more than a nat and below that no-recall floor.
+ln 16 = 2.77. Each variant must fall by more than 1.5 nats and clearly below that no-recall floor
+(measured after 500 steps: 1.26 for MHA up to 1.99 for TPA).
 """
 import math
 
@@ -49,11 +50,11 @@ def test_variant_learns_recall(name):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model = build_model(config("mha", d_model=32, n_heads=2, init_std=0.02, attention=LEARNERS[name]))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
     eval_ids, eval_pos = recall_batch(256, torch.Generator().manual_seed(123))
     with torch.no_grad():
         before = answer_loss(model, eval_ids, eval_pos).item()
-    for _ in range(250):
+    for _ in range(500):
         ids, pos = recall_batch(32, gen)
         loss = answer_loss(model, ids, pos)
         opt.zero_grad()
@@ -63,4 +64,4 @@ def test_variant_learns_recall(name):
         after = answer_loss(model, eval_ids, eval_pos).item()
     assert before > 3.0  # starts near ln(vocab)
     msg = f"{name}: answer loss {before:.2f} -> {after:.2f}"
-    assert after < before - 1.0 and after < math.log(N_VALUES) - 0.1, msg
+    assert after < before - 1.5 and after < math.log(N_VALUES) - 0.5, msg

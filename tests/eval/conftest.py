@@ -1,0 +1,35 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+KINDS = {
+    "tensor_cache": {"kind": "tensor_cache", "window": 8, "chunk_size": 8},
+    "tpa": {"kind": "tpa", "rank_q": 2, "rank_k": 2, "rank_v": 1},
+    "mla": {"kind": "mla", "kv_lora_rank": 8, "rope_dim": 4},
+    "gqa": {"kind": "gqa", "n_kv_heads": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory):
+    """Tiny random-weight checkpoints of several kinds, each exported; (root, {kind: model})."""
+    os.environ.setdefault("HF_HOME", str(REPO / "runs" / "hf_home"))
+    from models import ModelConfig, build_model
+    from pipeline import checkpoint
+    from pipeline.export import export_variant
+
+    root = tmp_path_factory.mktemp("exports")
+    models = {}
+    for name, attention in KINDS.items():
+        cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, tie_embeddings=name == "gqa", init_std=0.1,
+                          attention=attention)
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        checkpoint.save_final(root / "ckpt" / name, model, {"variant": name, "step": 1, "fingerprint": "t",
+                                                            "model_config": cfg.model_dump(mode="json")})
+        export_variant(name, root / "ckpt" / name, root / "hf" / name, REPO)
+        models[name] = model
+    return root, models

@@ -1,0 +1,91 @@
+"""Exports load with only torch + transformers and reproduce `models` exactly."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from pipeline import tokenizer
+
+from .conftest import REPO
+
+# Runs in a fresh interpreter without the repo's packages: the export must carry its code.
+LOADER = r"""
+import json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path[:] = [p for p in sys.path if p not in ("", REPO)]
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+out = {}
+for name, path in json.loads(sys.argv[1]).items():
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    ids = torch.tensor([tok("To be, or not to be", add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        logits = model(ids).logits
+    gen = model.generate(ids, max_new_tokens=12, do_sample=False)
+    out[name] = {"ids": ids[0].tolist(), "logits": logits[0].tolist(), "generated": gen[0].tolist(),
+                 "repo_modules": [m for m in ("models", "kernels", "pipeline") if m in sys.modules],
+                 "vocab": len(tok), "config": model.config.num_hidden_layers}
+print(json.dumps(out))
+""".replace("REPO", repr(str(REPO)))
+
+
+def test_export_round_trip_without_repo(exports, tmp_path):
+    root, models = exports
+    paths = {name: str(root / "hf" / name) for name in models}
+    env = {**os.environ, "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", LOADER, json.dumps(paths)], capture_output=True,
+                          text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, model in models.items():
+        got = out[name]
+        assert got["repo_modules"] == [], f"{name}: the export imported the repo's packages"
+        assert got["vocab"] == 259 and got["config"] == 2
+        ids = torch.tensor([got["ids"]])
+        assert got["ids"] == tokenizer.encode("To be, or not to be").tolist()
+        with torch.no_grad():
+            torch.testing.assert_close(torch.tensor(got["logits"]), model(ids)[0], rtol=1e-5, atol=1e-5)
+        assert got["generated"] == model.generate(ids, max_new_tokens=12)[0].tolist(), name
+
+
+def test_generate_keeps_the_variant_cache(exports):
+    from pipeline.hf.modeling_kvf import KVFCache, KVFForCausalLM
+
+    root, models = exports
+    hf = KVFForCausalLM.from_pretrained(root / "hf" / "tensor_cache").eval()
+    ids = torch.randint(3, 259, (1, 40), generator=torch.Generator().manual_seed(1))
+    out = hf(ids, use_cache=True)
+    assert isinstance(out.past_key_values, KVFCache)
+    # ring (2 layers x k,v x 2 heads x window 8 x 16) + L2 (2 layers x 2 heads x 16 x 16), fp32
+    assert out.past_key_values.nbytes() == 4 * (2 * 2 * 2 * 8 * 16 + 2 * 2 * 16 * 16)
+    gen = hf.generate(ids, max_new_tokens=20, do_sample=False)
+    assert gen[0].tolist() == models["tensor_cache"].generate(ids, 20)[0].tolist()
+
+
+def test_export_files_and_card(exports):
+    root, _ = exports
+    d = root / "hf" / "tpa"
+    config = json.loads((d / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_kvf.KVFConfig",
+                                  "AutoModelForCausalLM": "modeling_kvf.KVFForCausalLM"}
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (2, 32, 259)
+    assert "models/lm.py" in (d / "kvf_bundle.py").read_text()
+    card = json.loads((d / "kvf_export.json").read_text())
+    # TPA caches (R_k + R_v) * (h + d_h) = 3 * 18 elements per token per layer, fp32
+    assert card["cache_bytes_per_token_at_32k"] == 3 * 18 * 2 * 4
+    assert card["state_bytes_32k"] == 3 * 18 * 2 * 4 * 32768
+
+
+def test_byt5_tokenizer_matches_pipeline(exports):
+    from transformers import AutoTokenizer
+
+    root, _ = exports
+    tok = AutoTokenizer.from_pretrained(root / "hf" / "mla", trust_remote_code=True)
+    text = "Thou art more lovely — and more temperate\n"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert ids == tokenizer.encode(text).tolist()
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    assert tok.decode(ids) == text == tokenizer.decode(ids)

@@ -1,0 +1,90 @@
+"""Malformed params stop every stage before any work: exit 2, one line naming the field."""
+import copy
+
+import pytest
+import yaml
+
+from pipeline.params import ParamsError, load_params, parse_params
+
+from .conftest import REPO, TINY, run_stage, write_params
+
+DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_default_params_are_valid_and_typed():
+    params = load_params(REPO / "params.yaml")
+    assert set(params.variants) == {"mha", "gqa", "mqa", "mla", "tpa", "swa", "linear", "tensor_cache",
+                                    "tensor_cache_chunk_mean"}
+    assert params.model_config_for("tensor_cache_chunk_mean").attention.write == "chunk_mean"
+    assert params.compute.gpus_per_job == "auto" and params.tracking.uri is None
+
+
+def _set(path: str, value):
+    def mutate(d):
+        *parents, last = path.split(".")
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (_set("variants.tpa.rank_k", 0), "variants.tpa.rank_k"),
+    (_set("variants.tpa.rank_k", "two"), "variants.tpa.rank_k"),
+    (_set("variants.tpa.rnk_k", 2), "variants.tpa.rnk_k"),
+    (_set("variants.foo", {"kind": "lstm"}), "variants.foo.kind"),
+    (_set("variants.swa.window", 4096), "variants.swa.window"),
+    (_set("variants.gqa.n_kv_heads", 3), "variants.gqa.n_kv_heads"),
+    (_set("model.d_modle", 64), "model.d_modle"),
+    (_set("model.n_heads", 5), "model.n_heads"),
+    (_set("train.lr", -1.0), "train.lr"),
+    (_set("train.warmup_steps", 10_000), "train.warmup_steps"),
+    (_set("train.checkpoint_every", 15), "train.checkpoint_every"),
+    (_set("compute.gpus_per_job", "many"), "compute.gpus_per_job"),
+    (_set("data.mqar.eval_gaps.far", [90, 500]), "data.mqar.eval_gaps.far"),
+    (_set("data.heldout_plays", ["hamlet", "no_such_play"]), "data.heldout_plays.1"),
+    (_set("trian", {}), "trian"),
+])
+def test_error_names_the_field(mutate, field):
+    raw = copy.deepcopy(DEFAULT)
+    mutate(raw)
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert str(err.value).startswith(f"{field}: "), str(err.value)
+
+
+BAD_FILES = {
+    "rank": ("variants:\n  tpa: {kind: tpa, rank_k: 0}\n", "params.yaml: variants.tpa.rank_k: "),
+    "kind": ("variants:\n  x: {kind: nope}\n", "params.yaml: variants.x.kind: unknown attention kind"),
+    "window": ("variants:\n  swa: {kind: swa, window: 64}\ntrain: {seq_len: 32}\n",
+               "params.yaml: variants.swa.window: 64 is not shorter than train.seq_len=32"),
+    "type": ("variants: {mha: {kind: mha}}\ntrain: {steps: lots}\n", "params.yaml: train.steps: "),
+    "yaml": ("variants: [unclosed\n", "params.yaml: not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("stage, case", [("train", "rank"), ("train", "kind"), ("train", "window"),
+                                         ("prepare", "type"), ("prepare", "yaml")])
+def test_bad_file_stops_stage_before_any_work(tmp_path, stage, case):
+    text, message = BAD_FILES[case]
+    (tmp_path / "params.yaml").write_text(text)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_stage(tmp_path, stage, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    # nothing written: no data/, checkpoints/, metrics/, no mlflow.db (so no MLflow run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before == ["params.yaml"]
+
+
+def test_tiny_params_are_valid(tmp_path):
+    write_params(tmp_path)
+    params = load_params(tmp_path / "params.yaml")
+    assert params.train.steps == TINY["train"]["steps"]
+
+
+def test_gpu_config_is_valid():
+    params = load_params(REPO / "configs" / "gpu.yaml")
+    assert params.data.mqar.pair_tokens == 2 and params.train.precision == "bf16"
+    far_lo = params.data.mqar.eval_gaps["far"][0]
+    assert far_lo > params.model["n_layers"] * params.variants["swa"]["window"]

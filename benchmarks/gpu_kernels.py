@@ -1,0 +1,150 @@
+"""GPU benchmark of the kernels: TPA decode vs full-cache decode, and the L2 scan fwd+bwd.
+
+1. Decode of one token at context L in {4k .. 128k}: TPA from factors (Triton) vs MHA, GQA and
+   MLA (absorbed, latent + RoPE key) via torch SDPA, and vs TPA materialise-then-SDPA. Reports
+   time per call, cache bytes read and achieved bandwidth (cache bytes / time).
+2. Evicted-write L2 scan, forward + backward, T in {2k, 8k, 32k}, d_head in {64, 128}: Triton
+   vs the torch chunked path vs fla's chunk_simple_gla (window 0 equivalent; if installed).
+
+    python benchmarks/gpu_kernels.py            # on a CUDA machine, prints markdown tables
+    python benchmarks/gpu_kernels.py --smoke    # tiny sizes on CPU (Triton interpreter)
+"""
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+
+if "--smoke" in sys.argv:  # must precede the triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from kernels.l2_scan import evicted_scan_chunked, evicted_scan_triton  # noqa: E402
+from kernels.tpa_decode import tpa_decode_triton  # noqa: E402
+
+try:  # optional baseline
+    from fla.ops.simple_gla import chunk_simple_gla
+except ImportError:
+    chunk_simple_gla = None
+
+
+def bench_ms(fn, device):
+    """Median milliseconds per call (triton's do_bench on CUDA, a few wall-clock calls on CPU)."""
+    if device == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[1]
+
+
+def decode_table(lengths, B, h, d, g, Rq, Rk, Rv, d_c, d_r, dtype, device):
+    print(f"\n### Decode, one query token: B={B} h={h} d_head={d} GQA g={g}, TPA ranks "
+          f"q/k/v={Rq}/{Rk}/{Rv}, MLA d_c={d_c} d_r={d_r}, {dtype}\n")
+    print("| context | method | cache bytes | time (ms) | bandwidth (GB/s) |")
+    print("|---|---|---|---|---|")
+    elt = torch.finfo(dtype).bits // 8
+    rnd = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+    for L in lengths:
+        a_q, b_q = rnd(B, Rq, h), rnd(B, Rq, d)
+        a_k, b_k = rnd(B, L, Rk, h), rnd(B, L, Rk, d)
+        a_v, b_v = rnd(B, L, Rv, h), rnd(B, L, Rv, d)
+        q = rnd(B, h, 1, d)
+        k_mha, v_mha = rnd(B, h, L, d), rnd(B, h, L, d)
+        k_gqa, v_gqa = rnd(B, g, L, d), rnd(B, g, L, d)
+        # MLA absorbed: keys are [latent c ; rope key], values the latent c, one shared "head".
+        q_mla, c, k_rope = rnd(B, h, 1, d_c + d_r), rnd(B, 1, L, d_c), rnd(B, 1, L, d_r)
+
+        def tpa_materialised():
+            K = torch.einsum("blsh,blsd->bhld", a_k, b_k) / Rk
+            V = torch.einsum("blsh,blsd->bhld", a_v, b_v) / Rv
+            Q = torch.einsum("brh,brd->bhd", a_q, b_q)[:, :, None] / Rq
+            return F.scaled_dot_product_attention(Q, K, V)
+
+        def mla():
+            k = torch.cat([c, k_rope], dim=-1)
+            return F.scaled_dot_product_attention(q_mla, k, c, enable_gqa=True)
+
+        rows = [
+            ("TPA factors (Triton)", B * L * (Rk + Rv) * (h + d),
+             lambda: tpa_decode_triton(a_q, b_q, a_k, b_k, a_v, b_v)),
+            ("TPA materialise + SDPA", B * L * (Rk + Rv) * (h + d), tpa_materialised),
+            ("MHA SDPA", 2 * B * h * L * d,
+             lambda: F.scaled_dot_product_attention(q, k_mha, v_mha)),
+            (f"GQA g={g} SDPA", 2 * B * g * L * d,
+             lambda: F.scaled_dot_product_attention(q, k_gqa, v_gqa, enable_gqa=True)),
+            ("MLA absorbed SDPA", B * L * (d_c + d_r), mla),
+        ]
+        for name, elements, fn in rows:
+            ms = bench_ms(fn, device)
+            nbytes = elements * elt
+            print(f"| {L} | {name} | {nbytes / 2**20:.2f} MiB | {ms:.3f} "
+                  f"| {nbytes / ms / 1e6:.0f} |", flush=True)
+
+
+def scan_table(lengths, dims, B, H, window, dtype, device):
+    print(f"\n### L2 evicted-write scan, forward + backward: B={B} H={H} W={window}, {dtype}\n")
+    print("| T | d_head | method | time (ms) |")
+    print("|---|---|---|---|")
+    for T in lengths:
+        for D in dims:
+            q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
+            decay = torch.full((H,), 0.99, device=device, requires_grad=True)
+            write_rate = torch.full((H,), 0.5, device=device, requires_grad=True)
+            leaves = (q, k, v, decay, write_rate)
+
+            def fwd_bwd(scan):
+                o = scan()
+                torch.autograd.grad(o.float().sum(), leaves, allow_unused=True)
+
+            rows = [("Triton", lambda: evicted_scan_triton(q, k, v, decay, write_rate, window)[0]),
+                    ("torch chunked", lambda: evicted_scan_chunked(
+                        q, k, v, decay, write_rate, window)[0])]
+            if chunk_simple_gla is not None:  # no delay; (B, T, H, D) layout, log decay per token
+                def fla():
+                    g = torch.log(decay).view(1, 1, H).expand(B, T, H).contiguous()
+                    k_eta = k * write_rate.view(1, H, 1, 1).to(dtype)
+                    o, _ = chunk_simple_gla(q.transpose(1, 2), k_eta.transpose(1, 2),
+                                            v.transpose(1, 2), g=g, scale=1.0)
+                    return o
+                rows.append(("fla chunk_simple_gla (W=0)", fla))
+            for name, scan in rows:
+                ms = bench_ms(lambda: fwd_bwd(scan), device)
+                print(f"| {T} | {D} | {name} | {ms:.2f} |", flush=True)
+            del q, k, v
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (interpreter)")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if device == "cpu" and not args.smoke:
+        sys.exit("no CUDA device: run with --smoke for the tiny CPU check")
+    print(f"command: `python {' '.join(sys.argv)}`  ")
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
+    print(f"machine: {platform.platform()}, {name}, torch {torch.__version__}")
+    torch.manual_seed(0)
+    if args.smoke:
+        decode_table([37], B=1, h=4, d=16, g=2, Rq=6, Rk=2, Rv=2, d_c=32, d_r=16,
+                     dtype=torch.float32, device=device)
+        scan_table([40], [16], B=1, H=2, window=5, dtype=torch.float32, device=device)
+        return
+    lengths = [4096, 8192, 16384, 32768, 65536, 131072]
+    decode_table(lengths, B=4, h=32, d=128, g=8, Rq=16, Rk=2, Rv=2, d_c=512, d_r=64,
+                 dtype=torch.bfloat16, device=device)
+    scan_table([2048, 8192, 32768], [64, 128], B=2, H=16, window=256, dtype=torch.bfloat16,
+               device=device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Evicted-write (L2) scan of the Tensor Cache: one entry point, the fast path picked by device.
+
+    A_t = lam * A_{t-1} + eta * k_{t-W}^T v_{t-W}  (write only when t >= W),   o_t = q_t A_t
+
+initial_state is A_{-1} (decayed at every step: A_t holds lam^(t+1) A_{-1}); final_state is
+A_{T-1}, so the next decode step is A_T = lam * A_{T-1} + eta * k_{T-W}^T v_{T-W}; it is
+kept in the wider of (q, decay) dtypes (fp32 for bf16 activations with fp32 decay).
+mode="chunk_mean" is the SPEC ablation (torch only). See reference.py for the forms.
+"""
+import torch
+
+from .reference import chunk_mean_scan, evicted_scan_chunked, evicted_scan_loop
+
+try:  # CPU-only machines may lack triton; the torch path covers them.
+    from .triton import evicted_scan_triton
+except ImportError:
+    evicted_scan_triton = None
+
+__all__ = ["evicted_scan", "evicted_scan_loop", "evicted_scan_chunked", "chunk_mean_scan",
+           "evicted_scan_triton"]
+
+
+def evicted_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                 write_rate: torch.Tensor, window: int, chunk_size: int = 64,
+                 mode: str = "exact", initial_state: torch.Tensor | None = None,
+                 output_final_state: bool = False):
+    """q, k (B,H,T,Dk), v (B,H,T,Dv), decay and write_rate (H,), initial_state (B,H,Dk,Dv)
+    -> (o (B,H,T,Dv), final_state (B,H,Dk,Dv) or None)."""
+    if window < 0 or chunk_size < 1:
+        raise ValueError(f"need window >= 0 and chunk_size >= 1, got {window}, {chunk_size}")
+    args = (q, k, v, decay, write_rate, window, chunk_size)
+    kwargs = dict(initial_state=initial_state, output_final_state=output_final_state)
+    if mode == "chunk_mean":
+        return chunk_mean_scan(*args, **kwargs)
+    if mode != "exact":
+        raise ValueError(f"mode must be 'exact' or 'chunk_mean', got {mode!r}")
+    # The Triton kernel accumulates in fp32, so float64 stays on the torch path.
+    if q.is_cuda and q.dtype != torch.float64 and evicted_scan_triton is not None:
+        return evicted_scan_triton(*args, **kwargs)
+    return evicted_scan_chunked(*args, **kwargs)

@@ -35,9 +35,21 @@ TINY = {
 }
 
 
+_SHORT_DIRS: list[Path] = []
+
+
 def short_tmp(prefix: str) -> Path:
     """Ray's socket paths must stay under ~107 bytes: pytest's tmp_path is too deep."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    _SHORT_DIRS.append(path)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_short_dirs():
+    yield
+    for path in _SHORT_DIRS:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_params(root: Path, overrides: dict | None = None) -> dict:

@@ -1,0 +1,1 @@
+"""Orchestration: typed params, data, Ray-distributed training, MLflow tracking, DVC glue."""

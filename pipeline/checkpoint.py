@@ -1,0 +1,133 @@
+"""Checkpoints: safetensors (weights, optimizer moments, RNG state) + JSON metadata, written atomically.
+
+Layout of one variant's folder:
+    step-000200.safetensors  step-000200.json   the resumable state at step 200
+    latest.json                                 {"step": 200} -- the commit point
+    model.safetensors  model.json               the final weights + metadata, once complete
+Every file is written to a temp name and `os.replace`d; `latest.json` moves only after the
+step's pair is complete, so a `kill -9` at any moment leaves a loadable checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest.json"
+FINAL_WEIGHTS = "model.safetensors"
+FINAL_META = "model.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Optimizer state -> (flat tensors for safetensors, JSON-safe rest)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save(ckpt_dir: Path, step: int, model, optimizer, meta: dict) -> None:
+    """Write the resumable state at `step`, move `latest.json` to it, drop older steps."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    optim_tensors, optim_meta = _optimizer_tensors(optimizer)
+    tensors.update(optim_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    stem = f"step-{step:06d}"
+    _atomic_write(ckpt_dir / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp))
+    write_json(ckpt_dir / f"{stem}.json", {**meta, "step": step, "optimizer": optim_meta})
+    write_json(ckpt_dir / LATEST, {"step": step, "stem": stem})
+    for old in ckpt_dir.glob("step-*"):
+        if not old.name.startswith(stem):
+            old.unlink(missing_ok=True)
+
+
+def load_latest(ckpt_dir: Path) -> dict | None:
+    """The metadata of the last committed step (None if there is none)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / LATEST).exists():
+        return None
+    latest = read_json(ckpt_dir / LATEST)
+    return read_json(ckpt_dir / f"{latest['stem']}.json")
+
+
+def restore(ckpt_dir: Path, model, optimizer) -> dict:
+    """Load weights, optimizer and RNG state of the last committed step; returns its metadata."""
+    ckpt_dir = Path(ckpt_dir)
+    latest = read_json(ckpt_dir / LATEST)
+    meta = read_json(ckpt_dir / f"{latest['stem']}.json")
+    tensors = load_file(ckpt_dir / f"{latest['stem']}.safetensors")
+    device = next(model.parameters()).device
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    optim = {k: v.to(device) if not k.endswith(".step") else v for k, v in tensors.items()
+             if k.startswith("optim.")}
+    _restore_optimizer(optimizer, optim, meta["optimizer"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return meta
+
+
+def save_final(ckpt_dir: Path, model, meta: dict) -> None:
+    """The finished model: weights alone (what export reads) + metadata with `complete: true`."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # clone: tied weights share storage
+    _atomic_write(ckpt_dir / FINAL_WEIGHTS, lambda tmp: save_file(weights, tmp))
+    write_json(ckpt_dir / FINAL_META, {**meta, "complete": True})
+
+
+def load_final_meta(ckpt_dir: Path) -> dict | None:
+    path = Path(ckpt_dir) / FINAL_META
+    if not path.exists() or not (Path(ckpt_dir) / FINAL_WEIGHTS).exists():
+        return None
+    meta = read_json(path)
+    return meta if meta.get("complete") else None

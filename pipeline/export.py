@@ -1,0 +1,205 @@
+"""Export: a trained variant's checkpoint -> a Hugging Face-format directory, logged to MLflow.
+
+    exports/<variant>/
+        config.json              KVFConfig, `auto_map` to the files below, standard HF names
+        configuration_kvf.py  modeling_kvf.py  kvf_bundle.py   the code (models/ + kernels/ bundled)
+        model.safetensors  generation_config.json
+        tokenizer_config.json    ByT5Tokenizer(extra_ids=0): vocab 259, the pipeline's byte layout
+        README.md  kvf_export.json   the model card (kind, parameters, cache bytes)
+
+The directory needs only torch + transformers: `AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)`. Each export is logged to its variant's MLflow run and registered in
+the model registry as a pyfunc over the directory (`kvf-<variant>`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pipeline import checkpoint
+
+BUNDLED_PACKAGES = ("models", "kernels")
+EXPORT_META = "kvf_export.json"
+CARD_CONTEXT = 32768  # "state bytes at 32k" of the model card
+
+
+def bundle_sources(repo: Path) -> dict[str, str]:
+    """The source an export carries: every .py of models/ and kernels/ except models/__init__.py
+    (it imports pydantic-typed configs the export does not need)."""
+    sources = {}
+    for package in BUNDLED_PACKAGES:
+        for path in sorted((repo / package).rglob("*.py")):
+            rel = path.relative_to(repo).as_posix()
+            if rel != "models/__init__.py":
+                sources[rel] = path.read_text()
+    return sources
+
+
+def _write_bundle(out_dir: Path, sources: dict[str, str]) -> None:
+    """kvf_bundle.py with SOURCES filled in (the repo's copy has it empty)."""
+    path = out_dir / "kvf_bundle.py"
+    text = path.read_text()
+    marker = "SOURCES: dict[str, str] = {}"
+    assert marker in text, "pipeline/hf/kvf_bundle.py lost its SOURCES marker"
+    path.write_text(text.replace(marker, f"SOURCES: dict[str, str] = {sources!r}", 1))
+
+
+def load_checkpoint_model(ckpt_dir: Path):
+    """(models.LanguageModel in eval mode, final metadata) from a completed checkpoint folder."""
+    from models import ModelConfig, build_model
+
+    meta = checkpoint.load_final_meta(ckpt_dir)
+    if meta is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no completed checkpoint (model.json with complete: true)")
+    model = build_model(ModelConfig.model_validate(meta["model_config"]))
+    model.load_state_dict(load_file(Path(ckpt_dir) / checkpoint.FINAL_WEIGHTS))
+    return model.eval(), meta
+
+
+def model_card(variant: str, model, meta: dict) -> dict:
+    kind = meta["model_config"]["attention"]["kind"]
+    per_token = model.cache_nbytes(CARD_CONTEXT) / CARD_CONTEXT
+    return {
+        "variant": variant,
+        "kind": kind,
+        "attention": meta["model_config"]["attention"],
+        "parameters": model.num_parameters(),
+        "cache_bytes_per_token_at_32k": per_token,
+        "state_bytes_32k": model.cache_nbytes(CARD_CONTEXT),
+        "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+        "train_steps": meta.get("step"),
+        "fingerprint": meta.get("fingerprint"),
+    }
+
+
+def _card_markdown(card: dict) -> str:
+    return "\n".join([
+        f"# kv-frontier `{card['variant']}` ({card['kind']})",
+        "",
+        "A byte-level decoder LM from kv-frontier, exported with its own decode cache.",
+        "",
+        "| field | value |", "|---|---|",
+        *[f"| {k} | `{json.dumps(v) if isinstance(v, dict) else v}` |" for k, v in card.items()],
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(DIR)  # ByT5 bytes: pad 0, eos 1, unk 2, byte b -> b + 3",
+        "```",
+        "",
+        "`generate()` keeps the variant's own cache (batch size 1 for generation: no left padding).",
+        "",
+    ])
+
+
+def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path) -> dict:
+    """Write the HF directory of one variant; returns its model card."""
+    from transformers import ByT5Tokenizer, GenerationConfig
+
+    from pipeline.hf.configuration_kvf import KVFConfig
+    from pipeline.hf.modeling_kvf import KVFForCausalLM
+
+    model, meta = load_checkpoint_model(ckpt_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    KVFConfig.register_for_auto_class("AutoConfig")
+    KVFForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    config = KVFConfig(kvf=meta["model_config"], torch_dtype="float32")
+    hf_model = KVFForCausalLM(config)
+    hf_model.model.load_state_dict(model.state_dict())
+    hf_model.generation_config = GenerationConfig(do_sample=False, eos_token_id=1, pad_token_id=0)
+    hf_model.save_pretrained(out_dir)
+    _write_bundle(out_dir, bundle_sources(repo))
+    ByT5Tokenizer(extra_ids=0).save_pretrained(out_dir)
+    card = model_card(variant, model, meta)
+    card["code_sha256"] = hashlib.sha256(json.dumps(bundle_sources(repo), sort_keys=True).encode()).hexdigest()[:16]
+    (out_dir / "README.md").write_text(_card_markdown(card))
+    checkpoint.write_json(out_dir / EXPORT_META, card)
+    return card
+
+
+# --------------------------------------------------------------------------- MLflow
+def _pyfunc_model():
+    """A pyfunc over an export directory: prompts -> greedy continuations (mlflow imported lazily,
+    so loading a checkpoint does not pay for it)."""
+    import mlflow.pyfunc
+
+    class ExportedLM(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            path = context.artifacts["export_dir"]
+            self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+
+        def predict(self, context, model_input, params=None):
+            prompts = model_input if isinstance(model_input, list) else list(model_input.iloc[:, 0])
+            max_new = int((params or {}).get("max_new_tokens", 16))
+            out = []
+            for prompt in prompts:
+                ids = torch.tensor([self.tokenizer(prompt, add_special_tokens=False).input_ids])
+                gen = self.model.generate(ids, max_new_tokens=max_new, do_sample=False)
+                out.append(self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+            return out
+
+    return ExportedLM()
+
+
+def log_export(tracking_uri: str, run_id: str, variant: str, out_dir: Path, card: dict) -> str:
+    """Log the directory to the variant's run and register it; returns 'name/version'."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    name = f"kvf-{variant}"
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="export", python_model=_pyfunc_model(), artifacts={"export_dir": str(out_dir)},
+            pip_requirements=["torch", "transformers", "safetensors"],  # no slow inference
+            registered_model_name=name,
+            metadata={k: v for k, v in card.items() if k != "attention"},
+        )
+        mlflow.log_dict(card, "export/model_card.json")
+        mlflow.set_tags({"export.dir": str(out_dir), "export.registered_model": name})
+    version = info.registered_model_version
+    description = (f"{card['kind']}: {card['parameters']:,} parameters, "
+                   f"{card['cache_bytes_per_token_at_32k']:.1f} cache bytes/token, "
+                   f"{card['state_bytes_32k']:,} state bytes at 32k")
+    client.update_registered_model(name, description=f"kv-frontier variant {variant} ({card['kind']})")
+    client.update_model_version(name, version, description=description)
+    for key in ("kind", "parameters", "cache_bytes_per_token_at_32k", "state_bytes_32k"):
+        client.set_model_version_tag(name, version, key, str(card[key]))
+    return f"{name}/{version}"
+
+
+def run_export(params, root: Path, ckpt_root: Path, export_root: Path, train_metrics: Path,
+               metrics_path: Path) -> int:
+    """Export every variant of params.yaml; log and register each in MLflow. 0 on success."""
+    from pipeline import tracking
+
+    runs = checkpoint.read_json(train_metrics)["variants"] if train_metrics.exists() else {}
+    uri = tracking.tracking_uri(params.tracking.uri, root)
+    results, failed = {}, []
+    for variant in params.variants:
+        card = export_variant(variant, ckpt_root / variant, export_root / variant, root)
+        run_id = runs.get(variant, {}).get("run_id")
+        registered = log_export(uri, run_id, variant, (export_root / variant).resolve(), card) if run_id else None
+        if run_id is None:
+            failed.append(variant)
+        results[variant] = {**{k: v for k, v in card.items() if k != "attention"},
+                            "run_id": run_id, "registered_model": registered}
+        print(f"[export] {variant}: {card['parameters']:,} params, "
+              f"{card['state_bytes_32k']:,} state bytes at 32k -> {export_root / variant}"
+              + (f" (registered {registered})" if registered else " (no MLflow run: not logged)"),
+              flush=True)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_json(metrics_path, {"mlflow": {"tracking_uri": uri}, "variants": results})
+    return 1 if failed else 0

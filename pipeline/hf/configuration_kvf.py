@@ -1,0 +1,29 @@
+"""KVFConfig: the resolved `models.ModelConfig` (under `kvf`) plus its fields under standard HF names."""
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+
+class KVFConfig(PretrainedConfig):
+    model_type = "kv_frontier"
+
+    def __init__(self, kvf: dict | None = None, max_position_embeddings: int = 1 << 17, **kwargs):
+        kvf = dict(kvf or {})
+        attention = kvf.get("attention", {})
+        self.kvf = kvf  # models.ModelConfig.model_dump(): the one source of truth
+        self.attention_kind = attention.get("kind")
+        self.vocab_size = kvf.get("vocab_size", 259)
+        self.hidden_size = kvf.get("d_model")
+        self.num_hidden_layers = kvf.get("n_layers")
+        self.num_attention_heads = kvf.get("n_heads")
+        self.num_key_value_heads = attention.get("n_kv_heads", kvf.get("n_heads"))
+        self.head_dim = kvf.get("d_head")
+        self.intermediate_size = kvf.get("mlp_hidden")
+        self.rms_norm_eps = kvf.get("norm_eps")
+        self.sliding_window = attention.get("window")
+        # RoPE has no trained length limit; this only tells harnesses how much context to keep
+        self.max_position_embeddings = max_position_embeddings
+        kwargs.setdefault("pad_token_id", 0)
+        kwargs.setdefault("eos_token_id", 1)
+        kwargs.setdefault("tie_word_embeddings", kvf.get("tie_embeddings", True))
+        super().__init__(**kwargs)

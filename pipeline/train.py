@@ -1,0 +1,184 @@
+"""One variant's training loop: AdamW, warmup + cosine, clipping, LM text + MQAR recall mixture.
+
+Batches are pure functions of (seed, step) (`pipeline.data.TrainingData`) and there is no
+dropout, so resuming from a checkpoint replays exactly the steps an uninterrupted run takes.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import checkpoint
+from pipeline.data import TrainingData, bits_per_byte
+from pipeline.params import TrainConfig
+
+
+class VariantFailed(RuntimeError):
+    """Training stopped: `step` is the step at which it happened."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine down to `min_lr_ratio * lr` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)
+    floor = cfg.min_lr_ratio
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors and scalars (norms, gates, decays) do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def _loss(model, inputs: np.ndarray, targets: np.ndarray, device) -> torch.Tensor:
+    x = torch.from_numpy(inputs).to(device)
+    y = torch.from_numpy(targets).to(device)
+    logits = model(x)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def evaluate(model, data: TrainingData, cfg: TrainConfig, device) -> dict[str, float]:
+    """val/bpb on fixed validation windows; val/mqar_acc_<bucket> on each MQAR eval set."""
+    model.eval()
+    x, y = data.val_windows(cfg.val_batches * cfg.batch_size, cfg.seq_len)
+    nats = 0.0
+    for i in range(0, len(x), cfg.batch_size):
+        nats += _loss(model, x[i : i + cfg.batch_size], y[i : i + cfg.batch_size], device).item() * len(
+            x[i : i + cfg.batch_size]
+        )
+    out = {"val/loss": nats / len(x), "val/bpb": bits_per_byte(nats / len(x))}
+    for name in sorted(data.mqar):
+        if not name.startswith("eval_"):
+            continue
+        correct = total = 0
+        n_batches = math.ceil(len(data.mqar[name][0]) / cfg.mqar_batch_size)
+        for b in range(n_batches):
+            xi, yi = data.mqar_batch(name, None, b, cfg.mqar_batch_size)
+            pred = model(torch.from_numpy(xi).to(device)).argmax(-1).cpu().numpy()
+            mask = yi != -100
+            correct += int((pred[mask] == yi[mask]).sum())
+            total += int(mask.sum())
+        out[f"val/mqar_acc_{name[len('eval_'):]}"] = correct / max(1, total)
+    model.train()
+    return out
+
+
+def _fault(job: dict, step: int) -> Optional[str]:
+    """Test hook: job["fault"] = "<variant>:<step>:nan|raise" (from $KVF_FAULT in the driver)."""
+    spec = job.get("fault")
+    if not spec:
+        return None
+    name, at, kind = spec.split(":")
+    return kind if name == job["variant"] and int(at) == step else None
+
+
+def train_variant(job: dict, report: Callable[[dict], None] = lambda record: None) -> dict:
+    """Train one variant to `train.steps`, resuming from its checkpoint when there is one.
+
+    job: variant, model (ModelConfig dict), train (TrainConfig dict), data_dir, ckpt_dir,
+    fingerprint, device, threads, fault. `report` receives each history record as it is made.
+    Returns {"status": "ok", "step", "metrics", "history"} or raises VariantFailed.
+    """
+    from models import ModelConfig, build_model
+
+    torch.set_num_threads(job.get("threads", 1))
+    cfg = TrainConfig.model_validate(job["train"])
+    model_cfg = ModelConfig.model_validate(job["model"])
+    device = torch.device(job.get("device", "cpu"))
+    ckpt_dir = Path(job["ckpt_dir"])
+    data = TrainingData(job["data_dir"])
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg)
+    static = {
+        "model/params": float(model.num_parameters()),
+        "model/cache_bytes_per_token": model.cache_nbytes(cfg.seq_len) / cfg.seq_len,
+        "model/state_bytes_32k": float(model.cache_nbytes(32768)),
+    }
+    start, history = 0, []
+    latest = checkpoint.load_latest(ckpt_dir)
+    if latest is not None and latest.get("fingerprint") == job["fingerprint"]:
+        meta = checkpoint.restore(ckpt_dir, model, optimizer)
+        start, history = meta["step"], meta["history"]
+    meta_base = {"variant": job["variant"], "fingerprint": job["fingerprint"],
+                 "model_config": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16)
+           if cfg.precision == "bf16" and device.type == "cuda" else torch.autocast("cpu", enabled=False))
+    w_lm, w_mq = cfg.mixture.lm, cfg.mixture.mqar
+    tokens_per_step = w_lm > 0 and cfg.batch_size * cfg.seq_len
+    tokens_per_step += w_mq > 0 and cfg.mqar_batch_size * (data.mqar["train"][0].shape[1] - 1)
+    window_t, window_tokens, running = time.perf_counter(), 0, {}
+
+    model.train()
+    for step in range(start, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        parts = {}
+        with amp:
+            if w_lm > 0:
+                parts["train/lm_loss"] = _loss(model, *data.lm_batch(cfg.seed, step, cfg.batch_size,
+                                                                     cfg.seq_len), device)
+            if w_mq > 0:
+                parts["train/mqar_loss"] = _loss(model, *data.mqar_batch("train", cfg.seed, step,
+                                                                         cfg.mqar_batch_size), device)
+        loss = w_lm * parts.get("train/lm_loss", 0.0) + w_mq * parts.get("train/mqar_loss", 0.0)
+        fault = _fault(job, step + 1)
+        if fault == "raise":
+            raise VariantFailed(step + 1, "injected failure (KVF_FAULT)")
+        if fault == "nan":
+            loss = loss * float("nan")
+        if not torch.isfinite(loss):
+            raise VariantFailed(step + 1, f"loss became {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        window_tokens += tokens_per_step
+        for key, value in {"train/loss": loss, "train/grad_norm": grad_norm, **parts}.items():
+            running[key] = running.get(key, 0.0) + float(value.detach())
+        running["n"] = running.get("n", 0) + 1
+
+        done = step + 1
+        record = {}
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            elapsed = time.perf_counter() - window_t
+            n = running.pop("n")
+            record.update({k: v / n for k, v in running.items()})
+            record["train/lr"] = lr_at(step, cfg)
+            record["train/tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+            running, window_tokens, window_t = {}, 0, time.perf_counter()
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            record.update(evaluate(model, data, cfg, device))
+        if record:
+            record["step"] = done
+            history.append(record)
+            report({"variant": job["variant"], **record})
+        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            checkpoint.save(ckpt_dir, done, model, optimizer, {**meta_base, "history": history})
+
+    final = {k: v for k, v in history[-1].items() if k.startswith("val/")} if history else {}
+    speeds = [r["train/tokens_per_s"] for r in history if "train/tokens_per_s" in r]
+    metrics = {**final, **static,
+               "train/loss": next(r["train/loss"] for r in reversed(history) if "train/loss" in r),
+               "train/tokens_per_s": float(np.median(speeds)) if speeds else 0.0}
+    checkpoint.save(ckpt_dir, cfg.steps, model, optimizer, {**meta_base, "history": history})
+    checkpoint.save_final(ckpt_dir, model, {**meta_base, "step": cfg.steps, "metrics": metrics,
+                                            "static": static, "history": history})
+    return {"status": "ok", "step": cfg.steps, "metrics": metrics, "history": history}

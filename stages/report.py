@@ -1,0 +1,19 @@
+"""DVC stage `report`: the frontier PNG and table under report/, logged to a parent MLflow run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages import load_or_exit, parse_args
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    params = load_or_exit(args.params)
+    from pipeline.report import run_report
+    from pipeline.tracking import repo_root
+
+    raise SystemExit(run_report(params, repo_root(), Path("results/eval"), Path("report")))
+
+
+if __name__ == "__main__":
+    main()

@@ -73,6 +73,9 @@ def connect_ray(params: Params, root: Path):
         temp_dir = Path(params.compute.temp_dir)
         temp_dir = temp_dir if temp_dir.is_absolute() else root / temp_dir
         temp_dir.mkdir(parents=True, exist_ok=True)
+        # A private cluster that lives as long as the stage: no dashboard, and no auth token
+        # written to ~/.ray (Ray 2.60 turns token auth on for every new cluster).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=params.compute.num_cpus or os.cpu_count(), include_dashboard=False,
                  _temp_dir=str(temp_dir), log_to_driver=True)
     return address or "local"

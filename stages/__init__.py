@@ -2,13 +2,28 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from pipeline.params import Params, ParamsError, load_params
 
+# Tool state stays out of $HOME and /tmp defaults, however the stage is started.
+_QUIET_TOOLS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HOME": str(Path("runs") / "hf_home"),  # transformers' dynamic-module cache
+}
+
 
 def parse_args(description: str) -> argparse.Namespace:
+    for var, value in _QUIET_TOOLS.items():
+        os.environ.setdefault(var, str(Path(value).resolve()) if var == "HF_HOME" else value)
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     return parser.parse_args()
@@ -21,3 +36,15 @@ def load_or_exit(path: str) -> Params:
     except ParamsError as err:
         print(f"{Path(path).name}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def run_on_ray(params_path: str, job: Callable[[], int]) -> None:
+    """Run a Ray-backed stage; a cluster that cannot serve the request exits 2 with its reason."""
+    from pipeline.runner import ComputeError
+
+    try:
+        code = job()
+    except ComputeError as err:
+        print(f"{Path(params_path).name}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code)

@@ -24,10 +24,12 @@ def _free_port() -> int:
 @pytest.fixture
 def local_cluster():
     temp_dir = short_tmp("kvfrc")
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     env = stage_env()  # RAY_AUTH_MODE=disabled: `ray job submit` needs no token
     subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                    # its own job-agent port: the default (52365) may belong to another local Ray
+                    "--dashboard-agent-listen-port", str(agent),
                     "--temp-dir", str(temp_dir), "--num-cpus", "2", "--num-gpus", "0",
                     "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
     try:

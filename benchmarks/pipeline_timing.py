@@ -18,8 +18,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-if sys.path and Path(sys.path[0]).resolve() == REPO / "benchmarks":
-    sys.path[0] = str(REPO)  # this file is named like the package it measures
 
 
 def bench_repro() -> None:

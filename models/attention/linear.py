@@ -34,7 +34,7 @@ class DecayedLinearAttention(nn.Module):
         o, S = evicted_scan(q, k, v, lam, eta, window=0, chunk_size=self.C,
                             initial_state=S0, output_final_state=cache is not None)
         if cache is not None:
-            cache["S"] = S
+            cache["S"].copy_(S)  # same storage and dtype (a kernel may hand back fp32)
         return self.o_proj(merge_heads(o))
 
     def init_cache(self, batch_size, device, dtype) -> LayerCache:

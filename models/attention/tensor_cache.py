@@ -46,8 +46,9 @@ class TensorCacheAttention(SlidingWindowAttention):
                                  mode=self.write)
         else:  # pairs leaving the window at steps pos..pos+T-1 are the first T of [ring; new]
             k2, v2 = self.l2_pairs(k_ext[:, :, :T], v_ext[:, :, :T])
-            o2, cache["A"] = evicted_scan(q, k2, v2, lam, eta, window=0, chunk_size=self.C,
-                                          initial_state=cache["A"], output_final_state=True)
+            o2, A = evicted_scan(q, k2, v2, lam, eta, window=0, chunk_size=self.C,
+                                 initial_state=cache["A"], output_final_state=True)
+            cache["A"].copy_(A)  # same storage and dtype (a kernel may hand back fp32)
         o = o1 + torch.sigmoid(self.gate)[None, :, None, None] * o2
         return self.o_proj(merge_heads(o))
 

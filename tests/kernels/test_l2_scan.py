@@ -14,6 +14,8 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 # (B, H, T, W, C): ragged T, W = 0, W not a multiple of C, W > T, C = 1, one chunk only.
 SHAPES = [(2, 3, 37, 5, 16), (1, 1, 37, 0, 8), (2, 2, 20, 25, 16), (1, 3, 64, 16, 16),
           (2, 2, 33, 3, 1), (1, 2, 5, 2, 64), (1, 2, 40, 21, 7)]
+# The grid, W in {1, 3, 16} x C in {1, 4, 16}, at a ragged T.
+SHAPES += [(2, 2, 23, W, C) for W in (1, 3, 16) for C in (1, 4, 16)]
 
 
 def rel_err(a, b):

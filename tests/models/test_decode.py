@@ -1,4 +1,6 @@
 """SPEC invariant 1: token-by-token decode == parallel forward == prefill-then-decode."""
+import zlib
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ def decode_all(model, ids, prefill: int):
 
 @pytest.mark.parametrize("name", sorted(ATTENTION))
 def test_decode_equals_forward(name):
-    torch.manual_seed(hash(name) % 1000)
+    torch.manual_seed(zlib.crc32(name.encode()))
     model = build_model(config(name)).eval()
     ids = torch.randint(0, 37, (2, T))
     with torch.no_grad():

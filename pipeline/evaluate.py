@@ -177,7 +177,7 @@ def evaluate_variant(job: dict) -> dict:
     if cfg.lm_eval_tasks:
         t0 = time.perf_counter()
         result["lm_eval"] = run_lm_eval(Path(job["export_dir"]), cfg.lm_eval_tasks, cfg.limit,
-                                        {"seed": cfg.seed, "context_lengths": cfg.task_context_lengths})
+                                        job["task_metadata"])
         result["time_lm_eval_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for length in cfg.decode_lengths:
@@ -241,7 +241,14 @@ def run_evaluate(params, root: Path, data_dir: Path, ckpt_root: Path, export_roo
     cfg = params.eval
     code = _code_hash(root)
     windows = [a.get("window") for a in params.variants.values() if a.get("window")]
-    ref_window = (min(windows) * params.model.get("n_layers", 2)) if windows else None
+    n_layers = params.model_config_for(next(iter(params.variants))).n_layers
+    # W-token windows stacked n_layers deep see at most n_layers * (W - 1) positions back
+    ref_window = n_layers * (min(windows) - 1) if windows else None
+    # the lm-eval tasks draw their haystacks from the same held-out plays as the pipeline
+    retrieval = params.data.retrieval
+    task_metadata = {"seed": cfg.seed, "context_lengths": cfg.task_context_lengths,
+                     "heldout_plays": params.data.heldout_plays, "distances": retrieval.distances,
+                     "num_distractors": retrieval.num_distractors}
     train_runs = checkpoint.read_json(Path("metrics/train.json"))["variants"] \
         if Path("metrics/train.json").exists() else {}
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +259,7 @@ def run_evaluate(params, root: Path, data_dir: Path, ckpt_root: Path, export_roo
             raise FileNotFoundError(f"{ckpt_root / name}: no completed checkpoint; run the train stage")
         key = hashlib.sha256(json.dumps({"ckpt": final["fingerprint"], "eval": cfg.model_dump(mode="json"),
                                          "mqar": params.data.mqar.model_dump(mode="json"),
-                                         "ref_window": ref_window, "code": code},
+                                         "tasks": task_metadata, "ref_window": ref_window, "code": code},
                                         sort_keys=True).encode()).hexdigest()[:16]
         cached = results_dir / f"{name}.json"
         if cached.exists() and checkpoint.read_json(cached).get("eval_fingerprint") == key:
@@ -261,6 +268,7 @@ def run_evaluate(params, root: Path, data_dir: Path, ckpt_root: Path, export_roo
             continue
         jobs[name] = {"variant": name, "eval_fingerprint": key, "eval": cfg.model_dump(mode="json"),
                       "mqar": params.data.mqar.model_dump(mode="json"), "ref_window": ref_window,
+                      "task_metadata": task_metadata,
                       "report_context": cfg.report_context, "threads": params.compute.cpus_per_job,
                       "ckpt_dir": str((ckpt_root / name).resolve()),
                       "export_dir": str((export_root / name).resolve()),

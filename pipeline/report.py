@@ -26,8 +26,9 @@ def rows_from_results(results: list[dict], report_context: int) -> list[dict]:
     rows = []
     for r in results:
         mq = r.get("mqar", {})
-        far = [v["acc"] for v in mq.values() if v.get("bucket") == "far"]
-        near = [v["acc"] for v in mq.values() if v.get("bucket") == "near"]
+        # split by each query's own gap against the window (evaluate.py), whatever the buckets' names
+        far = [v["acc_beyond_window"] for v in mq.values() if v.get("acc_beyond_window") is not None]
+        near = [v["acc_inside_window"] for v in mq.values() if v.get("acc_inside_window") is not None]
         bpb = r.get("bpb", {})
         scores = [next(iter(s.values())) for s in r.get("lm_eval", {}).get("scores", {}).values() if s]
         decode = {f"{d['mode']}_{d['context_len']}": d for d in r.get("decode", [])}

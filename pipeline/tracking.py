@@ -3,7 +3,7 @@
 Metric names are shared by every variant so the Compare view lines them up:
 train/loss, train/lm_loss, train/mqar_loss, train/lr, train/grad_norm, train/tokens_per_s (per
 logged step), val/loss, val/bpb, val/mqar_acc_<bucket> (per eval), model/params,
-model/cache_bytes_per_token, model/state_bytes_32k (once).
+model/cache_bytes_per_token_at_32k, model/state_bytes_32k (once).
 Runs are found again by their tags (variant + fingerprint), so a resumed or skipped variant
 continues its own run instead of starting a new one.
 """

@@ -109,7 +109,8 @@ def train_variant(job: dict, report: Callable[[dict], None] = lambda record: Non
     optimizer = make_optimizer(model, cfg)
     static = {
         "model/params": float(model.num_parameters()),
-        "model/cache_bytes_per_token": model.cache_nbytes(cfg.seq_len) / cfg.seq_len,
+        # stated at one context for every variant: bounded caches have no per-token size
+        "model/cache_bytes_per_token_at_32k": model.cache_nbytes(32768) / 32768,
         "model/state_bytes_32k": float(model.cache_nbytes(32768)),
     }
     start, history = 0, []
@@ -149,6 +150,8 @@ def train_variant(job: dict, report: Callable[[dict], None] = lambda record: Non
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):  # a finite loss can still have inf/NaN gradients
+            raise VariantFailed(step + 1, f"gradient norm became {grad_norm.item()}")
         optimizer.step()
         window_tokens += tokens_per_step
         for key, value in {"train/loss": loss, "train/grad_norm": grad_norm, **parts}.items():

@@ -5,7 +5,8 @@ from pipeline.report import rows_from_results, write_report
 def _result(variant, kind, per_token, far, seed=0):
     return {"variant": variant, "kind": kind, "seed": seed, "params": 1000, "window": None,
             "cache_bytes_per_token_analytic": per_token, "bpb": {"128": 3.0, "1024": 3.5},
-            "mqar": {"p2_far": {"bucket": "far", "acc": far}, "p2_near": {"bucket": "near", "acc": 0.9}},
+            "mqar": {"p2_a": {"acc": far, "acc_beyond_window": far, "acc_inside_window": None},
+                     "p2_b": {"acc": 0.9, "acc_beyond_window": None, "acc_inside_window": 0.9}},
             "lm_eval": {"scores": {"kvf_passkey_mc": {"acc": 0.5}}},
             "decode": [{"mode": "prefill", "context_len": 1024, "tokens_held": 1056, "cache_bytes": 1,
                         "peak_rss_bytes": 300 * 2**20, "decode_tokens_per_s": 250.0,

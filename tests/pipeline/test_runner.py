@@ -29,7 +29,7 @@ def test_train_logs_one_run_per_variant_then_skips_unchanged(tiny_project):
     assert result.returncode == 0, result.stderr[-3000:]
     m = _metrics(tiny_project)["variants"]
     assert set(m) == {"mha", "swa"} and all(v["status"] == "ok" and v["trained"] for v in m.values())
-    assert m["mha"]["model/cache_bytes_per_token"] > m["swa"]["model/cache_bytes_per_token"]
+    assert m["mha"]["model/cache_bytes_per_token_at_32k"] > m["swa"]["model/cache_bytes_per_token_at_32k"]
     assert m["swa"]["model/state_bytes_32k"] == 2 * 2 * 8 * 4 * 4  # ring buffer: 2*g*d_h*W fp32
     runs = _runs(tiny_project)
     assert {n: r.info.run_id for n, r in runs.items()} == {n: v["run_id"] for n, v in m.items()}

@@ -236,7 +236,7 @@ def _code_hash(root: Path) -> str:
 def run_evaluate(params, root: Path, data_dir: Path, ckpt_root: Path, export_root: Path,
                  results_dir: Path, metrics_path: Path) -> int:
     from pipeline import tracking
-    from pipeline.runner import connect_ray, resolve_gpus
+    from pipeline.runner import connect_ray
 
     cfg = params.eval
     code = _code_hash(root)
@@ -280,9 +280,9 @@ def run_evaluate(params, root: Path, data_dir: Path, ckpt_root: Path, export_roo
 
         where = connect_ray(params, root)
         try:
-            gpus = resolve_gpus(params, ray.cluster_resources(), where)
+            # Evaluation runs on CPU (its memory probes measure process RSS), so it holds no GPU.
             task = ray.remote(_eval_task)
-            refs = {task.options(num_cpus=params.compute.cpus_per_job, num_gpus=gpus, max_retries=0,
+            refs = {task.options(num_cpus=params.compute.cpus_per_job, num_gpus=0, max_retries=0,
                                  name=f"evaluate:{n}").remote(j): n for n, j in jobs.items()}
             print(f"[evaluate] {len(jobs)} variant(s) on Ray ({where})", flush=True)
             while refs:

@@ -236,7 +236,7 @@ def _code_hash(root: Path) -> str:
 def run_evaluate(params, root: Path, data_dir: Path, ckpt_root: Path, export_root: Path,
                  results_dir: Path, metrics_path: Path) -> int:
     from pipeline import tracking
-    from pipeline.runner import connect_ray
+    from pipeline.runner import as_completed, connect_ray
 
     cfg = params.eval
     code = _code_hash(root)
@@ -285,24 +285,17 @@ def run_evaluate(params, root: Path, data_dir: Path, ckpt_root: Path, export_roo
             refs = {task.options(num_cpus=params.compute.cpus_per_job, num_gpus=0, max_retries=0,
                                  name=f"evaluate:{n}").remote(j): n for n, j in jobs.items()}
             print(f"[evaluate] {len(jobs)} variant(s) on Ray ({where})", flush=True)
-            while refs:
-                ready, _ = ray.wait(list(refs), num_returns=1)
-                for ref in ready:
-                    name = refs.pop(ref)
-                    try:
-                        r = ray.get(ref)
-                    except Exception as err:  # noqa: BLE001 -- the worker died
-                        r = {"status": "failed", "variant": name, "error": f"{type(err).__name__}: {err}"}
-                    if r["status"] != "ok":
-                        failures.append(name)
-                        print(f"[evaluate] FAILED {name}: {r['error']}\n{r.get('traceback', '')}",
-                              file=sys.stderr, flush=True)
-                        continue
-                    r["eval_fingerprint"] = jobs[name]["eval_fingerprint"]
-                    checkpoint.write_json(results_dir / f"{name}.json", r)
-                    results[name] = r
-                    print(f"[evaluate] {name}: done in {r['time_quality_s'] + r.get('time_lm_eval_s', 0) + r['time_decode_s']:.1f}s",
-                          flush=True)
+            for name, r in as_completed(refs):
+                if r["status"] != "ok":
+                    failures.append(name)
+                    print(f"[evaluate] FAILED {name}: {r['error']}\n{r.get('traceback', '')}",
+                          file=sys.stderr, flush=True)
+                    continue
+                r["eval_fingerprint"] = jobs[name]["eval_fingerprint"]
+                checkpoint.write_json(results_dir / f"{name}.json", r)
+                results[name] = r
+                print(f"[evaluate] {name}: done in {r['time_quality_s'] + r.get('time_lm_eval_s', 0) + r['time_decode_s']:.1f}s",
+                      flush=True)
         finally:
             ray.shutdown()
 

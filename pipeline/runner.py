@@ -81,6 +81,23 @@ def connect_ray(params: Params, root: Path):
     return address or "local"
 
 
+def as_completed(refs: dict, timeout: float | None = None, on_wait=lambda: None):
+    """Yield (name, result) as Ray tasks finish ({ref: name}); a worker that died (OOM, signal)
+    becomes {"status": "failed", "step": None, "error": ...}. `on_wait` runs after every wait."""
+    import ray
+
+    while refs:
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout)
+        on_wait()
+        for ref in ready:
+            name = refs.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 -- the worker died
+                result = {"status": "failed", "step": None, "error": f"{type(err).__name__}: {err}"}
+            yield name, result
+
+
 def resolve_gpus(params: Params, resources: dict, where: str) -> int:
     """GPUs per job; raises ComputeError when the cluster cannot satisfy the request."""
     have_gpu, have_cpu = resources.get("GPU", 0), resources.get("CPU", 0)
@@ -250,30 +267,22 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path,
                     records.clear()
 
         try:
-            while refs:
-                ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
+            for name, result in as_completed(refs, timeout=1.0, on_wait=drain):
                 drain()
-                for ref in ready:
-                    name = refs.pop(ref)
-                    try:
-                        result = ray.get(ref)
-                    except Exception as err:  # noqa: BLE001 -- the worker died (OOM, signal)
-                        result = {"status": "failed", "step": None, "error": f"{type(err).__name__}: {err}"}
-                    drain()
-                    if result["status"] == "ok":
-                        tracker.log_final(run_ids[name], result["metrics"], result["step"])
-                        tracker.finish(run_ids[name], ok=True)
-                        results[name] = {"status": "ok", "trained": True, "step": result["step"],
-                                         "run_id": run_ids[name], **result["metrics"]}
-                    else:
-                        tracker.finish(run_ids[name], ok=False, error=result["error"])
-                        results[name] = {"status": "failed", "step": result["step"],
-                                         "run_id": run_ids[name], "error": result["error"]}
-                        failures.append(name)
-                        print(f"[train] FAILED variant {name} at step {result['step']}: {result['error']}",
-                              file=sys.stderr, flush=True)
-                        if result.get("traceback"):
-                            print(result["traceback"], file=sys.stderr, flush=True)
+                if result["status"] == "ok":
+                    tracker.log_final(run_ids[name], result["metrics"], result["step"])
+                    tracker.finish(run_ids[name], ok=True)
+                    results[name] = {"status": "ok", "trained": True, "step": result["step"],
+                                     "run_id": run_ids[name], **result["metrics"]}
+                else:
+                    tracker.finish(run_ids[name], ok=False, error=result["error"])
+                    results[name] = {"status": "failed", "step": result["step"],
+                                     "run_id": run_ids[name], "error": result["error"]}
+                    failures.append(name)
+                    print(f"[train] FAILED variant {name} at step {result['step']}: {result['error']}",
+                          file=sys.stderr, flush=True)
+                    if result.get("traceback"):
+                        print(result["traceback"], file=sys.stderr, flush=True)
         finally:
             progress.close()
             ray.shutdown()

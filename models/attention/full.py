@@ -9,7 +9,7 @@ from torch import nn
 
 from ..cache import LayerCache
 from ..rope import apply_rope, rope_cos_sin
-from .base import attend, merge_heads, repeat_kv, split_heads
+from .base import attend, merge_heads, split_heads
 
 
 class FullAttention(nn.Module):
@@ -32,8 +32,7 @@ class FullAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(dim=2, k=k, v=v).values()
         k_pos = torch.arange(k.shape[2], device=x.device)
-        n_rep = self.h // self.g
-        o = attend(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), q_pos, k_pos)
+        o = attend(q, k, v, q_pos, k_pos)
         return self.o_proj(merge_heads(o))
 
     def init_cache(self, batch_size, device, dtype) -> LayerCache:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..cache import LayerCache
 from ..rope import apply_rope, rope_cos_sin
-from .base import attend, merge_heads, repeat_kv, split_heads
+from .base import attend, merge_heads, split_heads
 
 
 class SlidingWindowAttention(nn.Module):
@@ -46,9 +46,8 @@ class SlidingWindowAttention(nn.Module):
         q_pos = k_pos[-T:]
         q_cos, q_sin = rope_cos_sin(q_pos, self.d_h, self.rope_base, q.dtype)
         k_cos, k_sin = rope_cos_sin(k_pos, self.d_h, self.rope_base, q.dtype)
-        n_rep = self.h // self.g
-        o = attend(apply_rope(q, q_cos, q_sin), repeat_kv(apply_rope(k, k_cos, k_sin), n_rep),
-                   repeat_kv(v, n_rep), q_pos, k_pos, window=self.W)
+        o = attend(apply_rope(q, q_cos, q_sin), apply_rope(k, k_cos, k_sin), v, q_pos, k_pos,
+                   window=self.W)
         if cache is not None:  # keep the W most recent pairs, in the same storage
             cache["k"].copy_(k[:, :, -self.W:])
             cache["v"].copy_(v[:, :, -self.W:])

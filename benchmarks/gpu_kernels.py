@@ -5,6 +5,8 @@
    time per call, cache bytes read and achieved bandwidth (cache bytes / time).
 2. Evicted-write L2 scan, forward + backward, T in {2k, 8k, 32k}, d_head in {64, 128}: Triton
    vs the torch chunked path vs fla's chunk_simple_gla (window 0 equivalent; if installed).
+3. One Tensor Cache decode step (window W + L2 read and write): the fused Triton step vs its
+   torch reference, with the state bytes it reads (ring) and reads + writes (L2).
 
     python benchmarks/gpu_kernels.py            # on a CUDA machine, prints markdown tables
     python benchmarks/gpu_kernels.py --smoke    # tiny sizes on CPU (Triton interpreter)
@@ -24,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kernels.l2_scan import evicted_scan_chunked, evicted_scan_triton  # noqa: E402
+from kernels.tc_decode import tc_decode_reference, tc_decode_triton  # noqa: E402
 from kernels.tpa_decode import tpa_decode_triton  # noqa: E402
 
 try:  # optional baseline
@@ -123,6 +126,29 @@ def scan_table(lengths, dims, B, H, window, dtype, device):
             del q, k, v
 
 
+def tc_decode_table(windows, B, h, g, d, dtype, device):
+    print(f"\n### Tensor Cache decode step: B={B} h={h} g={g} d_head={d}, ring {dtype}, "
+          f"L2 state fp32\n")
+    print("| window | method | state bytes touched | time (ms) | bandwidth (GB/s) |")
+    print("|---|---|---|---|---|")
+    elt = torch.finfo(dtype).bits // 8
+    for W in windows:
+        rnd = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+        pos = 4 * W
+        angles = torch.arange(pos - W, pos + 1, device=device)[:, None] * torch.rand(d, device=device)
+        args = dict(q=rnd(B, h, d), k_new=rnd(B, g, d), v_new=rnd(B, g, d), ring_k=rnd(B, g, W, d),
+                    ring_v=rnd(B, g, W, d), state=torch.randn(B, h, d, d, device=device),
+                    cos=angles.cos().to(dtype), sin=angles.sin().to(dtype),
+                    decay=torch.full((h,), 0.99, device=device),
+                    write_rate=torch.full((h,), 0.5, device=device),
+                    gate=torch.full((h,), 0.3, device=device))
+        nbytes = 2 * B * g * W * d * elt + 2 * B * h * d * d * 4  # ring read; state read + write
+        for name, fn in [("fused step (Triton)", tc_decode_triton), ("torch reference", tc_decode_reference)]:
+            ms = bench_ms(lambda: fn(**args, pos=pos), device)
+            print(f"| {W} | {name} | {nbytes / 2**20:.2f} MiB | {ms:.3f} | {nbytes / ms / 1e6:.0f} |",
+                  flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (interpreter)")
@@ -138,12 +164,14 @@ def main():
         decode_table([37], B=1, h=4, d=16, g=2, Rq=6, Rk=2, Rv=2, d_c=32, d_r=16,
                      dtype=torch.float32, device=device)
         scan_table([40], [16], B=1, H=2, window=5, dtype=torch.float32, device=device)
+        tc_decode_table([24], B=1, h=4, g=2, d=16, dtype=torch.float32, device=device)
         return
     lengths = [4096, 8192, 16384, 32768, 65536, 131072]
     decode_table(lengths, B=4, h=32, d=128, g=8, Rq=16, Rk=2, Rv=2, d_c=512, d_r=64,
                  dtype=torch.bfloat16, device=device)
     scan_table([2048, 8192, 32768], [64, 128], B=2, H=16, window=256, dtype=torch.bfloat16,
                device=device)
+    tc_decode_table([512, 2048], B=4, h=32, g=8, d=128, dtype=torch.bfloat16, device=device)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ L2 is fed ONLY by pairs evicted from the window: token i is written at step t = 
     A_t = lam A_{t-1} + eta k_{t-W}^T v_{t-W},    o2_t = q_t A_t,
 with un-rotated q and (L2-normalised) k. Fusion: o = o1 + sigmoid(gate_h) * o2.
 Training uses the chunked scan (`write: exact`) or the chunked-mean ablation
-(`write: chunk_mean`); decode is always the exact per-token write.
+(`write: chunk_mean`); decode is always the exact per-token write (one token at a time through
+the fused step of kernels.tc_decode; a prefill through the scan with the delay made explicit).
 State per layer: ring 2 * g * d_h * W + L2 h * d_h * d_h elements, constant in T.
 """
 from __future__ import annotations
@@ -14,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.l2_scan import evicted_scan
+from kernels.tc_decode import tc_decode
 
 from ..cache import LayerCache
+from ..rope import rope_cos_sin
 from .base import DecayWriteRate, merge_heads, repeat_kv
 from .swa import SlidingWindowAttention
 
@@ -35,9 +38,23 @@ class TensorCacheAttention(SlidingWindowAttention):
         n_rep = self.h // self.g
         return repeat_kv(k, n_rep), repeat_kv(v, n_rep)
 
+    def decode_step(self, q, k, v, pos: int, cache: LayerCache):
+        """One token (T = 1) through the fused step (kernels.tc_decode: window attention, L2
+        write of the pair leaving the window, L2 read); then the ring shifts the new pair in."""
+        cos, sin = rope_cos_sin(torch.arange(pos - self.W, pos + 1, device=q.device), self.d_h,
+                                self.rope_base, q.dtype)
+        lam, eta = self.memory()
+        o = tc_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], cache["k"], cache["v"], cache["A"], cos, sin,
+                      lam, eta, torch.sigmoid(self.gate), pos, self.normalize_k)
+        cache["k"].copy_(torch.cat([cache["k"][:, :, 1:], k], dim=2))
+        cache["v"].copy_(torch.cat([cache["v"][:, :, 1:], v], dim=2))
+        return o[:, :, None]
+
     def forward(self, x, pos: int, cache: LayerCache | None = None):
         T = x.shape[1]
         q, k, v = self.project(x)
+        if cache is not None and T == 1:
+            return self.o_proj(merge_heads(self.decode_step(q, k, v, pos, cache)))
         o1, k_ext, v_ext = self.window_attention(q, k, v, pos, cache)
         lam, eta = self.memory()
         if cache is None:  # training: the scan applies the W-step delay itself

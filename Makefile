@@ -13,6 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+export TRITON_CACHE_DIR := $(CURDIR)/runs/triton_cache
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: venv test repro bench clean-state

@@ -1,14 +1,16 @@
-"""The evaluate stage: one Ray job per variant; the driver logs to MLflow and writes the results.
+"""The evaluate stage: one Ray job per run (variant x seed); the driver logs to MLflow and
+writes results/eval/<run>.json.
 
-Per variant (`evaluate_variant`, in a Ray worker):
+Per run (`evaluate_variant`, in a Ray worker, on its GPU when the cluster has one):
 - held-out bits-per-byte at `eval.context_lengths` (longer than `train.seq_len` included);
-- MQAR accuracy by number of pairs and by key-query gap relative to the study's window;
+- MQAR accuracy by number of pairs and by key-query gap relative to the study's window, from
+  the parallel forward and again token by token through the decode cache;
 - the lm-eval tasks of `pipeline/tasks` through `lm_eval.simple_evaluate` on the HF export;
-- memory and speed: each (context length) measured in a fresh subprocess (`probe`), so the peak
+- memory and speed (CPU): each (context length) measured in a fresh subprocess (`probe`), so the peak
   RSS belongs to that decode alone: prefill `L` tokens, decode `decode_new_tokens`, report
   cache.nbytes(), peak RSS, prefill and decode tokens/s. `generate_lengths` decodes that many
   tokens from a short prompt instead (the flat-memory check of bounded caches).
-A variant whose (checkpoint fingerprint, eval config, eval code) is unchanged keeps its result.
+A run whose (checkpoint fingerprint, eval config, eval code) is unchanged keeps its result.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import checkpoint
+from pipeline import SOURCE_ROOT, checkpoint
 
 RESULTS_CODE = ("pipeline/evaluate.py", "pipeline/export.py", "pipeline/tasks/utils.py",
                 "pipeline/hf/modeling_kvf.py")
@@ -33,6 +35,10 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
 # --------------------------------------------------------------------------- quality
+def _device(model) -> torch.device:
+    return model.embed.weight.device
+
+
 @torch.no_grad()
 def heldout_bpb(model, text: np.ndarray, context_len: int, n_windows: int) -> float:
     """Mean cross-entropy in bits per byte over `n_windows` evenly spaced held-out windows."""
@@ -42,24 +48,21 @@ def heldout_bpb(model, text: np.ndarray, context_len: int, n_windows: int) -> fl
     nats = 0.0
     for s in starts:
         ids = torch.from_numpy(tokenizer.bytes_to_ids(np.asarray(text[s : s + context_len + 1])))[None]
+        ids = ids.to(_device(model))
         logits = model(ids[:, :-1])
         nats += torch.nn.functional.cross_entropy(logits[0].float(), ids[0, 1:]).item()
     return nats / n_windows / math.log(2)
 
 
 @torch.no_grad()
-def mqar_accuracy(model, mqar_cfg, num_pairs: int, gaps: tuple[int, int], n: int, seed: int,
-                  window: int | None) -> dict:
-    """Accuracy on `n` fresh MQAR sequences; per query also split by gap <= window / beyond."""
-    from pipeline.data import make_mqar
+def decode_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of `ids` computed one token at a time through the variant's own cache: what a
+    deployed model computes (for chunk_mean this differs from its parallel training forward)."""
+    cache = model.init_cache(ids.shape[0])
+    return torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])], dim=1)
 
-    cfg = mqar_cfg.model_copy(update={"num_pairs": num_pairs})
-    data = make_mqar(cfg, n, tuple(gaps), seed)
-    tokens = torch.from_numpy(data["tokens"].astype(np.int64))
-    pred = model(tokens[:, :-1]).argmax(-1)
-    mask = torch.from_numpy(data["answer_mask"][:, 1:])
-    hit = (pred == tokens[:, 1:])[mask].numpy()  # queries in row order, j ascending
-    gap = data["gaps"].reshape(-1)
+
+def _split(hit: np.ndarray, gap: np.ndarray, window: int | None) -> dict:
     out = {"acc": float(hit.mean()), "n": int(hit.size)}
     if window is not None:
         inside = gap <= window
@@ -68,14 +71,34 @@ def mqar_accuracy(model, mqar_cfg, num_pairs: int, gaps: tuple[int, int], n: int
     return out
 
 
-def run_lm_eval(export_dir: Path, tasks: list[str], limit: int | None, metadata: dict) -> dict:
+@torch.no_grad()
+def mqar_accuracy(model, mqar_cfg, num_pairs: int, gaps: tuple[int, int], n: int, seed: int,
+                  window: int | None, decode: bool = True) -> dict:
+    """Accuracy on `n` fresh MQAR sequences; per query also split by gap <= window / beyond.
+    With `decode`, the same queries are also scored through the decode cache ("decode": {...})."""
+    from pipeline.data import make_mqar
+
+    cfg = mqar_cfg.model_copy(update={"num_pairs": num_pairs})
+    data = make_mqar(cfg, n, tuple(gaps), seed)
+    tokens = torch.from_numpy(data["tokens"].astype(np.int64)).to(_device(model))
+    mask = torch.from_numpy(data["answer_mask"][:, 1:]).to(tokens.device)
+    gap = data["gaps"].reshape(-1)
+    hits = lambda logits: (logits.argmax(-1) == tokens[:, 1:])[mask].cpu().numpy()  # noqa: E731 -- row order
+    out = _split(hits(model(tokens[:, :-1])), gap, window)
+    if decode:
+        out["decode"] = _split(hits(decode_logits(model, tokens[:, :-1])), gap, window)
+    return out
+
+
+def run_lm_eval(export_dir: Path, tasks: list[str], limit: int | None, metadata: dict,
+                device: str = "cpu") -> dict:
     """lm_eval.simple_evaluate on the export; returns {task: metrics} and per-length rows."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={export_dir},trust_remote_code=True,device=cpu",
+        model="hf", model_args=f"pretrained={export_dir},trust_remote_code=True,device={device}",
         tasks=tasks, limit=limit, task_manager=manager, log_samples=True, metadata=metadata,
         batch_size=1, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
     )
@@ -156,12 +179,15 @@ def evaluate_variant(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     os.environ.setdefault("HF_HOME", job["hf_home"])
+    device = job.get("device", "cpu")
     cfg = EvalConfig.model_validate(job["eval"])
     mqar_cfg = MQARConfig.model_validate(job["mqar"])
     model, meta = load_checkpoint_model(Path(job["ckpt_dir"]))
+    model.to(device)
     text = np.memmap(Path(job["data_dir"]) / "text" / "heldout.bin", dtype=np.uint8, mode="r")
     t0 = time.perf_counter()
-    result = {"variant": job["variant"], "kind": meta["model_config"]["attention"]["kind"],
+    result = {"run": job["run"], "variant": job["variant"], "seed": job["seed"], "device": device,
+              "kind": meta["model_config"]["attention"]["kind"],
               "window": meta["model_config"]["attention"].get("window"),
               "params": model.num_parameters(),
               "cache_bytes_per_token_analytic": model.cache_nbytes(job["report_context"]) / job["report_context"],
@@ -177,7 +203,7 @@ def evaluate_variant(job: dict) -> dict:
     if cfg.lm_eval_tasks:
         t0 = time.perf_counter()
         result["lm_eval"] = run_lm_eval(Path(job["export_dir"]), cfg.lm_eval_tasks, cfg.limit,
-                                        job["task_metadata"])
+                                        job["task_metadata"], device)
         result["time_lm_eval_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for length in cfg.decode_lengths:
@@ -197,7 +223,7 @@ def _eval_task(job: dict) -> dict:
     try:
         return {"status": "ok", **evaluate_variant(job)}
     except Exception as err:  # noqa: BLE001 -- report by name, keep the other variants
-        return {"status": "failed", "variant": job["variant"], "error": f"{type(err).__name__}: {err}",
+        return {"status": "failed", "variant": job["run"], "error": f"{type(err).__name__}: {err}",
                 "traceback": traceback.format_exc()}
 
 
@@ -211,6 +237,8 @@ def flat_metrics(r: dict) -> dict[str, float]:
         for key in ("acc", "acc_inside_window", "acc_beyond_window"):
             if v.get(key) is not None:
                 out[f"eval/mqar_{key}_{name}"] = v[key]
+            if v.get("decode", {}).get(key) is not None:
+                out[f"eval/mqar_decode_{key}_{name}"] = v["decode"][key]
     for task, scores in r.get("lm_eval", {}).get("scores", {}).items():
         for metric, v in scores.items():
             out[f"eval/{task}/{metric}"] = v
@@ -224,10 +252,10 @@ def flat_metrics(r: dict) -> dict[str, float]:
     return out
 
 
-def _code_hash(root: Path) -> str:
+def _code_hash() -> str:
     h = hashlib.sha256()
     for rel in RESULTS_CODE:
-        h.update(rel.encode() + (root / rel).read_bytes())
+        h.update(rel.encode() + (SOURCE_ROOT / rel).read_bytes())
     for path in sorted(TASKS_DIR.glob("*.yaml")):
         h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()
@@ -236,10 +264,10 @@ def _code_hash(root: Path) -> str:
 def run_evaluate(params, root: Path, data_dir: Path, ckpt_root: Path, export_root: Path,
                  results_dir: Path, metrics_path: Path) -> int:
     from pipeline import tracking
-    from pipeline.runner import as_completed, connect_ray
+    from pipeline.runner import as_completed, connect_ray, resolve_gpus
 
     cfg = params.eval
-    code = _code_hash(root)
+    code = _code_hash()
     windows = [a.get("window") for a in params.variants.values() if a.get("window")]
     n_layers = params.model_config_for(next(iter(params.variants))).n_layers
     # W-token windows stacked n_layers deep see at most n_layers * (W - 1) positions back
@@ -253,7 +281,8 @@ def run_evaluate(params, root: Path, data_dir: Path, ckpt_root: Path, export_roo
         if Path("metrics/train.json").exists() else {}
     results_dir.mkdir(parents=True, exist_ok=True)
     jobs, results = {}, {}
-    for name in params.variants:
+    for run in params.runs():
+        name = run.key
         final = checkpoint.load_final_meta(ckpt_root / name)
         if final is None:
             raise FileNotFoundError(f"{ckpt_root / name}: no completed checkpoint; run the train stage")
@@ -266,8 +295,8 @@ def run_evaluate(params, root: Path, data_dir: Path, ckpt_root: Path, export_roo
             results[name] = checkpoint.read_json(cached)
             print(f"[evaluate] {name}: unchanged (checkpoint, eval config), kept", flush=True)
             continue
-        jobs[name] = {"variant": name, "eval_fingerprint": key, "eval": cfg.model_dump(mode="json"),
-                      "mqar": params.data.mqar.model_dump(mode="json"), "ref_window": ref_window,
+        jobs[name] = {"run": name, "variant": run.variant, "seed": run.seed, "eval_fingerprint": key,
+                      "eval": cfg.model_dump(mode="json"), "mqar": params.data.mqar.model_dump(mode="json"), "ref_window": ref_window,
                       "task_metadata": task_metadata,
                       "report_context": cfg.report_context, "threads": params.compute.cpus_per_job,
                       "ckpt_dir": str((ckpt_root / name).resolve()),
@@ -280,11 +309,14 @@ def run_evaluate(params, root: Path, data_dir: Path, ckpt_root: Path, export_roo
 
         where = connect_ray(params, root)
         try:
-            # Evaluation runs on CPU (its memory probes measure process RSS), so it holds no GPU.
+            # quality and lm-eval run on the job's GPU when it has one; the memory probes always
+            # run on CPU in their own process (they measure process RSS)
+            gpus = resolve_gpus(params, ray.cluster_resources(), where)
             task = ray.remote(_eval_task)
-            refs = {task.options(num_cpus=params.compute.cpus_per_job, num_gpus=0, max_retries=0,
-                                 name=f"evaluate:{n}").remote(j): n for n, j in jobs.items()}
-            print(f"[evaluate] {len(jobs)} variant(s) on Ray ({where})", flush=True)
+            refs = {task.options(num_cpus=params.compute.cpus_per_job, num_gpus=gpus, max_retries=0,
+                                 name=f"evaluate:{n}").remote({**j, "device": "cuda" if gpus else "cpu"}): n
+                    for n, j in jobs.items()}
+            print(f"[evaluate] {len(jobs)} run(s) on Ray ({where}), {gpus} GPU(s) per job", flush=True)
             for name, r in as_completed(refs):
                 if r["status"] != "ok":
                     failures.append(name)

@@ -1,6 +1,6 @@
 """Export: a trained variant's checkpoint -> a Hugging Face-format directory, logged to MLflow.
 
-    exports/<variant>/
+    exports/<run>/               one per variant and seed (`Params.runs()`: `<variant>`, `<variant>.seed<k>`)
         config.json              KVFConfig, `auto_map` to the files below, standard HF names
         configuration_kvf.py  modeling_kvf.py  kvf_bundle.py   the code (models/ + kernels/ bundled)
         model.safetensors  generation_config.json
@@ -9,7 +9,7 @@
 
 The directory needs only torch + transformers: `AutoModelForCausalLM.from_pretrained(dir,
 trust_remote_code=True)`. Each export is logged to its variant's MLflow run and registered in
-the model registry as a pyfunc over the directory (`kvf-<variant>`).
+the model registry as a pyfunc over the directory (`kvf-<run>`), once per (checkpoint, code).
 """
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint
+from pipeline import SOURCE_ROOT, checkpoint
 
 BUNDLED_PACKAGES = ("models", "kernels")
 EXPORT_META = "kvf_export.json"
 CARD_CONTEXT = 32768  # "state bytes at 32k" of the model card
 
 
-def bundle_sources(repo: Path) -> dict[str, str]:
+def bundle_sources(repo: Path = SOURCE_ROOT) -> dict[str, str]:
     """The source an export carries: every .py of models/ and kernels/ except models/__init__.py
     (it imports pydantic-typed configs the export does not need)."""
     sources = {}
@@ -42,6 +42,8 @@ def bundle_sources(repo: Path) -> dict[str, str]:
 
 def _write_bundle(out_dir: Path, sources: dict[str, str]) -> None:
     """kvf_bundle.py with SOURCES filled in (the repo's copy has it empty)."""
+    if "models/lm.py" not in sources:
+        raise RuntimeError("the export bundle has no models/lm.py: the models package was not found")
     path = out_dir / "kvf_bundle.py"
     text = path.read_text()
     marker = "SOURCES: dict[str, str] = {}"
@@ -72,6 +74,7 @@ def model_card(variant: str, model, meta: dict) -> dict:
         "cache_bytes_per_token_at_32k": per_token,
         "state_bytes_32k": model.cache_nbytes(CARD_CONTEXT),
         "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+        "seed": meta.get("seed"),
         "train_steps": meta.get("step"),
         "fingerprint": meta.get("fingerprint"),
     }
@@ -97,7 +100,7 @@ def _card_markdown(card: dict) -> str:
     ])
 
 
-def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path) -> dict:
+def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOURCE_ROOT) -> dict:
     """Write the HF directory of one variant; returns its model card."""
     from transformers import ByT5Tokenizer, GenerationConfig
 
@@ -152,14 +155,35 @@ def _pyfunc_model():
     return ExportedLM()
 
 
-def log_export(tracking_uri: str, run_id: str, variant: str, out_dir: Path, card: dict) -> str:
-    """Log the directory to the variant's run and register it; returns 'name/version'."""
+def _registered_version(client, name: str, run_id: str, card: dict):
+    """The version of `name` already registered from this run with the same weights and code."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    for version in versions:
+        tags = version.tags or {}
+        if (tags.get("fingerprint") == str(card["fingerprint"])
+                and tags.get("code_sha256") == str(card["code_sha256"])):
+            return version.version
+    return None
+
+
+def log_export(tracking_uri: str, run_id: str, variant: str, out_dir: Path, card: dict) -> tuple[str, bool]:
+    """Log the directory to the variant's run and register it; returns ('name/version', new?).
+    An export whose checkpoint and bundled code are already registered from this run is not
+    registered again (re-running the stage adds no versions)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     name = f"kvf-{variant}"
+    existing = _registered_version(client, name, run_id, card)
+    if existing is not None:
+        return f"{name}/{existing}", False
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="export", python_model=_pyfunc_model(), artifacts={"export_dir": str(out_dir)},
@@ -175,9 +199,10 @@ def log_export(tracking_uri: str, run_id: str, variant: str, out_dir: Path, card
                    f"{card['state_bytes_32k']:,} state bytes at 32k")
     client.update_registered_model(name, description=f"kv-frontier variant {variant} ({card['kind']})")
     client.update_model_version(name, version, description=description)
-    for key in ("kind", "parameters", "cache_bytes_per_token_at_32k", "state_bytes_32k"):
-        client.set_model_version_tag(name, version, key, str(card[key]))
-    return f"{name}/{version}"
+    for key in ("kind", "parameters", "cache_bytes_per_token_at_32k", "state_bytes_32k",
+                "fingerprint", "code_sha256", "seed"):
+        client.set_model_version_tag(name, version, key, str(card.get(key)))
+    return f"{name}/{version}", True
 
 
 def run_export(params, root: Path, ckpt_root: Path, export_root: Path, train_metrics: Path,
@@ -188,18 +213,19 @@ def run_export(params, root: Path, ckpt_root: Path, export_root: Path, train_met
     runs = checkpoint.read_json(train_metrics)["variants"] if train_metrics.exists() else {}
     uri = tracking.tracking_uri(params.tracking.uri, root)
     results, failed = {}, []
-    for variant in params.variants:
-        card = export_variant(variant, ckpt_root / variant, export_root / variant, root)
-        run_id = runs.get(variant, {}).get("run_id")
-        registered = log_export(uri, run_id, variant, (export_root / variant).resolve(), card) if run_id else None
+    for run in params.runs():
+        out_dir = export_root / run.key
+        card = export_variant(run.key, ckpt_root / run.key, out_dir)
+        run_id = runs.get(run.key, {}).get("run_id")
+        registered, new = log_export(uri, run_id, run.key, out_dir.resolve(), card) if run_id else (None, False)
         if run_id is None:
-            failed.append(variant)
-        results[variant] = {**{k: v for k, v in card.items() if k != "attention"},
-                            "run_id": run_id, "registered_model": registered}
-        print(f"[export] {variant}: {card['parameters']:,} params, "
-              f"{card['state_bytes_32k']:,} state bytes at 32k -> {export_root / variant}"
-              + (f" (registered {registered})" if registered else " (no MLflow run: not logged)"),
-              flush=True)
+            failed.append(run.key)
+        results[run.key] = {**{k: v for k, v in card.items() if k != "attention"},
+                            "variant": run.variant, "run_id": run_id, "registered_model": registered}
+        note = (f"registered {registered}" if new else f"already registered as {registered}") \
+            if registered else "no MLflow run: not logged"
+        print(f"[export] {run.key}: {card['parameters']:,} params, "
+              f"{card['state_bytes_32k']:,} state bytes at 32k -> {out_dir} ({note})", flush=True)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(metrics_path, {"mlflow": {"tracking_uri": uri}, "variants": results})
     return 1 if failed else 0

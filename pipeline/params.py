@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -128,7 +128,11 @@ class MixtureConfig(_Block):
 
 
 class TrainConfig(_Block):
-    seed: int = 0
+    seeds: list[int] = Field(
+        default_factory=lambda: [0],
+        description="one training run per seed (init and batch order); the first is the variant's "
+                    "primary run, the others give the report its error bars",
+    )
     steps: int = Field(300, ge=1)
     seq_len: int = Field(256, ge=8, description="LM context length T")
     batch_size: int = Field(8, ge=1, description="LM sequences per step")
@@ -148,6 +152,10 @@ class TrainConfig(_Block):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
+        if not self.seeds:
+            raise ValueError("seeds: needs at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: repeats a seed ({self.seeds})")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps: {self.warmup_steps} must be < steps={self.steps}")
         for i, b in enumerate(self.betas):
@@ -220,6 +228,15 @@ class TrackingConfig(_Block):
 _VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
+class Run(NamedTuple):
+    """One trained model: a variant at one seed. `key` names its checkpoint, export, results
+    and MLflow run: the variant's name for the first seed, `<variant>.seed<k>` for the others."""
+
+    key: str
+    variant: str
+    seed: int
+
+
 class Params(_Block):
     data: DataConfig = Field(default_factory=DataConfig)
     model: dict[str, Any] = Field(default_factory=dict)
@@ -234,6 +251,12 @@ class Params(_Block):
         from models import ModelConfig
 
         return ModelConfig(**self.model, attention=self.variants[variant])
+
+    def runs(self) -> list[Run]:
+        """Every (variant, seed) of the study, variants in file order."""
+        first = self.train.seeds[0]
+        return [Run(name if seed == first else f"{name}.seed{seed}", name, seed)
+                for name in self.variants for seed in self.train.seeds]
 
 
 def _fmt_loc(loc: tuple) -> str:

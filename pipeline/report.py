@@ -1,9 +1,11 @@
 """The report stage: the memory-quality frontier from results/eval/*.json.
 
 Writes report/frontier.png (one panel per quality measure, x = cache bytes at
-`eval.report_context` tokens, log scale; one point per variant, error bars over seeds when a
-variant has several results), report/frontier.md (every variant, memory and quality), and
-report/frontier.csv (the `dvc plots` data); logs them to a parent MLflow run.
+`eval.report_context` tokens, log scale; one point per variant at its mean over seeds, error bars
+of one standard deviation when `train.seeds` holds several; in the MQAR panels an open marker
+where the decode cache's accuracy differs from the parallel forward's), report/frontier.md (every
+variant, memory and quality, mean ± std over seeds), and report/frontier.csv (one row per run:
+the `dvc plots` data); logs them to a parent MLflow run.
 """
 from __future__ import annotations
 
@@ -24,25 +26,32 @@ QUALITY = [  # (column, label, higher is better)
 def rows_from_results(results: list[dict], report_context: int) -> list[dict]:
     """One row per result (variant x seed): memory and quality numbers."""
     rows = []
+
+    def split(mq: dict, key: str) -> float | None:
+        # by each query's own gap against the window (evaluate.py), whatever the buckets' names
+        values = [v[key] for v in mq.values() if v.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
     for r in results:
         mq = r.get("mqar", {})
-        # split by each query's own gap against the window (evaluate.py), whatever the buckets' names
-        far = [v["acc_beyond_window"] for v in mq.values() if v.get("acc_beyond_window") is not None]
-        near = [v["acc_inside_window"] for v in mq.values() if v.get("acc_inside_window") is not None]
+        decoded = {k: v["decode"] for k, v in mq.items() if "decode" in v}
         bpb = r.get("bpb", {})
         scores = [next(iter(s.values())) for s in r.get("lm_eval", {}).get("scores", {}).values() if s]
         decode = {f"{d['mode']}_{d['context_len']}": d for d in r.get("decode", [])}
         longest = max(decode.values(), key=lambda d: d["tokens_held"]) if decode else None
         rows.append({
-            "variant": r["variant"], "kind": r["kind"], "seed": r.get("seed", 0), "params": r["params"],
+            "variant": r["variant"], "kind": r["kind"], "seed": r.get("seed", 0),
+            "run": r.get("run", r["variant"]), "params": r["params"],
             "cache_bytes": r["cache_bytes_per_token_analytic"] * report_context,
-            "mqar_far": float(np.mean(far)) if far else None,
-            "mqar_near": float(np.mean(near)) if near else None,
+            "mqar_far": split(mq, "acc_beyond_window"),
+            "mqar_near": split(mq, "acc_inside_window"),
             "bpb_max": bpb[max(bpb, key=int)] if bpb else None,
             "lm_eval": float(np.mean(scores)) if scores else None,
             "decode_tokens_per_s": longest["decode_tokens_per_s"] if longest else None,
             "peak_rss_mib": longest["peak_rss_bytes"] / 2**20 if longest else None,
             "measured_context": longest["tokens_held"] if longest else None,
+            "mqar_far_decode": split(decoded, "acc_beyond_window"),
+            "mqar_near_decode": split(decoded, "acc_inside_window"),
         })
     return rows
 
@@ -54,6 +63,18 @@ def _by_variant(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def _values(group: list[dict], col: str) -> list[float]:
+    return [g[col] for g in group if g.get(col) is not None]
+
+
+def _mean_std(group: list[dict], col: str) -> tuple[float | None, float | None]:
+    """Mean over seeds, and the standard deviation (ddof 1) when there are several."""
+    ys = _values(group, col)
+    if not ys:
+        return None, None
+    return float(np.mean(ys)), (float(np.std(ys, ddof=1)) if len(ys) > 1 else None)
+
+
 def plot_frontier(rows: list[dict], report_context: int, path: Path) -> None:
     import matplotlib
 
@@ -62,19 +83,29 @@ def plot_frontier(rows: list[dict], report_context: int, path: Path) -> None:
 
     panels = [q for q in QUALITY if any(r[q[0]] is not None for r in rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    seeds = max(len(g) for g in _by_variant(rows).values())
     for ax, (col, label, higher) in zip(axes[0], panels):
-        for variant, group in sorted(_by_variant(rows).items()):
-            ys = [g[col] for g in group if g[col] is not None]
-            if not ys:
+        for i, (variant, group) in enumerate(sorted(_by_variant(rows).items())):
+            mean, std = _mean_std(group, col)
+            if mean is None:
                 continue
-            x = group[0]["cache_bytes"]
-            ax.errorbar([x], [np.mean(ys)], yerr=[np.std(ys)] if len(ys) > 1 else None, fmt="o", capsize=3)
-            ax.annotate(variant, (x, np.mean(ys)), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            x, color = group[0]["cache_bytes"], f"C{i % 10}"
+            ax.errorbar([x], [mean], yerr=None if std is None else [std], fmt="o", color=color, capsize=3)
+            ax.annotate(variant, (x, mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            decoded, _ = _mean_std(group, col + "_decode")
+            if decoded is not None and abs(decoded - mean) > 0.01:
+                ax.plot([x], [decoded], "o", mfc="none", color=color)
+                ax.annotate(f"{variant} (decode)", (x, decoded), textcoords="offset points",
+                            xytext=(4, -10), fontsize=7, color=color)
         ax.set_xscale("log")
         ax.set_xlabel(f"cache bytes at {report_context:,} tokens (batch 1)")
         ax.set_ylabel(label + ("" if higher else " (lower is better)"))
         ax.grid(alpha=0.3)
-    fig.suptitle("kv-frontier: memory-quality frontier")
+    fig.suptitle("kv-frontier: memory-quality frontier"
+                 + (f"\nmean ± one std over up to {seeds} seeds" if seeds > 1 else "")
+                 + ("\nopen markers: MQAR accuracy through the decode cache" if any(
+                     r["mqar_far_decode"] is not None and r["mqar_far"] is not None
+                     and abs(r["mqar_far_decode"] - r["mqar_far"]) > 0.01 for r in rows) else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -84,20 +115,27 @@ def _fmt(v, spec=".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _cell(group: list[dict], col: str, spec: str = ".3f") -> str:
+    mean, std = _mean_std(group, col)
+    return _fmt(mean, spec) + ("" if std is None else f" ± {format(std, spec)}")
+
+
 def markdown_table(rows: list[dict], report_context: int) -> str:
-    lines = [f"# Memory-quality frontier\n",
-             f"Cache bytes at {report_context:,} tokens (analytic, batch 1); quality means over seeds.\n",
-             "| variant | kind | params | cache bytes | MQAR far | MQAR near | bpb (longest) | lm-eval | "
-             "decode tok/s | peak RSS MiB (at tokens) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["# Memory-quality frontier\n",
+             f"Cache bytes at {report_context:,} tokens (analytic, batch 1). Quality: mean over seeds "
+             "(± one standard deviation when there are several). MQAR far / near: accuracy on "
+             "queries whose key lies beyond / inside the window's reach, from the parallel forward; "
+             "\"(decode)\": the same queries scored token by token through the decode cache.\n",
+             "| variant | kind | seeds | params | cache bytes | MQAR far | MQAR far (decode) | MQAR near | "
+             "bpb (longest) | lm-eval | decode tok/s | peak RSS MiB (at tokens) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for variant, group in sorted(_by_variant(rows).items(), key=lambda kv: kv[1][0]["cache_bytes"]):
-        mean = lambda col: (float(np.mean([g[col] for g in group if g[col] is not None]))  # noqa: E731
-                            if any(g[col] is not None for g in group) else None)
         g = group[0]
-        lines.append(f"| {variant} | {g['kind']} | {g['params']:,} | {g['cache_bytes']:,.0f} | "
-                     f"{_fmt(mean('mqar_far'))} | {_fmt(mean('mqar_near'))} | {_fmt(mean('bpb_max'))} | "
-                     f"{_fmt(mean('lm_eval'))} | {_fmt(mean('decode_tokens_per_s'), '.0f')} | "
-                     f"{_fmt(mean('peak_rss_mib'), '.0f')} ({g['measured_context']}) |")
+        lines.append(f"| {variant} | {g['kind']} | {len(group)} | {g['params']:,} | {g['cache_bytes']:,.0f} | "
+                     f"{_cell(group, 'mqar_far')} | {_cell(group, 'mqar_far_decode')} | "
+                     f"{_cell(group, 'mqar_near')} | {_cell(group, 'bpb_max')} | {_cell(group, 'lm_eval')} | "
+                     f"{_cell(group, 'decode_tokens_per_s', '.0f')} | "
+                     f"{_cell(group, 'peak_rss_mib', '.0f')} ({g['measured_context']}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -117,21 +155,23 @@ def write_report(results: list[dict], report_context: int, out_dir: Path) -> dic
 def run_report(params, root: Path, results_dir: Path, out_dir: Path) -> int:
     from pipeline import tracking
 
-    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))
-               if p.stem in params.variants]
-    if not results:
-        raise FileNotFoundError(f"{results_dir}: no evaluation results; run the evaluate stage")
+    wanted = [run.key for run in params.runs()]
+    missing = [key for key in wanted if not (results_dir / f"{key}.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"{results_dir}: no evaluation results for {', '.join(missing)}; "
+                                "run the evaluate stage")
+    results = [json.loads((results_dir / f"{key}.json").read_text()) for key in wanted]
     paths = write_report(results, params.eval.report_context, out_dir)
     tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
     run = tracker.client.create_run(tracker.experiment_id, run_name="frontier",
                                     tags={"kvf.report": "frontier", tracking.TAG_COMMIT: tracking.git_commit(root)})
-    children = {r["variant"]: r.get("run_id") for r in results}
+    children = {r.get("run", r["variant"]): r.get("run_id") for r in results}
     for name, run_id in children.items():
         if run_id:
             tracker.client.set_tag(run_id, "mlflow.parentRunId", run.info.run_id)
     for path in paths.values():
         tracker.client.log_artifact(run.info.run_id, str(path), "report")
     tracker.client.set_terminated(run.info.run_id, "FINISHED")
-    print(f"[report] {len(results)} variant(s) -> {paths['png']}, {paths['md']} (MLflow run {run.info.run_id})",
+    print(f"[report] {len(results)} run(s) of {len(params.variants)} variant(s) -> {paths['png']}, {paths['md']} (MLflow run {run.info.run_id})",
           flush=True)
     return 0

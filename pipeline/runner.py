@@ -4,7 +4,9 @@
   local `ray.init` (CPUs from `compute.num_cpus`, temp dir inside the repo, no dashboard).
 - GPUs: `gpus_per_job: auto` asks for one per job when the cluster has any; asking for more than
   the cluster has fails at once (Ray would wait forever, silently).
-- A variant whose fingerprint (resolved config + the code it runs) matches its completed
+- One job per run: a variant at each of `train.seeds` (`Params.runs()`: the first seed's run is
+  named by the variant, the others `<variant>.seed<k>`).
+- A run whose fingerprint (resolved config, its seed, the code it runs) matches its completed
   checkpoint is skipped; a partial checkpoint with the same fingerprint is resumed.
 - A variant that raises or goes NaN/inf is reported by name and step; the others finish.
 Multi-node clusters need `data/` and `checkpoints/` on a filesystem every node sees at the same
@@ -22,7 +24,7 @@ import traceback
 from pathlib import Path
 
 from pipeline import checkpoint
-from pipeline.params import Params
+from pipeline.params import Params, Run
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -52,14 +54,15 @@ def code_hash() -> str:
     return h.hexdigest()
 
 
-def variant_job(params: Params, variant: str, code: str) -> dict:
-    """Everything a variant's training depends on, and its fingerprint."""
-    model = params.model_config_for(variant).model_dump(mode="json")
-    train = params.train.model_dump(mode="json")
+def variant_job(params: Params, run: Run, code: str) -> dict:
+    """Everything one run (a variant at one seed) depends on, and its fingerprint. The train
+    block holds only this run's seed, so adding a seed to the study retrains nothing else."""
+    model = params.model_config_for(run.variant).model_dump(mode="json")
+    train = {**params.train.model_dump(mode="json"), "seeds": [run.seed]}
     data = params.data.model_dump(mode="json")
     blob = json.dumps({"model": model, "train": train, "data": data, "code": code}, sort_keys=True)
-    return {"variant": variant, "model": model, "train": train,
-            "fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+    return {"variant": run.key, "base_variant": run.variant, "seed": run.seed, "model": model,
+            "train": train, "fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16]}
 
 
 # --------------------------------------------------------------------------- Ray
@@ -173,7 +176,7 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path,
     from pipeline import tracking
 
     code = code_hash()
-    jobs = {name: variant_job(params, name, code) for name in params.variants}
+    jobs = {run.key: variant_job(params, run, code) for run in params.runs()}
     fault = os.environ.get("KVF_FAULT")
     done, todo = {}, []
     for name, job in jobs.items():
@@ -207,11 +210,13 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path,
     results: dict[str, dict] = {}
 
     def params_of(job):
-        return tracking.flatten({"variant": job["variant"], "model": job["model"], "train": job["train"],
-                                 "data": params.data.model_dump(mode="json"), "fingerprint": job["fingerprint"]})
+        return tracking.flatten({"variant": job["base_variant"], "seed": job["seed"], "model": job["model"],
+                                 "train": job["train"], "data": params.data.model_dump(mode="json"),
+                                 "fingerprint": job["fingerprint"]})
 
     def tags_of(job):
-        return {tracking.TAG_KIND: job["model"]["attention"]["kind"], tracking.TAG_COMMIT: commit}
+        return {tracking.TAG_KIND: job["model"]["attention"]["kind"], tracking.TAG_COMMIT: commit,
+                tracking.TAG_BASE_VARIANT: job["base_variant"], tracking.TAG_SEED: str(job["seed"])}
 
     for name, final in done.items():
         job = jobs[name]
@@ -224,7 +229,7 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path,
         else:
             run_id = run.info.run_id
         results[name] = {"status": "ok", "trained": False, "step": final["step"], "run_id": run_id,
-                         **final["metrics"]}
+                         "variant": job["base_variant"], "seed": job["seed"], **final["metrics"]}
         print(f"[train] {name}: unchanged since its last completed run, skipped", flush=True)
 
     failures = []
@@ -273,11 +278,13 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path,
                     tracker.log_final(run_ids[name], result["metrics"], result["step"])
                     tracker.finish(run_ids[name], ok=True)
                     results[name] = {"status": "ok", "trained": True, "step": result["step"],
-                                     "run_id": run_ids[name], **result["metrics"]}
+                                     "run_id": run_ids[name], "variant": jobs[name]["base_variant"],
+                                     "seed": jobs[name]["seed"], **result["metrics"]}
                 else:
                     tracker.finish(run_ids[name], ok=False, error=result["error"])
                     results[name] = {"status": "failed", "step": result["step"],
-                                     "run_id": run_ids[name], "error": result["error"]}
+                                     "run_id": run_ids[name], "variant": jobs[name]["base_variant"],
+                                     "seed": jobs[name]["seed"], "error": result["error"]}
                     failures.append(name)
                     print(f"[train] FAILED variant {name} at step {result['step']}: {result['error']}",
                           file=sys.stderr, flush=True)

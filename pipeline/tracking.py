@@ -21,6 +21,8 @@ TAG_VARIANT = "variant"
 TAG_KIND = "kind"
 TAG_FINGERPRINT = "kvf.fingerprint"
 TAG_COMMIT = "git_commit"
+TAG_BASE_VARIANT = "kvf.variant"  # the variant a seed's run belongs to (TAG_VARIANT: the run key)
+TAG_SEED = "kvf.seed"
 
 
 def repo_root(start: Path | None = None) -> Path:

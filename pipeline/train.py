@@ -91,8 +91,8 @@ def _fault(job: dict, step: int) -> Optional[str]:
 def train_variant(job: dict, report: Callable[[dict], None] = lambda record: None) -> dict:
     """Train one variant to `train.steps`, resuming from its checkpoint when there is one.
 
-    job: variant, model (ModelConfig dict), train (TrainConfig dict), data_dir, ckpt_dir,
-    fingerprint, device, threads, fault. `report` receives each history record as it is made.
+    job: variant (the run's key), seed, model (ModelConfig dict), train (TrainConfig dict),
+    data_dir, ckpt_dir, fingerprint, device, threads, fault. `report` receives each history record as it is made.
     Returns {"status": "ok", "step", "metrics", "history"} or raises VariantFailed.
     """
     from models import ModelConfig, build_model
@@ -103,8 +103,9 @@ def train_variant(job: dict, report: Callable[[dict], None] = lambda record: Non
     device = torch.device(job.get("device", "cpu"))
     ckpt_dir = Path(job["ckpt_dir"])
     data = TrainingData(job["data_dir"])
+    seed = int(job.get("seed", cfg.seeds[0]))
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     model = build_model(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg)
     static = {
@@ -119,6 +120,7 @@ def train_variant(job: dict, report: Callable[[dict], None] = lambda record: Non
         meta = checkpoint.restore(ckpt_dir, model, optimizer)
         start, history = meta["step"], meta["history"]
     meta_base = {"variant": job["variant"], "fingerprint": job["fingerprint"],
+                 "seed": seed,
                  "model_config": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
     amp = (torch.autocast("cuda", dtype=torch.bfloat16)
            if cfg.precision == "bf16" and device.type == "cuda" else torch.autocast("cpu", enabled=False))
@@ -134,10 +136,10 @@ def train_variant(job: dict, report: Callable[[dict], None] = lambda record: Non
         parts = {}
         with amp:
             if w_lm > 0:
-                parts["train/lm_loss"] = _loss(model, *data.lm_batch(cfg.seed, step, cfg.batch_size,
+                parts["train/lm_loss"] = _loss(model, *data.lm_batch(seed, step, cfg.batch_size,
                                                                      cfg.seq_len), device)
             if w_mq > 0:
-                parts["train/mqar_loss"] = _loss(model, *data.mqar_batch("train", cfg.seed, step,
+                parts["train/mqar_loss"] = _loss(model, *data.mqar_batch("train", seed, step,
                                                                          cfg.mqar_batch_size), device)
         loss = w_lm * parts.get("train/lm_loss", 0.0) + w_mq * parts.get("train/mqar_loss", 0.0)
         fault = _fault(job, step + 1)

@@ -18,12 +18,14 @@ _QUIET_TOOLS = {
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_HOME": str(Path("runs") / "hf_home"),  # transformers' dynamic-module cache
+    "TRITON_CACHE_DIR": str(Path("runs") / "triton_cache"),  # compiled kernels
 }
 
 
 def parse_args(description: str) -> argparse.Namespace:
     for var, value in _QUIET_TOOLS.items():
-        os.environ.setdefault(var, str(Path(value).resolve()) if var == "HF_HOME" else value)
+        os.environ.setdefault(var, str(Path(value).resolve()) if var in ("HF_HOME", "TRITON_CACHE_DIR")
+                              else value)
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     return parser.parse_args()

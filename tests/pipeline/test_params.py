@@ -17,6 +17,16 @@ def test_default_params_are_valid_and_typed():
                                     "tensor_cache_chunk_mean"}
     assert params.model_config_for("tensor_cache_chunk_mean").attention.write == "chunk_mean"
     assert params.compute.gpus_per_job == "auto" and params.tracking.uri is None
+    assert [run.key for run in params.runs()] == list(params.variants)  # one seed: runs named by variant
+
+
+def test_runs_name_the_first_seed_by_its_variant():
+    raw = copy.deepcopy(DEFAULT)
+    raw["train"]["seeds"] = [3, 1]
+    raw["variants"] = {"mha": {"kind": "mha"}, "swa": {"kind": "swa", "window": 16}}
+    runs = parse_params(raw).runs()
+    assert [(r.key, r.variant, r.seed) for r in runs] == [
+        ("mha", "mha", 3), ("mha.seed1", "mha", 1), ("swa", "swa", 3), ("swa.seed1", "swa", 1)]
 
 
 def _set(path: str, value):
@@ -40,6 +50,9 @@ def _set(path: str, value):
     (_set("train.lr", -1.0), "train.lr"),
     (_set("train.warmup_steps", 10_000), "train.warmup_steps"),
     (_set("train.checkpoint_every", 15), "train.checkpoint_every"),
+    (_set("train.seeds", []), "train.seeds"),
+    (_set("train.seeds", [0, 1, 0]), "train.seeds"),
+    (_set("train.seed", 3), "train.seed"),
     (_set("compute.gpus_per_job", "many"), "compute.gpus_per_job"),
     (_set("data.mqar.eval_gaps.far", [90, 500]), "data.mqar.eval_gaps.far"),
     (_set("data.heldout_plays", ["hamlet", "no_such_play"]), "data.heldout_plays.1"),

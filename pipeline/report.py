@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-QUALITY = [  # (column, label, higher is better)
-    ("mqar_far", "MQAR accuracy, gaps beyond the window", True),
-    ("mqar_near", "MQAR accuracy, gaps inside the window", True),
-    ("bpb_max", "held-out bits/byte at the longest context", False),
-    ("lm_eval", "lm-eval tasks (mean score)", True),
+QUALITY = [  # (column, panel title, y axis)
+    ("mqar_far", "MQAR, keys beyond the window's reach", "accuracy"),
+    ("mqar_near", "MQAR, keys inside the window", "accuracy"),
+    ("bpb_max", "held-out text at the longest context", "bits per byte (lower is better)"),
+    ("lm_eval", "lm-eval tasks", "mean score"),
 ]
 
 
@@ -82,9 +82,13 @@ def plot_frontier(rows: list[dict], report_context: int, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [q for q in QUALITY if any(r[q[0]] is not None for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.6 * nrows + 0.6), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     seeds = max(len(g) for g in _by_variant(rows).values())
-    for ax, (col, label, higher) in zip(axes[0], panels):
+    for ax, (col, title, ylabel) in zip(axes.flat, panels):
         for i, (variant, group) in enumerate(sorted(_by_variant(rows).items())):
             mean, std = _mean_std(group, col)
             if mean is None:
@@ -96,10 +100,13 @@ def plot_frontier(rows: list[dict], report_context: int, path: Path) -> None:
             if decoded is not None and abs(decoded - mean) > 0.01:
                 ax.plot([x], [decoded], "o", mfc="none", color=color)
                 ax.annotate(f"{variant} (decode)", (x, decoded), textcoords="offset points",
-                            xytext=(4, -10), fontsize=7, color=color)
+                            xytext=(6, -4), fontsize=7, color=color)
         ax.set_xscale("log")
         ax.set_xlabel(f"cache bytes at {report_context:,} tokens (batch 1)")
-        ax.set_ylabel(label + ("" if higher else " (lower is better)"))
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        if col.startswith(("mqar", "lm_eval")):
+            ax.set_ylim(-0.03, 1.05)
         ax.grid(alpha=0.3)
     fig.suptitle("kv-frontier: memory-quality frontier"
                  + (f"\nmean ± one std over up to {seeds} seeds" if seeds > 1 else "")

@@ -52,9 +52,12 @@ def bench_repro() -> None:
                               for k, v in metrics.items()}}), flush=True)
 
 
-def bench_speed(T: int = 1024, batch: int = 4, steps: int = 5, threads: int = 1) -> None:
-    """Training tokens/s (forward + backward + AdamW) per variant at context T, one thread each,
-    median of `steps` timed steps after one warm-up step."""
+def bench_speed(T: int = 1024, batch: int = 4, rounds: int = 6, threads: int = 1) -> None:
+    """Training tokens/s (forward + backward + AdamW) per variant at context T, one thread.
+    Rounds are interleaved (every variant steps once per round) so that drift in the box's
+    load hits all variants alike; the median over rounds after a warm-up round."""
+    import statistics
+
     import torch
     import torch.nn.functional as F
 
@@ -64,26 +67,26 @@ def bench_speed(T: int = 1024, batch: int = 4, steps: int = 5, threads: int = 1)
 
     torch.set_num_threads(threads)
     params = load_params(REPO / "params.yaml")
-    out = {}
+    models = {}
     for name in params.variants:
         torch.manual_seed(0)
         model = build_model(params.model_config_for(name))
-        opt = make_optimizer(model, params.train)
-        x = torch.randint(3, 259, (batch, T + 1))
-        times = []
-        for i in range(steps + 1):
+        models[name] = (model, make_optimizer(model, params.train))
+    x = torch.randint(3, 259, (batch, T + 1))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(rounds + 1):
+        for name, (model, opt) in models.items():
             t0 = time.perf_counter()
-            logits = model(x[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+            loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
             opt.zero_grad()
             loss.backward()
             opt.step()
             if i:
-                times.append(time.perf_counter() - t0)
-        out[name] = batch * T / sorted(times)[len(times) // 2]
+                times[name].append(time.perf_counter() - t0)
+    out = {name: batch * T / statistics.median(ts) for name, ts in times.items()}
     mha = out["mha"]
     print(json.dumps({"bench": "train_tokens_per_s", "T": T, "batch": batch, "threads": threads,
-                      "tokens_per_s": {k: round(v) for k, v in out.items()},
+                      "rounds": rounds, "tokens_per_s": {k: round(v) for k, v in out.items()},
                       "relative_to_mha": {k: round(v / mha, 3) for k, v in out.items()}}), flush=True)
 
 

@@ -256,7 +256,7 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path,
             refs[task.options(num_cpus=params.compute.cpus_per_job, num_gpus=gpus, max_retries=0,
                               name=f"train:{name}").remote({**job, "device": "cuda" if gpus else "cpu"},
                                                             queue)] = name
-        print(f"[train] {len(todo)} variant(s) on Ray ({where}), {gpus} GPU(s) per job; "
+        print(f"[train] {len(todo)} run(s) on Ray ({where}), {gpus} GPU(s) per job; "
               f"MLflow: {tracker.uri}", flush=True)
         progress = Progress(todo, params.train.steps, started)
         pending_records: dict[str, list] = {name: [] for name in todo}
@@ -306,7 +306,7 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path,
                   + " ".join(f"{k}={v:.3f}" for k, v in r.items() if k.startswith("val/mqar_acc"))
                   + f" run={r['run_id']}", flush=True)
     if failures:
-        print(f"[train] {len(failures)} variant(s) failed: "
+        print(f"[train] {len(failures)} run(s) failed: "
               + ", ".join(f"{n} (step {results[n]['step']})" for n in failures), file=sys.stderr)
         return 1
     return 0

@@ -4,7 +4,7 @@
 
 tc_decode(q, k_new, v_new, ring_k, ring_v, state, cos, sin, decay, write_rate, gate, pos,
 normalize_k) -> o (B, h, d); `state` is updated in place, the ring is only read. CUDA tensors go
-to the Triton kernel (when triton imports), others to the torch reference.
+to the Triton kernel (when triton imports; forward only), others to the torch reference.
 """
 import torch
 
@@ -20,7 +20,10 @@ __all__ = ["tc_decode", "tc_decode_reference", "tc_decode_triton"]
 
 def tc_decode(q, k_new, v_new, ring_k, ring_v, state, cos, sin, decay, write_rate, gate, pos: int,
               normalize_k: bool = True):
-    if q.is_cuda and q.dtype != torch.float64 and tc_decode_triton is not None:
+    # the kernel has no backward: a step that needs gradients stays on the differentiable torch path
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k_new, v_new, decay, write_rate, gate))
+    if q.is_cuda and q.dtype != torch.float64 and tc_decode_triton is not None and not needs_grad:
         return tc_decode_triton(q, k_new, v_new, ring_k, ring_v, state, cos, sin, decay, write_rate,
                                 gate, pos, normalize_k)
     return tc_decode_reference(q, k_new, v_new, ring_k, ring_v, state, cos, sin, decay, write_rate,

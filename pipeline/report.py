@@ -63,13 +63,9 @@ def _by_variant(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def _values(group: list[dict], col: str) -> list[float]:
-    return [g[col] for g in group if g.get(col) is not None]
-
-
 def _mean_std(group: list[dict], col: str) -> tuple[float | None, float | None]:
     """Mean over seeds, and the standard deviation (ddof 1) when there are several."""
-    ys = _values(group, col)
+    ys = [g[col] for g in group if g.get(col) is not None]
     if not ys:
         return None, None
     return float(np.mean(ys)), (float(np.std(ys, ddof=1)) if len(ys) > 1 else None)

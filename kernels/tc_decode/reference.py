@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _rotate(x, cos, sin):
+def _rotate(x, cos, sin):  # models/rope.apply_rope's rotate-half form (kernels/ imports no models/)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 

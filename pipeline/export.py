@@ -119,10 +119,11 @@ def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOU
     hf_model.model.load_state_dict(model.state_dict())
     hf_model.generation_config = GenerationConfig(do_sample=False, eos_token_id=1, pad_token_id=0)
     hf_model.save_pretrained(out_dir)
-    _write_bundle(out_dir, bundle_sources(repo))
+    sources = bundle_sources(repo)
+    _write_bundle(out_dir, sources)
     ByT5Tokenizer(extra_ids=0).save_pretrained(out_dir)
     card = model_card(variant, model, meta)
-    card["code_sha256"] = hashlib.sha256(json.dumps(bundle_sources(repo), sort_keys=True).encode()).hexdigest()[:16]
+    card["code_sha256"] = hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()[:16]
     (out_dir / "README.md").write_text(_card_markdown(card))
     checkpoint.write_json(out_dir / EXPORT_META, card)
     return card

@@ -23,7 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
-from pipeline import checkpoint
+from pipeline import SOURCE_ROOT, checkpoint
 from pipeline.params import Params, Run
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -39,11 +39,8 @@ class ComputeError(RuntimeError):
 # --------------------------------------------------------------------------- fingerprints
 def code_hash() -> str:
     """sha256 over the source the training job runs: models/, kernels/ and the training modules."""
-    import models
-    import pipeline
-
-    repo = Path(pipeline.__file__).resolve().parent.parent
-    files = sorted(Path(models.__file__).resolve().parent.rglob("*.py"))
+    repo = SOURCE_ROOT
+    files = sorted((repo / "models").rglob("*.py"))
     kernels = repo / "kernels"
     if kernels.is_dir():
         files += sorted(kernels.rglob("*.py"))

@@ -63,6 +63,13 @@ def load_checkpoint_model(ckpt_dir: Path):
     return model.eval(), meta
 
 
+def made_with() -> dict[str, str]:
+    """The versions an export records (its card and config.json's `kvf_versions`)."""
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def model_card(variant: str, model, meta: dict) -> dict:
     kind = meta["model_config"]["attention"]["kind"]
     per_token = model.cache_nbytes(CARD_CONTEXT) / CARD_CONTEXT
@@ -77,6 +84,7 @@ def model_card(variant: str, model, meta: dict) -> dict:
         "seed": meta.get("seed"),
         "train_steps": meta.get("step"),
         "fingerprint": meta.get("fingerprint"),
+        "made_with": made_with(),
     }
 
 
@@ -114,7 +122,7 @@ def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOU
     out_dir.mkdir(parents=True)
     KVFConfig.register_for_auto_class("AutoConfig")
     KVFForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    config = KVFConfig(kvf=meta["model_config"], torch_dtype="float32")
+    config = KVFConfig(kvf=meta["model_config"], kvf_versions=made_with(), torch_dtype="float32")
     hf_model = KVFForCausalLM(config)
     hf_model.model.load_state_dict(model.state_dict())
     hf_model.generation_config = GenerationConfig(do_sample=False, eos_token_id=1, pad_token_id=0)

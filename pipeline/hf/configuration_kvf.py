@@ -1,14 +1,33 @@
-"""KVFConfig: the resolved `models.ModelConfig` (under `kvf`) plus its fields under standard HF names."""
+"""KVFConfig: the resolved `models.ModelConfig` (under `kvf`) plus its fields under standard HF names.
+
+`kvf_versions` records the torch and transformers an export was made with; loading it under
+another transformers major version warns (its generation and cache interfaces change between
+majors, and 5.24 already renamed the cache argument within one).
+"""
 from __future__ import annotations
 
+import warnings
+
+import transformers
 from transformers import PretrainedConfig
+
+
+def _major(version: str) -> str:
+    return version.split(".", 1)[0]
 
 
 class KVFConfig(PretrainedConfig):
     model_type = "kv_frontier"
 
-    def __init__(self, kvf: dict | None = None, max_position_embeddings: int = 1 << 17, **kwargs):
+    def __init__(self, kvf: dict | None = None, max_position_embeddings: int = 1 << 17,
+                 kvf_versions: dict | None = None, **kwargs):
         kvf = dict(kvf or {})
+        self.kvf_versions = dict(kvf_versions or {})
+        made_with = self.kvf_versions.get("transformers")
+        if made_with and _major(made_with) != _major(transformers.__version__):
+            warnings.warn(f"this kv-frontier export was made with transformers {made_with}; loading it "
+                          f"under {transformers.__version__} (another major version) may decode wrongly",
+                          stacklevel=2)
         attention = kvf.get("attention", {})
         self.kvf = kvf  # models.ModelConfig.model_dump(): the one source of truth
         self.attention_kind = attention.get("kind")

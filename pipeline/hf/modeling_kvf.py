@@ -3,6 +3,11 @@
 `generate()` decodes with the variant's own cache (`KVFCache` wraps `models.ModelCache`): a
 Tensor Cache keeps its window ring and L2 matrix, TPA its factors, MLA its latents -- never a
 DynamicCache of full keys and values.
+
+transformers 5.24 renamed the cache argument and output field from `past_key_values` to
+`cache` (and `generate()` passes it under the new name); `forward` takes either name and
+returns the cache under whichever field this transformers' output class has, so the same
+export decodes correctly on both sides of the rename.
 """
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_kvf import KVFConfig
 from .kvf_bundle import load
+
+# The output field that carries the cache: `cache` from transformers 5.24 on, else `past_key_values`.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _namespace(value):
@@ -97,22 +105,25 @@ class KVFForCausalLM(PreTrainedModel, GenerationMixin):
         return KVFCache(self.model.init_cache(batch_size))
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                past_key_values: Cache | None = None, use_cache: bool | None = None,
-                labels: torch.LongTensor | None = None, return_dict: bool | None = None, **kwargs):
+                cache: Cache | None = None, past_key_values: Cache | None = None,
+                use_cache: bool | None = None, labels: torch.LongTensor | None = None,
+                return_dict: bool | None = None, **kwargs):
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("got two different caches (`cache` and `past_key_values`): pass one")
+        cache = cache if cache is not None else past_key_values
         if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] > 1 \
                 and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
             # right padding is harmless for a causal model; left padding would shift every state
             raise ValueError("left-padded batches are not supported: decode with batch size 1")
-        if past_key_values is not None and not isinstance(past_key_values, KVFCache):
-            if past_key_values.get_seq_length() > 0:
-                raise ValueError("past_key_values must be the KVFCache this model returned")
-            past_key_values = None
-        if past_key_values is None and use_cache:
-            past_key_values = self.init_cache(input_ids.shape[0])
-        cache = past_key_values.model_cache if past_key_values is not None else None
-        logits = self.model(input_ids, cache=cache)
+        if cache is not None and not isinstance(cache, KVFCache):
+            if cache.get_seq_length() > 0:
+                raise ValueError("the cache must be the KVFCache this model returned")
+            cache = None  # generate()'s empty default cache: ours replaces it
+        if cache is None and use_cache:
+            cache = self.init_cache(input_ids.shape[0])
+        logits = self.model(input_ids, cache=cache.model_cache if cache is not None else None)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})

@@ -5,11 +5,20 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+# One export of every kind of cache: growing (mha, gqa, mqa), latent (mla), factors (tpa),
+# bounded (swa, linear, tensor_cache and its chunk_mean ablation). Window and chunk are 8, so
+# the generation tests' prompts cross both.
 KINDS = {
     "tensor_cache": {"kind": "tensor_cache", "window": 8, "chunk_size": 8},
+    "tensor_cache_chunk_mean": {"kind": "tensor_cache", "window": 8, "chunk_size": 8,
+                                "write": "chunk_mean"},
     "tpa": {"kind": "tpa", "rank_q": 2, "rank_k": 2, "rank_v": 1},
     "mla": {"kind": "mla", "kv_lora_rank": 8, "rope_dim": 4},
     "gqa": {"kind": "gqa", "n_kv_heads": 1},
+    "mha": {"kind": "mha"},
+    "mqa": {"kind": "mqa"},
+    "swa": {"kind": "swa", "window": 8},
+    "linear": {"kind": "linear", "chunk_size": 8},
 }
 
 

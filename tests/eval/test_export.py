@@ -1,14 +1,16 @@
 """Exports load with only torch + transformers and reproduce `models` exactly."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pipeline import tokenizer
 
-from .conftest import REPO
+from .conftest import KINDS, REPO
 
 # Runs in a fresh interpreter without the repo's packages: the export must carry its code.
 LOADER = r"""
@@ -52,17 +54,77 @@ def test_export_round_trip_without_repo(exports, tmp_path):
 
 
 def test_generate_keeps_the_variant_cache(exports):
-    from pipeline.hf.modeling_kvf import KVFCache, KVFForCausalLM
+    from pipeline.hf.modeling_kvf import CACHE_FIELD, KVFCache, KVFForCausalLM
 
     root, models = exports
     hf = KVFForCausalLM.from_pretrained(root / "hf" / "tensor_cache").eval()
     ids = torch.randint(3, 259, (1, 40), generator=torch.Generator().manual_seed(1))
-    out = hf(ids, use_cache=True)
-    assert isinstance(out.past_key_values, KVFCache)
+    cache = getattr(hf(ids, use_cache=True), CACHE_FIELD)
+    assert isinstance(cache, KVFCache)
     # ring (2 layers x k,v x 2 heads x window 8 x 16) + L2 (2 layers x 2 heads x 16 x 16), fp32
-    assert out.past_key_values.nbytes() == 4 * (2 * 2 * 2 * 8 * 16 + 2 * 2 * 16 * 16)
+    assert cache.nbytes() == 4 * (2 * 2 * 2 * 8 * 16 + 2 * 2 * 16 * 16)
     gen = hf.generate(ids, max_new_tokens=20, do_sample=False)
     assert gen[0].tolist() == models["tensor_cache"].generate(ids, 20)[0].tolist()
+
+
+@pytest.mark.parametrize("prompt_len", [5, 19])  # inside, and past, the window and chunk of 8
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_generate_decodes_one_token_per_step_into_one_cache(exports, kind, prompt_len):
+    """generate() feeds the prompt once, then exactly one new token per step into the SAME
+    variant cache, and picks the tokens `models` greedy decoding picks; for exact kinds each is
+    also the argmax of a no-cache forward over everything before it (so a cache that is lost or
+    rebuilt between steps fails here whatever the transformers version)."""
+    from pipeline.hf.modeling_kvf import KVFCache, KVFForCausalLM
+
+    root, models = exports
+    new_tokens = 10
+    hf = KVFForCausalLM.from_pretrained(root / "hf" / kind).eval()
+    hf.generation_config.eos_token_id = None  # random weights: never stop early
+    calls = []
+    inner = hf.model.forward
+
+    def spy(input_ids, cache=None):
+        calls.append((input_ids.shape[1], cache, None if cache is None else cache.seq_len))
+        return inner(input_ids, cache=cache)
+
+    hf.model.forward = spy
+    ids = torch.randint(3, 259, (1, prompt_len))  # fresh every run
+    with torch.no_grad():
+        gen = hf.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+    assert gen.shape == (1, prompt_len + new_tokens)
+    assert gen[0].tolist() == models[kind].generate(ids, new_tokens)[0].tolist(), kind
+
+    assert len(calls) == new_tokens, "one forward for the prompt, then one per new token"
+    first_cache = calls[0][1]
+    assert first_cache is not None and not isinstance(first_cache, KVFCache)  # the models cache
+    for step, (fed, cache, seen) in enumerate(calls):
+        assert cache is first_cache, f"{kind}: step {step} got another cache object"
+        assert fed == (prompt_len if step == 0 else 1), f"{kind}: step {step} fed {fed} tokens"
+        assert seen == (0 if step == 0 else prompt_len + step - 1), f"{kind}: step {step} cache at {seen}"
+    assert first_cache.seq_len == prompt_len + new_tokens - 1
+
+    if "chunk_mean" not in kind:  # the ablation's parallel forward differs from decode by design
+        with torch.no_grad():
+            logits = inner(gen)[0]
+        for j in range(prompt_len, gen.shape[1]):
+            row = logits[j - 1]
+            assert row[gen[0, j]] >= row.max() - 1e-4, f"{kind}: token {j} is not the argmax"
+
+
+def test_export_records_versions_and_warns_across_majors(exports, tmp_path):
+    import transformers
+    from transformers import AutoConfig
+
+    root, _ = exports
+    card = json.loads((root / "hf" / "mha" / "kvf_export.json").read_text())
+    assert card["made_with"] == {"torch": torch.__version__, "transformers": transformers.__version__}
+    config = json.loads((root / "hf" / "mha" / "config.json").read_text())
+    assert config["kvf_versions"] == card["made_with"]
+    shutil.copytree(root / "hf" / "mha", tmp_path / "old")
+    config["kvf_versions"]["transformers"] = "4.57.1"
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="transformers 4.57.1"):
+        AutoConfig.from_pretrained(tmp_path / "old", trust_remote_code=True)
 
 
 def test_export_files_and_card(exports):

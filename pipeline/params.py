@@ -207,7 +207,8 @@ class ComputeConfig(_Block):
     gpus_per_job: Union[Literal["auto"], int] = Field(
         "auto", description="auto: 1 when the cluster has GPUs, else 0"
     )
-    temp_dir: str = Field("runs/ray", description="local Ray temp dir, relative to the repo")
+    temp_dir: str = Field("runs/ray", description="local Ray temp dir, relative to the repo (Ray is "
+                          "handed a short link to it when the path is too deep for its sockets)")
 
     @field_validator("gpus_per_job", mode="before")
     @classmethod

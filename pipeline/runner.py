@@ -63,6 +63,31 @@ def variant_job(params: Params, run: Run, code: str) -> dict:
 
 
 # --------------------------------------------------------------------------- Ray
+# Ray binds AF_UNIX sockets at <temp dir>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store:
+# about 70 bytes below the temp dir, and the kernel allows 107 in all.
+_RAY_SOCKET_SUFFIX = 70
+_AF_UNIX_MAX = 107
+
+
+def ray_temp_dir(params: Params, root: Path) -> str:
+    """The local Ray's temp dir, as Ray should be given it: `compute.temp_dir` (default
+    `runs/ray`, inside the project). When that path is too deep for Ray's socket names, Ray gets
+    a short per-project symlink to it (`/tmp/kvf-ray-<hash of the path>`): the session state
+    still lives in the project, whatever its depth, and never in $HOME or the shared /tmp/ray."""
+    temp_dir = Path(params.compute.temp_dir)
+    temp_dir = (temp_dir if temp_dir.is_absolute() else root / temp_dir).resolve()
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    if len(str(temp_dir)) + _RAY_SOCKET_SUFFIX <= _AF_UNIX_MAX:
+        return str(temp_dir)
+    link = Path("/tmp") / f"kvf-ray-{hashlib.sha256(str(temp_dir).encode()).hexdigest()[:12]}"
+    if not (link.is_symlink() and Path(os.readlink(link)) == temp_dir):
+        tmp = link.with_name(f"{link.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(temp_dir, target_is_directory=True)
+        os.replace(tmp, link)  # atomic: a stale link to another place is replaced whole
+    return str(link)
+
+
 def connect_ray(params: Params, root: Path):
     import ray
 
@@ -70,14 +95,11 @@ def connect_ray(params: Params, root: Path):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        temp_dir = Path(params.compute.temp_dir)
-        temp_dir = temp_dir if temp_dir.is_absolute() else root / temp_dir
-        temp_dir.mkdir(parents=True, exist_ok=True)
         # A private cluster that lives as long as the stage: no dashboard, and no auth token
         # written to ~/.ray (Ray 2.60 turns token auth on for every new cluster).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=params.compute.num_cpus or os.cpu_count(), include_dashboard=False,
-                 _temp_dir=str(temp_dir), log_to_driver=True)
+                 _temp_dir=ray_temp_dir(params, root), log_to_driver=True)
     return address or "local"
 
 

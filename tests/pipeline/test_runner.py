@@ -118,3 +118,29 @@ def test_resume_after_kill_9_matches_uninterrupted(tiny_project, tmp_path_factor
     steps = [h.step for h in MlflowClient(f"sqlite:///{tiny_project}/mlflow.db").get_metric_history(
         resumed["run_id"], "train/loss")]
     assert sorted(set(steps)) == list(range(5, 201, 5))  # one run, every step logged
+
+
+def test_a_project_at_a_deep_path_trains(tmp_path, tiny_data):
+    """Ray's socket paths must stay under 107 bytes whatever the project's depth: its temp dir
+    stays inside the project (runs/ray) and Ray is handed a short link to it."""
+    import hashlib
+    import shutil
+
+    root = tmp_path / ("studies_" + "x" * 40) / "kv-frontier-with-a-long-name"
+    assert len(str(root)) >= 100, root
+    shutil.copytree(tiny_data, root / "data")
+    params = write_params(root, {"variants": {"swa": {"kind": "swa", "window": 4}}})
+    del params["compute"]["temp_dir"]  # the default, runs/ray
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    state = (root / "runs" / "ray").resolve()
+    link = f"/tmp/kvf-ray-{hashlib.sha256(str(state).encode()).hexdigest()[:12]}"
+    try:
+        result = run_stage(root, "train")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert _metrics(root)["variants"]["swa"]["status"] == "ok"
+        assert list(state.glob("session_2*")), "Ray's session state is not in the project"
+        assert os.path.realpath(link) == str(state)
+    finally:
+        kill_ray_in(link)
+        if os.path.islink(link):
+            os.unlink(link)

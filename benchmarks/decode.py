@@ -1,5 +1,5 @@
 """Decode memory and speed per variant of params.yaml (random weights: speed and memory do not
-depend on training), each measurement in a fresh process (pipeline.evaluate.probe).
+depend on training), each measurement in a fresh process (pipeline.evaluation.probe).
 
     python benchmarks/decode.py --lengths 1024 8192 32768 65536 --variants mha tensor_cache
     python benchmarks/decode.py --generate 1024 65536 --variants tensor_cache   # flat-memory check
@@ -15,7 +15,7 @@ import torch
 
 from models import build_model
 from pipeline import checkpoint
-from pipeline.evaluate import probe_subprocess
+from pipeline.evaluation.probe import probe_subprocess
 from pipeline.params import load_params
 
 

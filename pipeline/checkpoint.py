@@ -131,3 +131,15 @@ def load_final_meta(ckpt_dir: Path) -> dict | None:
         return None
     meta = read_json(path)
     return meta if meta.get("complete") else None
+
+
+def load_model(ckpt_dir: Path):
+    """(models.LanguageModel in eval mode, final metadata) from a completed checkpoint folder."""
+    from models import ModelConfig, build_model
+
+    meta = load_final_meta(ckpt_dir)
+    if meta is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no completed checkpoint ({FINAL_META} with complete: true)")
+    model = build_model(ModelConfig.model_validate(meta["model_config"]))
+    model.load_state_dict(load_file(Path(ckpt_dir) / FINAL_WEIGHTS))
+    return model.eval(), meta

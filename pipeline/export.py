@@ -13,19 +13,18 @@ the model registry as a pyfunc over the directory (`kvf-<run>`), once per (check
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from pipeline import SOURCE_ROOT, checkpoint
+from pipeline.fingerprint import digest
+from pipeline.params import REPORT_CONTEXT
 
 BUNDLED_PACKAGES = ("models", "kernels")
 EXPORT_META = "kvf_export.json"
-CARD_CONTEXT = 32768  # "state bytes at 32k" of the model card
 
 
 def bundle_sources(repo: Path = SOURCE_ROOT) -> dict[str, str]:
@@ -51,35 +50,23 @@ def _write_bundle(out_dir: Path, sources: dict[str, str]) -> None:
     path.write_text(text.replace(marker, f"SOURCES: dict[str, str] = {sources!r}", 1))
 
 
-def load_checkpoint_model(ckpt_dir: Path):
-    """(models.LanguageModel in eval mode, final metadata) from a completed checkpoint folder."""
-    from models import ModelConfig, build_model
-
-    meta = checkpoint.load_final_meta(ckpt_dir)
-    if meta is None:
-        raise FileNotFoundError(f"{ckpt_dir}: no completed checkpoint (model.json with complete: true)")
-    model = build_model(ModelConfig.model_validate(meta["model_config"]))
-    model.load_state_dict(load_file(Path(ckpt_dir) / checkpoint.FINAL_WEIGHTS))
-    return model.eval(), meta
-
-
 def made_with() -> dict[str, str]:
     """The versions an export records (its card and config.json's `kvf_versions`)."""
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__}
+    return {"torch": str(torch.__version__), "transformers": str(transformers.__version__)}  # plain str: MLflow writes YAML
 
 
 def model_card(variant: str, model, meta: dict) -> dict:
     kind = meta["model_config"]["attention"]["kind"]
-    per_token = model.cache_nbytes(CARD_CONTEXT) / CARD_CONTEXT
+    per_token = model.cache_nbytes(REPORT_CONTEXT) / REPORT_CONTEXT
     return {
         "variant": variant,
         "kind": kind,
         "attention": meta["model_config"]["attention"],
         "parameters": model.num_parameters(),
         "cache_bytes_per_token_at_32k": per_token,
-        "state_bytes_32k": model.cache_nbytes(CARD_CONTEXT),
+        "state_bytes_32k": model.cache_nbytes(REPORT_CONTEXT),
         "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
         "seed": meta.get("seed"),
         "train_steps": meta.get("step"),
@@ -115,7 +102,7 @@ def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOU
     from pipeline.hf.configuration_kvf import KVFConfig
     from pipeline.hf.modeling_kvf import KVFForCausalLM
 
-    model, meta = load_checkpoint_model(ckpt_dir)
+    model, meta = checkpoint.load_model(ckpt_dir)
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -131,7 +118,7 @@ def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOU
     _write_bundle(out_dir, sources)
     ByT5Tokenizer(extra_ids=0).save_pretrained(out_dir)
     card = model_card(variant, model, meta)
-    card["code_sha256"] = hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()[:16]
+    card["code_sha256"] = digest(sources)
     (out_dir / "README.md").write_text(_card_markdown(card))
     checkpoint.write_json(out_dir / EXPORT_META, card)
     return card
@@ -223,17 +210,17 @@ def run_export(params, root: Path, ckpt_root: Path, export_root: Path, train_met
     uri = tracking.tracking_uri(params.tracking.uri, root)
     results, failed = {}, []
     for run in params.runs():
-        out_dir = export_root / run.key
-        card = export_variant(run.key, ckpt_root / run.key, out_dir)
-        run_id = runs.get(run.key, {}).get("run_id")
-        registered, new = log_export(uri, run_id, run.key, out_dir.resolve(), card) if run_id else (None, False)
+        out_dir = export_root / run.name
+        card = export_variant(run.name, ckpt_root / run.name, out_dir)
+        run_id = runs.get(run.name, {}).get("run_id")
+        registered, new = log_export(uri, run_id, run.name, out_dir.resolve(), card) if run_id else (None, False)
         if run_id is None:
-            failed.append(run.key)
-        results[run.key] = {**{k: v for k, v in card.items() if k != "attention"},
+            failed.append(run.name)
+        results[run.name] = {**{k: v for k, v in card.items() if k != "attention"},
                             "variant": run.variant, "run_id": run_id, "registered_model": registered}
         note = (f"registered {registered}" if new else f"already registered as {registered}") \
             if registered else "no MLflow run: not logged"
-        print(f"[export] {run.key}: {card['parameters']:,} params, "
+        print(f"[export] {run.name}: {card['parameters']:,} params, "
               f"{card['state_bytes_32k']:,} state bytes at 32k -> {out_dir} ({note})", flush=True)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(metrics_path, {"mlflow": {"tracking_uri": uri}, "variants": results})

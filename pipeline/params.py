@@ -172,6 +172,11 @@ class TrainConfig(_Block):
         return self
 
 
+# The context at which every variant's cache is stated (bounded caches have no per-token size):
+# the report's x axis, the model card and the `*_at_32k` metrics.
+REPORT_CONTEXT = 32768
+
+
 class EvalConfig(_Block):
     """Read by the evaluate stage (pipeline/evaluate.py)."""
 
@@ -194,7 +199,7 @@ class EvalConfig(_Block):
                                       description="kinds whose memory is checked while generating")
     generate_lengths: list[int] = Field(default_factory=list,
                                         description="tokens generated from a short prompt")
-    report_context: int = Field(32768, ge=1, description="context of the frontier's cache bytes")
+    report_context: int = Field(REPORT_CONTEXT, ge=1, description="context of the frontier's cache bytes")
 
 
 # --------------------------------------------------------------------------- compute / tracking
@@ -230,10 +235,10 @@ _VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class Run(NamedTuple):
-    """One trained model: a variant at one seed. `key` names its checkpoint, export, results
+    """One trained model: a variant at one seed. `name` names its checkpoint, export, results
     and MLflow run: the variant's name for the first seed, `<variant>.seed<k>` for the others."""
 
-    key: str
+    name: str
     variant: str
     seed: int
 

@@ -158,7 +158,7 @@ def write_report(results: list[dict], report_context: int, out_dir: Path) -> dic
 def run_report(params, root: Path, results_dir: Path, out_dir: Path) -> int:
     from pipeline import tracking
 
-    wanted = [run.key for run in params.runs()]
+    wanted = [run.name for run in params.runs()]
     missing = [key for key in wanted if not (results_dir / f"{key}.json").exists()]
     if missing:
         raise FileNotFoundError(f"{results_dir}: no evaluation results for {', '.join(missing)}; "

@@ -4,8 +4,9 @@ Metric names are shared by every variant so the Compare view lines them up:
 train/loss, train/lm_loss, train/mqar_loss, train/lr, train/grad_norm, train/tokens_per_s (per
 logged step), val/loss, val/bpb, val/mqar_acc_<bucket> (per eval), model/params,
 model/cache_bytes_per_token_at_32k, model/state_bytes_32k (once).
-Runs are found again by their tags (variant + fingerprint), so a resumed or skipped variant
-continues its own run instead of starting a new one.
+Tags: `kvf.run` (the run's name), `kvf.variant`, `kvf.seed`, `kind`, `kvf.fingerprint`. Runs are
+found again by run name + fingerprint, so a resumed or skipped run continues its own MLflow run
+instead of starting a new one.
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from typing import Any, Iterable
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-TAG_VARIANT = "variant"
+TAG_RUN = "kvf.run"  # a variant at one seed (pipeline.jobs)
+TAG_VARIANT = "kvf.variant"
+TAG_SEED = "kvf.seed"
 TAG_KIND = "kind"
 TAG_FINGERPRINT = "kvf.fingerprint"
 TAG_COMMIT = "git_commit"
-TAG_BASE_VARIANT = "kvf.variant"  # the variant a seed's run belongs to (TAG_VARIANT: the run key)
-TAG_SEED = "kvf.seed"
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -79,18 +80,18 @@ class Tracker:
                               else self.client.create_experiment(experiment))
         self._last_step: dict[str, int] = {}
 
-    def find_run(self, variant: str, fingerprint: str, finished: bool | None = None):
-        query = f"tags.{TAG_VARIANT} = '{variant}' and tags.`{TAG_FINGERPRINT}` = '{fingerprint}'"
+    def find_run(self, run: str, fingerprint: str, finished: bool | None = None):
+        query = f"tags.`{TAG_RUN}` = '{run}' and tags.`{TAG_FINGERPRINT}` = '{fingerprint}'"
         if finished is not None:
             query += " and attributes.status " + ("= 'FINISHED'" if finished else "!= 'FINISHED'")
         runs = self.client.search_runs([self.experiment_id], query,
                                        order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0] if runs else None
 
-    def open_run(self, variant: str, fingerprint: str, params: dict[str, str],
+    def open_run(self, run_name: str, fingerprint: str, params: dict[str, str],
                  tags: dict[str, str]) -> str:
-        """The variant's unfinished run with this fingerprint (resume), else a new one."""
-        run = self.find_run(variant, fingerprint, finished=False)
+        """The run's unfinished MLflow run with this fingerprint (resume), else a new one."""
+        run = self.find_run(run_name, fingerprint, finished=False)
         if run is not None:
             run_id = run.info.run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -98,8 +99,8 @@ class Tracker:
             self._last_step[run_id] = max((m.step for m in history), default=0)
             return run_id
         run = self.client.create_run(
-            self.experiment_id, run_name=variant,
-            tags={TAG_VARIANT: variant, TAG_FINGERPRINT: fingerprint, **tags})
+            self.experiment_id, run_name=run_name,
+            tags={TAG_RUN: run_name, TAG_FINGERPRINT: fingerprint, **tags})
         self._log_params(run.info.run_id, params)
         self._last_step[run.info.run_id] = 0
         return run.info.run_id
@@ -118,7 +119,7 @@ class Tracker:
         last = self._last_step.get(run_id, 0)
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, int(r["step"])) for r in records if r["step"] > last
-                   for k, v in r.items() if k not in ("step", "variant")]
+                   for k, v in r.items() if k not in ("step", "run")]
         for i in range(0, len(metrics), 900):
             self.client.log_batch(run_id, metrics=metrics[i : i + 900])
         steps = [int(r["step"]) for r in records]

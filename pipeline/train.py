@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 from pipeline import checkpoint
 from pipeline.data import TrainingData, bits_per_byte
-from pipeline.params import TrainConfig
+from pipeline.jobs import TrainJob
+from pipeline.params import REPORT_CONTEXT, TrainConfig
 
 
-class VariantFailed(RuntimeError):
+class RunFailed(RuntimeError):
     """Training stopped: `step` is the step at which it happened."""
 
     def __init__(self, step: int, message: str):
@@ -79,31 +80,27 @@ def evaluate(model, data: TrainingData, cfg: TrainConfig, device) -> dict[str, f
     return out
 
 
-def _fault(job: dict, step: int) -> Optional[str]:
-    """Test hook: job["fault"] = "<variant>:<step>:nan|raise" (from $KVF_FAULT in the driver)."""
-    spec = job.get("fault")
-    if not spec:
+def _fault(job: TrainJob, step: int) -> Optional[str]:
+    """Test hook: job.fault = "<run>:<step>:nan|raise" (from $KVF_FAULT in the driver)."""
+    if not job.fault:
         return None
-    name, at, kind = spec.split(":")
-    return kind if name == job["variant"] and int(at) == step else None
+    name, at, kind = job.fault.split(":")
+    return kind if name == job.run and int(at) == step else None
 
 
-def train_variant(job: dict, report: Callable[[dict], None] = lambda record: None) -> dict:
-    """Train one variant to `train.steps`, resuming from its checkpoint when there is one.
+def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: None) -> dict:
+    """Train one run to `train.steps`, resuming from its checkpoint when there is one.
 
-    job: variant (the run's key), seed, model (ModelConfig dict), train (TrainConfig dict),
-    data_dir, ckpt_dir, fingerprint, device, threads, fault. `report` receives each history record as it is made.
-    Returns {"status": "ok", "step", "metrics", "history"} or raises VariantFailed.
+    `report` receives each history record ({"run", "step", metric: value}) as it is made.
+    Returns {"step", "metrics", "history"} or raises RunFailed.
     """
-    from models import ModelConfig, build_model
+    from models import build_model
 
-    torch.set_num_threads(job.get("threads", 1))
-    cfg = TrainConfig.model_validate(job["train"])
-    model_cfg = ModelConfig.model_validate(job["model"])
-    device = torch.device(job.get("device", "cpu"))
-    ckpt_dir = Path(job["ckpt_dir"])
-    data = TrainingData(job["data_dir"])
-    seed = int(job.get("seed", cfg.seeds[0]))
+    torch.set_num_threads(job.threads)
+    cfg, model_cfg, seed = job.train, job.model, job.seed
+    device = torch.device(job.device)
+    ckpt_dir = Path(job.ckpt_dir)
+    data = TrainingData(job.data_dir)
 
     torch.manual_seed(seed)
     model = build_model(model_cfg).to(device)
@@ -111,15 +108,15 @@ def train_variant(job: dict, report: Callable[[dict], None] = lambda record: Non
     static = {
         "model/params": float(model.num_parameters()),
         # stated at one context for every variant: bounded caches have no per-token size
-        "model/cache_bytes_per_token_at_32k": model.cache_nbytes(32768) / 32768,
-        "model/state_bytes_32k": float(model.cache_nbytes(32768)),
+        "model/cache_bytes_per_token_at_32k": model.cache_nbytes(REPORT_CONTEXT) / REPORT_CONTEXT,
+        "model/state_bytes_32k": float(model.cache_nbytes(REPORT_CONTEXT)),
     }
     start, history = 0, []
     latest = checkpoint.load_latest(ckpt_dir)
-    if latest is not None and latest.get("fingerprint") == job["fingerprint"]:
+    if latest is not None and latest.get("fingerprint") == job.fingerprint:
         meta = checkpoint.restore(ckpt_dir, model, optimizer)
         start, history = meta["step"], meta["history"]
-    meta_base = {"variant": job["variant"], "fingerprint": job["fingerprint"],
+    meta_base = {"run": job.run, "variant": job.variant, "fingerprint": job.fingerprint,
                  "seed": seed,
                  "model_config": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
     amp = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -144,16 +141,16 @@ def train_variant(job: dict, report: Callable[[dict], None] = lambda record: Non
         loss = w_lm * parts.get("train/lm_loss", 0.0) + w_mq * parts.get("train/mqar_loss", 0.0)
         fault = _fault(job, step + 1)
         if fault == "raise":
-            raise VariantFailed(step + 1, "injected failure (KVF_FAULT)")
+            raise RunFailed(step + 1, "injected failure (KVF_FAULT)")
         if fault == "nan":
             loss = loss * float("nan")
         if not torch.isfinite(loss):
-            raise VariantFailed(step + 1, f"loss became {loss.item()}")
+            raise RunFailed(step + 1, f"loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if not torch.isfinite(grad_norm):  # a finite loss can still have inf/NaN gradients
-            raise VariantFailed(step + 1, f"gradient norm became {grad_norm.item()}")
+            raise RunFailed(step + 1, f"gradient norm became {grad_norm.item()}")
         optimizer.step()
         window_tokens += tokens_per_step
         for key, value in {"train/loss": loss, "train/grad_norm": grad_norm, **parts}.items():
@@ -174,7 +171,7 @@ def train_variant(job: dict, report: Callable[[dict], None] = lambda record: Non
         if record:
             record["step"] = done
             history.append(record)
-            report({"variant": job["variant"], **record})
+            report({"run": job.run, **record})
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             checkpoint.save(ckpt_dir, done, model, optimizer, {**meta_base, "history": history})
 
@@ -186,4 +183,4 @@ def train_variant(job: dict, report: Callable[[dict], None] = lambda record: Non
     checkpoint.save(ckpt_dir, cfg.steps, model, optimizer, {**meta_base, "history": history})
     checkpoint.save_final(ckpt_dir, model, {**meta_base, "step": cfg.steps, "metrics": metrics,
                                             "static": static, "history": history})
-    return {"status": "ok", "step": cfg.steps, "metrics": metrics, "history": history}
+    return {"step": cfg.steps, "metrics": metrics, "history": history}

@@ -42,7 +42,7 @@ def load_or_exit(path: str) -> Params:
 
 def run_on_ray(params_path: str, job: Callable[[], int]) -> None:
     """Run a Ray-backed stage; a cluster that cannot serve the request exits 2 with its reason."""
-    from pipeline.runner import ComputeError
+    from pipeline.fanout import ComputeError
 
     try:
         code = job()

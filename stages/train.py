@@ -9,7 +9,7 @@ from stages import load_or_exit, parse_args, run_on_ray
 def main() -> None:
     args = parse_args(__doc__)
     params = load_or_exit(args.params)
-    from pipeline.runner import run_training
+    from pipeline.train_stage import run_training
     from pipeline.tracking import repo_root
 
     run_on_ray(args.params, lambda: run_training(

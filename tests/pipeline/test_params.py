@@ -17,7 +17,7 @@ def test_default_params_are_valid_and_typed():
                                     "tensor_cache_chunk_mean"}
     assert params.model_config_for("tensor_cache_chunk_mean").attention.write == "chunk_mean"
     assert params.compute.gpus_per_job == "auto" and params.tracking.uri is None
-    assert [run.key for run in params.runs()] == list(params.variants)  # one seed: runs named by variant
+    assert [run.name for run in params.runs()] == list(params.variants)  # one seed: runs named by variant
 
 
 def test_runs_name_the_first_seed_by_its_variant():
@@ -25,7 +25,7 @@ def test_runs_name_the_first_seed_by_its_variant():
     raw["train"]["seeds"] = [3, 1]
     raw["variants"] = {"mha": {"kind": "mha"}, "swa": {"kind": "swa", "window": 16}}
     runs = parse_params(raw).runs()
-    assert [(r.key, r.variant, r.seed) for r in runs] == [
+    assert [(r.name, r.variant, r.seed) for r in runs] == [
         ("mha", "mha", 3), ("mha.seed1", "mha", 1), ("swa", "swa", 3), ("swa.seed1", "swa", 1)]
 
 

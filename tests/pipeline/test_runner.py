@@ -21,7 +21,7 @@ def _metrics(root):
 def _runs(root):
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.get_experiment_by_name("tiny")
-    return {r.data.tags["variant"]: r for r in client.search_runs([exp.experiment_id])}
+    return {r.data.tags["kvf.run"]: r for r in client.search_runs([exp.experiment_id])}
 
 
 def test_train_logs_one_run_per_variant_then_skips_unchanged(tiny_project):
@@ -56,7 +56,7 @@ def test_train_logs_one_run_per_variant_then_skips_unchanged(tiny_project):
 def test_failing_variant_is_reported_and_others_finish(tiny_project):
     result = run_stage(tiny_project, "train", KVF_FAULT="swa:12:nan")
     assert result.returncode == 1
-    assert "FAILED variant swa at step 12: loss became nan" in result.stderr
+    assert "FAILED run swa at step 12: loss became nan" in result.stderr
     m = _metrics(tiny_project)["variants"]
     assert m["mha"]["status"] == "ok" and m["mha"]["step"] == 30
     assert m["swa"]["status"] == "failed" and m["swa"]["step"] == 12

@@ -1,0 +1,58 @@
+"""What the evaluate stage measures for one trained run, each measure in its own module:
+`quality` (held-out bits per byte, MQAR recall), `harness` (the lm-eval tasks on the export),
+`probe` (memory and speed in a fresh process). `evaluate_run` composes them for one job."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import checkpoint
+from pipeline.jobs import EvalJob
+
+
+def evaluate_run(job: EvalJob) -> dict:
+    """Everything measured for one run (in a Ray worker, on its GPU when it has one; the
+    memory and speed probes always run on CPU, in their own process)."""
+    from pipeline.evaluation.harness import run_lm_eval
+    from pipeline.evaluation.probe import probe_subprocess
+    from pipeline.evaluation.quality import heldout_bpb, mqar_accuracy
+
+    torch.set_num_threads(job.threads)
+    os.environ.setdefault("HF_HOME", job.hf_home)
+    cfg, mqar_cfg = job.eval, job.mqar
+    model, meta = checkpoint.load_model(Path(job.ckpt_dir))
+    model.to(job.device)
+    text = np.memmap(Path(job.data_dir) / "text" / "heldout.bin", dtype=np.uint8, mode="r")
+    attention = meta["model_config"]["attention"]
+    t0 = time.perf_counter()
+    result = {"run": job.run, "variant": job.variant, "seed": job.seed, "device": job.device,
+              "kind": attention["kind"], "window": attention.get("window"),
+              "params": model.num_parameters(),
+              "cache_bytes_per_token_analytic": model.cache_nbytes(cfg.report_context) / cfg.report_context,
+              "bpb": {}, "mqar": {}, "lm_eval": {}, "decode": []}
+    for length in cfg.context_lengths:
+        result["bpb"][str(length)] = heldout_bpb(model, text, length, max(1, cfg.bpb_tokens // length))
+    for pairs in cfg.mqar_pairs:
+        for bucket, gaps in mqar_cfg.eval_gaps.items():
+            result["mqar"][f"p{pairs}_{bucket}"] = {
+                "num_pairs": pairs, "bucket": bucket, "gaps": list(gaps),
+                **mqar_accuracy(model, mqar_cfg, pairs, gaps, cfg.mqar_examples, cfg.seed, job.ref_window)}
+    result["time_quality_s"] = time.perf_counter() - t0
+    if cfg.lm_eval_tasks:
+        t0 = time.perf_counter()
+        result["lm_eval"] = run_lm_eval(Path(job.export_dir), cfg.lm_eval_tasks, cfg.limit,
+                                        job.task_metadata, job.device)
+        result["time_lm_eval_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for length in cfg.decode_lengths:
+        result["decode"].append(probe_subprocess(Path(job.ckpt_dir), length, cfg.decode_new_tokens,
+                                                 "prefill", job.threads))
+    if result["kind"] in cfg.generate_kinds:
+        for length in cfg.generate_lengths:
+            result["decode"].append(probe_subprocess(Path(job.ckpt_dir), length, 0, "generate", job.threads))
+    result["time_decode_s"] = time.perf_counter() - t0
+    return result

@@ -1,0 +1,229 @@
+"""The train stage's driver: one Ray task per run, progress and MLflow logging in the driver.
+
+- One job per run: a variant at each of `train.seeds` (`Params.runs()`).
+- A run whose fingerprint (resolved config, its seed, the data config, the code it runs)
+  matches its completed checkpoint is skipped; a partial checkpoint with the same fingerprint is
+  resumed; one with another fingerprint is discarded.
+- Workers put each history record on a Ray queue; the driver alone writes MLflow (sqlite wants
+  one writer) and draws the progress.
+- A run that raises or goes NaN/inf is reported by name and step; the others finish.
+Multi-node clusters need `data/` and `checkpoints/` on a filesystem every node sees at the same
+path; a single-node cluster (or `ray job submit` to one) needs nothing more.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from pipeline import checkpoint, fanout, tracking
+from pipeline.fingerprint import digest, source_hash
+from pipeline.jobs import TrainJob
+from pipeline.params import Params, Run
+
+# The code a trained model depends on: changing any of it retrains.
+TRAIN_CODE = ("models", "kernels", "pipeline/train.py", "pipeline/data.py", "pipeline/tokenizer.py",
+              "pipeline/checkpoint.py")
+
+
+def train_job(params: Params, run: Run, code: str, data_dir: Path, ckpt_root: Path) -> TrainJob:
+    """Everything one run depends on, and its fingerprint. The train block holds only this
+    run's seed, so adding a seed to the study retrains nothing else."""
+    model = params.model_config_for(run.variant)
+    train = params.train.model_copy(update={"seeds": [run.seed]})
+    fingerprint = digest({"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
+                          "data": params.data.model_dump(mode="json"), "code": code})
+    return TrainJob(run=run.name, variant=run.variant, seed=run.seed, model=model, train=train,
+                    fingerprint=fingerprint, data_dir=str(data_dir.resolve()),
+                    ckpt_dir=str((ckpt_root / run.name).resolve()), threads=params.compute.cpus_per_job,
+                    fault=os.environ.get("KVF_FAULT"))
+
+
+def train_task(job: TrainJob, queue) -> dict:
+    """In a Ray worker: train, putting each history record on the driver's queue."""
+    from pipeline.train import train_run
+
+    return train_run(job, queue.put)
+
+
+# --------------------------------------------------------------------------- progress
+class Progress:
+    """One tqdm bar per run on a terminal; otherwise a line per run every ~10 s."""
+
+    def __init__(self, names: list[str], total: int, done: dict[str, int]):
+        self.total, self.tty = total, sys.stderr.isatty()
+        self.bars, self.last_line = {}, {}
+        self.step = dict(done)
+        if self.tty:
+            from tqdm import tqdm
+
+            for i, name in enumerate(names):
+                self.bars[name] = tqdm(total=total, initial=done.get(name, 0), position=i,
+                                       desc=f"{name:>24}", leave=True, dynamic_ncols=True)
+
+    def update(self, record: dict) -> None:
+        name, step = record["run"], record["step"]
+        self.step[name] = step
+        if self.tty:
+            bar = self.bars[name]
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{record.get('train/loss', float('nan')):.3f}", refresh=False)
+        elif time.time() - self.last_line.get(name, 0) > 10 or step == self.total:
+            self.last_line[name] = time.time()
+            extra = " ".join(f"{k}={v:.4g}" for k, v in record.items()
+                             if k in ("train/loss", "train/tokens_per_s", "val/bpb"))
+            print(f"[train] {name}: step {step}/{self.total} {extra}", flush=True)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+class LiveLog:
+    """Drains the workers' queue into the progress display and each run's MLflow history."""
+
+    def __init__(self, queue, tracker: tracking.Tracker, run_ids: dict[str, str], progress: Progress):
+        self.queue, self.tracker, self.run_ids, self.progress = queue, tracker, run_ids, progress
+
+    def drain(self) -> None:
+        pending: dict[str, list] = {}
+        while not self.queue.empty():
+            for record in self.queue.get_nowait_batch(self.queue.qsize()):
+                pending.setdefault(record["run"], []).append(record)
+                self.progress.update(record)
+        for name, records in pending.items():
+            self.tracker.log_records(self.run_ids[name], records)
+
+
+# --------------------------------------------------------------------------- the stage
+def _mlflow_params(params: Params, job: TrainJob) -> dict[str, str]:
+    return tracking.flatten({"variant": job.variant, "seed": job.seed,
+                             "model": job.model.model_dump(mode="json"),
+                             "train": job.train.model_dump(mode="json"),
+                             "data": params.data.model_dump(mode="json"), "fingerprint": job.fingerprint})
+
+
+def _mlflow_tags(job: TrainJob, commit: str) -> dict[str, str]:
+    return {tracking.TAG_KIND: job.model.attention.kind, tracking.TAG_COMMIT: commit,
+            tracking.TAG_VARIANT: job.variant, tracking.TAG_SEED: str(job.seed)}
+
+
+def _result(job: TrainJob, run_id: str, step: int, metrics: dict, trained: bool) -> dict:
+    return {"status": "ok", "trained": trained, "step": step, "run_id": run_id,
+            "variant": job.variant, "seed": job.seed, **metrics}
+
+
+def _adopt_completed(params: Params, tracker: tracking.Tracker, job: TrainJob, final: dict,
+                     commit: str) -> dict:
+    """A run whose checkpoint is complete and current: find its MLflow run, or rebuild it from
+    the checkpoint's history (e.g. a fresh mlflow.db)."""
+    run = tracker.find_run(job.run, job.fingerprint, finished=True)
+    if run is None:
+        run_id = tracker.open_run(job.run, job.fingerprint, _mlflow_params(params, job), _mlflow_tags(job, commit))
+        tracker.log_records(run_id, final["history"])
+        tracker.log_final(run_id, final["metrics"], final["step"])
+        tracker.finish(run_id, ok=True)
+    else:
+        run_id = run.info.run_id
+    print(f"[train] {job.run}: unchanged since its last completed run, skipped", flush=True)
+    return _result(job, run_id, final["step"], final["metrics"], trained=False)
+
+
+def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob], cluster: fanout.Cluster,
+                  commit: str) -> dict[str, dict]:
+    """Train `jobs` (each resumed from its checkpoint when current); {run: result}."""
+    from ray.util.queue import Queue
+
+    run_ids, started = {}, {}
+    for job in jobs:
+        ckpt_dir = Path(job.ckpt_dir)
+        latest = checkpoint.load_latest(ckpt_dir)
+        final = checkpoint.load_final_meta(ckpt_dir)
+        if any(m is not None and m.get("fingerprint") != job.fingerprint for m in (latest, final)):
+            shutil.rmtree(ckpt_dir)  # trained under another config or code
+            latest = None
+        started[job.run] = latest["step"] if latest else 0
+        run_ids[job.run] = tracker.open_run(job.run, job.fingerprint, _mlflow_params(params, job),
+                                            _mlflow_tags(job, commit))
+        if latest:
+            tracker.log_records(run_ids[job.run], latest["history"])
+    queue = Queue()
+    refs = fanout.submit(train_task, {job.run: job.model_copy(update={"device": "cuda" if cluster.gpus_per_job else "cpu"})
+                                      for job in jobs}, "train", params.compute.cpus_per_job,
+                         cluster.gpus_per_job, queue)
+    print(f"[train] {len(jobs)} run(s) on Ray ({cluster.where}), {cluster.gpus_per_job} GPU(s) per job; "
+          f"MLflow: {tracker.uri}", flush=True)
+    progress = Progress([job.run for job in jobs], params.train.steps, started)
+    live = LiveLog(queue, tracker, run_ids, progress)
+    by_name = {job.run: job for job in jobs}
+    results = {}
+    try:
+        for name, result in fanout.as_completed(refs, timeout=1.0, on_wait=live.drain):
+            live.drain()
+            job, run_id = by_name[name], run_ids[name]
+            if result["status"] == "ok":
+                tracker.log_final(run_id, result["metrics"], result["step"])
+                tracker.finish(run_id, ok=True)
+                results[name] = _result(job, run_id, result["step"], result["metrics"], trained=True)
+                continue
+            step = result["step"] if result["step"] is not None else progress.step.get(name, 0)
+            tracker.finish(run_id, ok=False, error=result["error"])
+            results[name] = {"status": "failed", "step": step, "run_id": run_id, "variant": job.variant,
+                             "seed": job.seed, "error": result["error"]}
+            print(f"[train] FAILED run {name} at step {step}: {result['error']}", file=sys.stderr, flush=True)
+            if result.get("traceback"):
+                print(result["traceback"], file=sys.stderr, flush=True)
+    finally:
+        progress.close()
+    return results
+
+
+def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, metrics_path: Path) -> int:
+    """Train every run that needs it; write `metrics_path`; 0 if all succeeded, else 1."""
+    code = source_hash(TRAIN_CODE)
+    jobs = {run.name: train_job(params, run, code, data_dir, ckpt_root) for run in params.runs()}
+    complete = {}
+    for name, job in jobs.items():
+        final = checkpoint.load_final_meta(ckpt_root / name)
+        if final is not None and final["fingerprint"] == job.fingerprint:
+            complete[name] = final
+    todo = [job for name, job in jobs.items() if name not in complete]
+
+    def train(cluster: fanout.Cluster | None) -> dict[str, dict]:
+        # only now, with every check passed, touch outputs and MLflow
+        if ckpt_root.is_dir():
+            for stale in ckpt_root.iterdir():  # runs no longer in params.yaml
+                if stale.is_dir() and stale.name not in jobs:
+                    shutil.rmtree(stale)
+        tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
+        commit = tracking.git_commit(root)
+        results = {name: _adopt_completed(params, tracker, jobs[name], final, commit)
+                   for name, final in complete.items()}
+        if cluster is not None:
+            results.update(_train_on_ray(params, tracker, todo, cluster, commit))
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json(metrics_path, {
+            "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id},
+            "variants": {name: results[name] for name in jobs if name in results},
+        })
+        return results
+
+    if todo:
+        with fanout.cluster(params.compute, root) as cluster:
+            results = train(cluster)
+    else:
+        results = train(None)
+    for name in jobs:
+        r = results[name]
+        if r["status"] == "ok":
+            print(f"[train] {name}: val/bpb={r.get('val/bpb', float('nan')):.4f} "
+                  + " ".join(f"{k}={v:.3f}" for k, v in r.items() if k.startswith("val/mqar_acc"))
+                  + f" run={r['run_id']}", flush=True)
+    failures = [name for name, r in results.items() if r["status"] != "ok"]
+    if failures:
+        print(f"[train] {len(failures)} run(s) failed: "
+              + ", ".join(f"{n} (step {results[n]['step']})" for n in failures), file=sys.stderr)
+        return 1
+    return 0

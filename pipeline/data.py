@@ -129,8 +129,11 @@ def _digits(rng, k: int) -> str:
     return "".join(str(d) for d in rng.integers(0, 10, size=k))
 
 
+WORD_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no look-alikes (i, l, o, 0, 1)
+
+
 def _hexword(rng, k: int) -> str:
-    return "".join("abcdefghjkmnpqrstuvwxyz23456789"[i] for i in rng.integers(0, 31, size=k))
+    return "".join(WORD_ALPHABET[i] for i in rng.integers(0, len(WORD_ALPHABET), size=k))
 
 
 def _episode(task: str, rng, n_distractors: int) -> tuple[str, list[str], str, str]:

@@ -17,17 +17,17 @@ def digest(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:length]
 
 
-SOURCE_SUFFIXES = (".py", ".yaml")
+SOURCE_SUFFIXES = (".py", ".yaml", "_yaml")  # `_yaml`: lm-eval templates that are not tasks
 
 
 def source_files(paths: Iterable[str]) -> list[str]:
-    """Relative paths: a folder stands for every .py and .yaml below it; files as they are."""
+    """Relative paths: a folder stands for every source and YAML file below it; files as they are."""
     out = []
     for rel in paths:
         path = SOURCE_ROOT / rel
         if path.is_dir():
             out += sorted(p.relative_to(SOURCE_ROOT).as_posix() for p in path.rglob("*")
-                          if p.suffix in SOURCE_SUFFIXES and "__pycache__" not in p.parts)
+                          if p.name.endswith(SOURCE_SUFFIXES) and "__pycache__" not in p.parts)
         elif path.exists():
             out.append(rel)
     return out

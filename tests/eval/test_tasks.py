@@ -45,7 +45,10 @@ def test_passage_count_answer_is_the_unique_count():
 
 
 def test_longbench_scores():
-    assert utils.retrieval_score("Paragraph 3, I think 3", "3") == 1.0
-    assert utils.retrieval_score("2 or 3", "3") == 0.5
-    assert utils.count_score("none", "4") == 0.0
+    retrieval = lambda pred, answer: utils.process_passage_retrieval({"answer": answer}, [pred])  # noqa: E731
+    count = lambda pred, answer: utils.process_passage_count({"answer": answer}, [pred])  # noqa: E731
+    assert retrieval("Paragraph 3, I think 3", "3")["retrieval_score"] == 1.0
+    assert retrieval("2 or 3", "3")["retrieval_score"] == 0.5
+    assert count("none", "4")["count_score"] == 0.0
+    assert count("4 of them", "4") == {"count_score": 1.0, "exact_match": 1.0}
     assert utils.exact_match(" 12345.", "12345") == 1.0 and utils.exact_match("123456", "12345") == 0.0

@@ -286,7 +286,25 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def _variant_error(name: str, attention: dict, err: ValidationError) -> ParamsError:
+    """Where an error of `models.ModelConfig(**model, attention=variants.<name>)` lives in the file."""
+    e = err.errors()[0]
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "union_tag_invalid":
+        return ParamsError(f"variants.{name}.kind: unknown attention kind {attention['kind']!r} "
+                           f"(expected one of {e['ctx']['expected_tags']})")
+    loc, suffix = [str(p) for p in e["loc"]], ""
+    if not loc:  # a model-level validator names its field in the message: "attention.x: ..."
+        field, msg = _split_path(msg)
+        loc, suffix = (field.split(".") if field else []), f" (variant {name})"
+    if loc[:1] == ["attention"]:  # ("attention", [<kind tag>,] field...) -> variants.<name>.field
+        rest = loc[2:] if loc[1:2] == [attention.get("kind")] else loc[1:]
+        return ParamsError(f"{_join('variants', name, *rest)}: {msg}")
+    return ParamsError(f"{_join('model', *loc)}: {msg}{suffix}")
+
+
 def _check_variants(params: Params) -> None:
+    """Each variant through `models.ModelConfig`, the one authority on attention configs."""
     from models import ModelConfig
 
     fields = set(ModelConfig.model_fields) - {"attention"}
@@ -308,34 +326,12 @@ def _check_variants(params: Params) -> None:
         try:
             cfg = ModelConfig(**params.model, attention=attention)
         except ValidationError as err:
-            e = err.errors()[0]
-            loc, msg = tuple(e["loc"]), e["msg"].removeprefix("Value error, ")
-            if e["type"] == "union_tag_invalid":
-                raise ParamsError(
-                    f"variants.{name}.kind: unknown attention kind {attention['kind']!r} "
-                    f"(expected one of {e['ctx']['expected_tags']})"
-                ) from None
-            if loc and loc[0] == "attention":
-                # ('attention', <kind tag>, field...) -> variants.<name>.field
-                rest = loc[2:] if len(loc) > 1 and loc[1] == attention.get("kind") else loc[1:]
-                raise ParamsError(f"{_join('variants', name, _fmt_loc(rest))}: {msg}") from None
-            if loc:
-                raise ParamsError(f"model.{_fmt_loc(loc)}: {msg}") from None
-            field, msg = _split_path(msg)  # model-level validator: "attention.x: ..." or "d_head: ..."
-            if field.startswith("attention."):
-                raise ParamsError(f"variants.{name}.{field[len('attention.'):]}: {msg}") from None
-            raise ParamsError(f"{_join('model', field)}: {msg} (variant {name})") from None
+            raise _variant_error(name, attention, err) from None
         window = getattr(cfg.attention, "window", None)
-        if window is not None and window >= params.train.seq_len:
-            raise ParamsError(
-                f"variants.{name}.window: {window} is not shorter than "
-                f"train.seq_len={params.train.seq_len}"
-            )
-        if window is not None and window >= params.data.mqar.seq_len:
-            raise ParamsError(
-                f"variants.{name}.window: {window} is not shorter than "
-                f"data.mqar.seq_len={params.data.mqar.seq_len}"
-            )
+        for field, length in (("train.seq_len", params.train.seq_len),
+                              ("data.mqar.seq_len", params.data.mqar.seq_len)):
+            if window is not None and window >= length:
+                raise ParamsError(f"variants.{name}.window: {window} is not shorter than {field}={length}")
 
 
 def parse_params(raw: Any) -> Params:

@@ -201,6 +201,17 @@ class EvalConfig(_Block):
                                         description="tokens generated from a short prompt")
     report_context: int = Field(REPORT_CONTEXT, ge=1, description="context of the frontier's cache bytes")
 
+    @field_validator("lm_eval_tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        from pipeline.evaluation.harness import task_names  # the task YAMLs are the authority
+
+        known = task_names()
+        for i, name in enumerate(tasks):
+            if name not in known:
+                raise ValueError(f"{i}: unknown task {name!r} (known: {', '.join(sorted(known))})")
+        return tasks
+
 
 # --------------------------------------------------------------------------- compute / tracking
 class ComputeConfig(_Block):
@@ -278,7 +289,7 @@ def _first_error(err: ValidationError, prefix: tuple = ()) -> tuple[str, str]:
 
 def _split_path(msg: str) -> tuple[str, str]:
     """Validators raise `field: message`; lift that field into the path."""
-    m = re.match(r"^([A-Za-z_][\w.]*): (.*)$", msg, re.S)
+    m = re.match(r"^([A-Za-z_0-9][\w.]*): (.*)$", msg, re.S)
     return (m.group(1), m.group(2)) if m else ("", msg)
 
 

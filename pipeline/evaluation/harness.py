@@ -9,6 +9,18 @@ import numpy as np
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 
 
+def task_names() -> set[str]:
+    """The tasks `pipeline/tasks` defines (read from the YAMLs, without lm-eval's slow index)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # lm-eval's `!function` tags are not needed for the names
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    docs = (yaml.load(path.read_text(), Loader=Loader) for path in TASKS_DIR.glob("*.yaml"))
+    return {doc["task"] for doc in docs if isinstance(doc, dict) and "task" in doc}
+
+
 def run_lm_eval(export_dir: Path, tasks: list[str], limit: int | None, metadata: dict,
                 device: str = "cpu") -> dict:
     """lm_eval.simple_evaluate on the export; returns {task: metrics} and per-length rows."""

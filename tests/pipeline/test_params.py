@@ -73,11 +73,13 @@ BAD_FILES = {
                "params.yaml: variants.swa.window: 64 is not shorter than train.seq_len=32"),
     "type": ("variants: {mha: {kind: mha}}\ntrain: {steps: lots}\n", "params.yaml: train.steps: "),
     "yaml": ("variants: [unclosed\n", "params.yaml: not valid YAML"),
+    "task": ("variants: {mha: {kind: mha}}\neval: {lm_eval_tasks: [kvf_passkey_mc, kvf_paskey]}\n",
+             "params.yaml: eval.lm_eval_tasks.1: unknown task 'kvf_paskey' (known: kvf_kv_retrieval,"),
 }
 
 
 @pytest.mark.parametrize("stage, case", [("train", "rank"), ("train", "kind"), ("train", "window"),
-                                         ("prepare", "type"), ("prepare", "yaml")])
+                                         ("prepare", "type"), ("prepare", "yaml"), ("evaluate", "task")])
 def test_bad_file_stops_stage_before_any_work(tmp_path, stage, case):
     text, message = BAD_FILES[case]
     (tmp_path / "params.yaml").write_text(text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any, Callable, Iterator
 from pydantic import BaseModel
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+KEEP_SESSIONS = 2  # a local Ray's newest session folders (their logs) kept in the temp dir
 
 # Ray binds AF_UNIX sockets at <temp dir>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store:
 # about 70 bytes below the temp dir, and the kernel allows 107 in all.
@@ -80,17 +83,28 @@ def cluster(compute, root: Path) -> Iterator[Cluster]:
     import ray
 
     address = compute.ray_address or os.environ.get("RAY_ADDRESS")
+    temp_dir = None
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        temp_dir = ray_temp_dir(compute, root)
         ray.init(num_cpus=compute.num_cpus or os.cpu_count(), include_dashboard=False,
-                 _temp_dir=ray_temp_dir(compute, root), log_to_driver=True)
+                 _temp_dir=temp_dir, log_to_driver=True)
     try:
         where = address or "local"
         yield Cluster(where=where, gpus_per_job=resolve_gpus(compute, ray.cluster_resources(), where))
     finally:
         ray.shutdown()
+        if temp_dir is not None:
+            _prune_sessions(Path(temp_dir))
+
+
+def _prune_sessions(temp_dir: Path) -> None:
+    """A local Ray leaves a session folder per start (logs, sockets): keep the newest few."""
+    sessions = sorted(p for p in temp_dir.glob("session_2*") if p.is_dir() and not p.is_symlink())
+    for old in sessions[:-KEEP_SESSIONS]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def guarded(fn: Callable[..., dict], job, *args) -> dict:

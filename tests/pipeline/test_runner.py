@@ -134,11 +134,16 @@ def test_a_project_at_a_deep_path_trains(tmp_path, tiny_data):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     state = (root / "runs" / "ray").resolve()
     link = f"/tmp/kvf-ray-{hashlib.sha256(str(state).encode()).hexdigest()[:12]}"
+    old = [state / f"session_2001-01-0{i}_00-00-00_000000_{i}" for i in range(1, 4)]  # earlier runs'
+    for folder in old:
+        (folder / "logs").mkdir(parents=True)
     try:
         result = run_stage(root, "train")
         assert result.returncode == 0, result.stderr[-3000:]
         assert _metrics(root)["variants"]["swa"]["status"] == "ok"
-        assert list(state.glob("session_2*")), "Ray's session state is not in the project"
+        sessions = sorted(p.name for p in state.glob("session_2*"))
+        assert len(sessions) == 2 and sessions[0] == old[-1].name, sessions  # the newest two kept
+        assert sessions[1] > old[-1].name, "Ray's session state is not in the project"
         assert os.path.realpath(link) == str(state)
     finally:
         kill_ray_in(link)

@@ -7,8 +7,13 @@
    vs the torch chunked path vs fla's chunk_simple_gla (window 0 equivalent; if installed).
 3. One Tensor Cache decode step (window W + L2 read and write): the fused Triton step vs its
    torch reference, with the state bytes it reads (ring) and reads + writes (L2).
+4. Sliding-window attention (training and prefill), forward and forward + backward, T up to
+   32k, bf16 and fp32: the Triton kernel vs FlexAttention's sliding-window block mask vs SDPA
+   per query block (the torch blocked form) vs SDPA with a T x T band mask, each with its error
+   against the fp32 blocked form.
 
     python benchmarks/gpu_kernels.py            # on a CUDA machine, prints markdown tables
+    python benchmarks/gpu_kernels.py --tables window          # one table
     python benchmarks/gpu_kernels.py --smoke    # tiny sizes on CPU (Triton interpreter)
 """
 import argparse
@@ -28,6 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kernels.l2_scan import evicted_scan_chunked, evicted_scan_triton  # noqa: E402
 from kernels.tc_decode import tc_decode_reference, tc_decode_triton  # noqa: E402
 from kernels.tpa_decode import tpa_decode_triton  # noqa: E402
+from kernels.window_attention import (band_mask, window_attention_blocked,  # noqa: E402
+                                      window_attention_triton)
 
 try:  # optional baseline
     from fla.ops.simple_gla import chunk_simple_gla
@@ -149,10 +156,69 @@ def tc_decode_table(windows, B, h, g, d, dtype, device):
                   flush=True)
 
 
+def window_table(lengths, window, B, H, G, d, dtypes, device, compile_flex=True):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    print(f"\n### Sliding-window attention W={window}: B={B} H={H} G={G} d_head={d}; error = max "
+          f"|x - x_ref| / max |x_ref| against the torch blocked form in fp32 (same inputs)\n")
+    print("| T | dtype | method | forward (ms) | forward + backward (ms) | error o | error dk |")
+    print("|---|---|---|---|---|---|---|")
+    torch._dynamo.config.recompile_limit = 64  # a compile per (T, dtype); past 8 Flex runs eager
+    flex = torch.compile(flex_attention, dynamic=False) if compile_flex else flex_attention
+    R = H // G
+    for dtype in dtypes:
+        for T in lengths:
+            gen = torch.Generator(device=device).manual_seed(T)
+            q, k, v, do = (torch.randn(B, n, T, d, device=device, dtype=dtype, generator=gen)
+                           for n in (H, G, G, H))
+            block_mask = create_block_mask(  # SPEC: `<= W` would admit W + 1 keys
+                lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < window),
+                None, None, T, T, device=device)
+            rows = [
+                ("Triton (kernels/window_attention)",
+                 lambda q, k, v: window_attention_triton(q, k, v, window)),
+                ("FlexAttention, sliding-window block mask",
+                 lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=R > 1)),
+                ("SDPA per query block (torch blocked form)",
+                 lambda q, k, v: window_attention_blocked(q, k, v, window)),
+                ("SDPA, T x T band mask (KV repeated per head)",
+                 lambda q, k, v: F.scaled_dot_product_attention(
+                     q, k.repeat_interleave(R, 1), v.repeat_interleave(R, 1),
+                     attn_mask=band_mask(T, T, window, device))),
+            ]
+
+            def with_grads(fn, dt):
+                leaves = [x.detach().to(dt).requires_grad_(True) for x in (q, k, v)]
+                o = fn(*leaves)
+                o.backward(do.to(dt))
+                return o.detach().float(), leaves[1].grad.float()
+
+            want = with_grads(rows[2][1], torch.float32)
+            for name, fn in rows:
+                try:
+                    got = with_grads(fn, dtype)
+                    err = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
+                    with torch.no_grad():
+                        fwd = bench_ms(lambda: fn(q, k, v), device)
+                    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+                    both = bench_ms(lambda: fn(*leaves).backward(do), device)
+                    print(f"| {T} | {str(dtype)[6:]} | {name} | {fwd:.3f} | {both:.3f} "
+                          f"| {err[0]:.1e} | {err[1]:.1e} |", flush=True)
+                except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. T x T mask at 32k
+                    reason = str(e).splitlines()[0][:80]
+                    print(f"| {T} | {str(dtype)[6:]} | {name} | failed: {reason} | | | |", flush=True)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            del q, k, v, do, block_mask
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (interpreter)")
+    parser.add_argument("--tables", nargs="+", default=["decode", "scan", "tc_decode", "window"],
+                        choices=["decode", "scan", "tc_decode", "window"])
     args = parser.parse_args()
+    tables = set(args.tables)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if device == "cpu" and not args.smoke:
         sys.exit("no CUDA device: run with --smoke for the tiny CPU check")
@@ -161,17 +227,28 @@ def main():
     print(f"machine: {platform.platform()}, {name}, torch {torch.__version__}")
     torch.manual_seed(0)
     if args.smoke:
-        decode_table([37], B=1, h=4, d=16, g=2, Rq=6, Rk=2, Rv=2, d_c=32, d_r=16,
-                     dtype=torch.float32, device=device)
-        scan_table([40], [16], B=1, H=2, window=5, dtype=torch.float32, device=device)
-        tc_decode_table([24], B=1, h=4, g=2, d=16, dtype=torch.float32, device=device)
+        if "decode" in tables:
+            decode_table([37], B=1, h=4, d=16, g=2, Rq=6, Rk=2, Rv=2, d_c=32, d_r=16,
+                         dtype=torch.float32, device=device)
+        if "scan" in tables:
+            scan_table([40], [16], B=1, H=2, window=5, dtype=torch.float32, device=device)
+        if "tc_decode" in tables:
+            tc_decode_table([24], B=1, h=4, g=2, d=16, dtype=torch.float32, device=device)
+        if "window" in tables:  # FlexAttention eager: inductor's CPU compile is too slow here
+            window_table([40], window=9, B=1, H=4, G=2, d=16, dtypes=[torch.float32],
+                         device=device, compile_flex=False)
         return
-    lengths = [4096, 8192, 16384, 32768, 65536, 131072]
-    decode_table(lengths, B=4, h=32, d=128, g=8, Rq=16, Rk=2, Rv=2, d_c=512, d_r=64,
-                 dtype=torch.bfloat16, device=device)
-    scan_table([2048, 8192, 32768], [64, 128], B=2, H=16, window=256, dtype=torch.bfloat16,
-               device=device)
-    tc_decode_table([512, 2048], B=4, h=32, g=8, d=128, dtype=torch.bfloat16, device=device)
+    if "decode" in tables:
+        decode_table([4096, 8192, 16384, 32768, 65536, 131072], B=4, h=32, d=128, g=8, Rq=16,
+                     Rk=2, Rv=2, d_c=512, d_r=64, dtype=torch.bfloat16, device=device)
+    if "scan" in tables:
+        scan_table([2048, 8192, 32768], [64, 128], B=2, H=16, window=256, dtype=torch.bfloat16,
+                   device=device)
+    if "tc_decode" in tables:
+        tc_decode_table([512, 2048], B=4, h=32, g=8, d=128, dtype=torch.bfloat16, device=device)
+    if "window" in tables:
+        window_table([2048, 8192, 32768], window=512, B=1, H=16, G=4, d=64,
+                     dtypes=[torch.bfloat16, torch.float32], device=device)
 
 
 if __name__ == "__main__":

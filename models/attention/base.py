@@ -1,31 +1,36 @@
-"""Pieces every attention variant shares: masked softmax attention over absolute positions."""
+"""Pieces every attention variant shares: causal (or windowed) softmax attention over a cache."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.window_attention import band_mask, window_attention
 
-def attend(q, k, v, q_pos, k_pos, window: int | None = None, scale: float | None = None):
-    """softmax(q k^T * scale + mask) v, where query t sees key i iff i <= t (and i > t - window).
+
+def attend(q, k, v, window: int | None = None, scale: float | None = None):
+    """softmax(q k^T * scale + mask) v where the queries are the LAST T of the L keys (a cache
+    prefix comes first): query t sees every key up to its own, or only the `window` most recent.
 
     q: (B, H, T, d); k: (B, G, L, d); v: (B, G, L, dv) with G dividing H: query head j reads
-    KV head j // (H / G) (as `repeat_kv`). q_pos: (T,), k_pos: (L,) absolute positions. Keys at
-    negative positions (empty ring-buffer slots) are never seen.
+    KV head j // (H / G) (as `repeat_kv`). The caller drops keys that must never be seen (e.g.
+    empty ring-buffer slots) before the call.
     """
-    allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= 0)
-    if window is not None:
-        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    if window is not None:  # O(T W): no T x L score matrix (kernels/window_attention)
+        return window_attention(q, k, v, window, scale)
     B, H, T, d = q.shape
-    G = k.shape[1]
-    if G == H or T > 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+    G, L = k.shape[1], k.shape[2]
+    if T == 1 and G != H:
+        # decode: the H/G query heads of a KV head become rows of one head (the cache is read in
+        # place; on CPU this is several times faster than enable_gqa at long contexts)
+        o = F.scaled_dot_product_attention(q.reshape(B, G, H // G, d), k, v, scale=scale)
+        return o.reshape(B, H, 1, v.shape[-1])
+    if T == L:  # no prefix: the plain causal mask, which SDPA's kernels never materialise
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=G != H)
-    # decode: the H/G query heads of a KV head become rows of one head (the cache is read in
-    # place; on CPU this is several times faster than enable_gqa at long contexts)
-    q = q.reshape(B, G, H // G, d)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.expand(H // G, -1), scale=scale)
-    return o.reshape(B, H, 1, v.shape[-1])
+    # after a cache prefix: one query sees every key; more see a band as wide as the keys
+    causal = None if T == 1 else band_mask(T, L, L, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=G != H)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

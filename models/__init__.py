@@ -1,5 +1,5 @@
 """kv-frontier models: attention variants that shrink the KV cache, and the LM around them."""
-from .cache import LayerCache, ModelCache
+from .cache import AppendCache, LayerCache, ModelCache, RingCache, StateCache, TwoLevelCache
 from .config import (
     FullAttentionConfig,
     LinearConfig,
@@ -13,5 +13,6 @@ from .lm import LanguageModel, build_model
 
 __all__ = [
     "ModelConfig", "FullAttentionConfig", "MLAConfig", "TPAConfig", "SWAConfig", "LinearConfig",
-    "TensorCacheConfig", "LanguageModel", "build_model", "ModelCache", "LayerCache",
+    "TensorCacheConfig", "LanguageModel", "build_model", "ModelCache", "LayerCache", "AppendCache",
+    "RingCache", "StateCache", "TwoLevelCache",
 ]

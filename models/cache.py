@@ -1,33 +1,115 @@
-"""Decode caches. Each layer's cache is a dict of tensors; `nbytes` counts what they hold."""
+"""Decode caches, one small class per kind (after transformers' per-layer cache classes).
+
+- `AppendCache`: grows by exactly the new tokens (full attention's k, v; MLA's latents; TPA's
+  factors): no slack capacity, so what it holds is what the variant costs.
+- `RingCache`: the W most recent (k, v) pairs in fixed storage; an update hands back the pairs
+  that left the window (a Tensor Cache writes them into its L2 memory).
+- `StateCache`: fixed-size state tensors updated in place (linear attention's S, the L2 matrix).
+A layer whose cache has two parts (Tensor Cache: ring + L2) holds a `TwoLevelCache`. Every cache
+counts its own bytes (`nbytes`): the memory the tests and the report measure.
+"""
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 
 class LayerCache:
-    """The tensors one attention layer keeps between calls (names are the variant's)."""
+    """What one attention layer keeps between calls."""
 
-    def __init__(self, **tensors: torch.Tensor):
-        self.tensors: dict[str, torch.Tensor] = dict(tensors)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
-
-    def __setitem__(self, name: str, value: torch.Tensor) -> None:
-        self.tensors[name] = value
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def append(self, dim: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Grow each named tensor along `dim` by exactly the new tokens (no slack capacity)."""
-        for name, value in new.items():
-            old = self.tensors.get(name)
-            self.tensors[name] = value if old is None else torch.cat([old, value], dim=dim)
-        return {name: self.tensors[name] for name in new}
+    def map_(self, fn) -> None:
+        """Replace every tensor by fn(tensor) (batch reordering, device moves)."""
+        raise NotImplementedError
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+class AppendCache(LayerCache):
+    """Named tensors that grow along `dim` by exactly the tokens appended."""
+
+    def __init__(self, dim: int, *names: str):
+        self.dim, self.names = dim, names
+        self.state: dict[str, torch.Tensor] = {}
+
+    def update(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Append one tensor per name (in `names` order); return everything held, same order."""
+        for name, value in zip(self.names, new, strict=True):
+            old = self.state.get(name)
+            self.state[name] = value if old is None else torch.cat([old, value], dim=self.dim)
+        return tuple(self.state[name] for name in self.names)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.state)
+
+    def map_(self, fn) -> None:
+        self.state = {name: fn(t) for name, t in self.state.items()}
+
+
+class RingUpdate(NamedTuple):
+    keys: torch.Tensor  # (B, g, W + T, d): the ring's pairs then the new ones, oldest first
+    values: torch.Tensor
+    evicted_keys: torch.Tensor  # (B, g, T, d): the pairs that left the window, oldest first
+    evicted_values: torch.Tensor
+
+
+class RingCache(LayerCache):
+    """The W most recent (k, v) pairs, oldest first, in storage allocated once: (B, g, W, d).
+    Slots not yet filled hold zeros (their positions, pos - W .. -1, are negative)."""
+
+    def __init__(self, batch_size: int, heads: int, window: int, dim: int, device, dtype):
+        shape = (batch_size, heads, window, dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> RingUpdate:
+        """Shift T new pairs in (in place); hand back [ring; new] and the T pairs pushed out."""
+        T, W = k.shape[2], self.k.shape[2]
+        keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k.copy_(keys[:, :, -W:])
+        self.v.copy_(values[:, :, -W:])
+        return RingUpdate(keys, values, keys[:, :, :T], values[:, :, :T])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"k": self.k, "v": self.v}
+
+    def map_(self, fn) -> None:
+        self.k, self.v = fn(self.k), fn(self.v)
+
+
+class StateCache(LayerCache):
+    """One fixed-size state tensor, e.g. a (B, h, d_h, d_h) memory, updated in place."""
+
+    def __init__(self, shape: tuple[int, ...], device, dtype):
+        self.state = torch.zeros(shape, device=device, dtype=dtype)
+
+    def write_(self, new: torch.Tensor) -> None:
+        """Keep the storage and dtype whatever the new value's (a kernel may hand back fp32)."""
+        self.state.copy_(new)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"state": self.state}
+
+    def map_(self, fn) -> None:
+        self.state = fn(self.state)
+
+
+class TwoLevelCache(LayerCache):
+    """A window ring (L1) and a fixed memory (L2): the Tensor Cache's state."""
+
+    def __init__(self, ring: RingCache, memory: StateCache):
+        self.ring, self.memory = ring, memory
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.ring.tensors(), "A": self.memory.state}
+
+    def map_(self, fn) -> None:
+        self.ring.map_(fn)
+        self.memory.map_(fn)
 
 
 class ModelCache:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import LayerCache
+from ..cache import AppendCache
 from ..rope import apply_rope, rope_cos_sin
 from .base import attend, merge_heads, split_heads
 
@@ -22,7 +22,7 @@ class FullAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, self.g * self.d_h, bias=False)
         self.o_proj = nn.Linear(self.h * self.d_h, cfg.d_model, bias=False)
 
-    def forward(self, x, pos: int, cache: LayerCache | None = None):
+    def forward(self, x, pos: int, cache: AppendCache | None = None):
         T = x.shape[1]
         q_pos = torch.arange(pos, pos + T, device=x.device)
         cos, sin = rope_cos_sin(q_pos, self.d_h, self.rope_base, x.dtype)
@@ -30,12 +30,12 @@ class FullAttention(nn.Module):
         k = apply_rope(split_heads(self.k_proj(x), self.g), cos, sin)  # (B, g, T, d_h)
         v = split_heads(self.v_proj(x), self.g)
         if cache is not None:
-            k, v = cache.append(dim=2, k=k, v=v).values()
+            k, v = cache.update(k, v)
         o = attend(q, k, v)
         return self.o_proj(merge_heads(o))
 
-    def init_cache(self, batch_size, device, dtype) -> LayerCache:
-        return LayerCache()
+    def init_cache(self, batch_size, device, dtype) -> AppendCache:
+        return AppendCache(2, "k", "v")  # (B, g, T, d_h) each, grown along T
 
     def cache_elements(self, context_len: int) -> int:
         return 2 * self.g * self.d_h * context_len

@@ -5,13 +5,12 @@ State per layer: h * d_h * d_h elements, constant in T.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kernels.l2_scan import evicted_scan
 
-from ..cache import LayerCache
+from ..cache import StateCache
 from .base import DecayWriteRate, merge_heads, split_heads
 
 
@@ -25,20 +24,20 @@ class DecayedLinearAttention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.d_h, cfg.d_model, bias=False)
         self.memory = DecayWriteRate(self.h)
 
-    def forward(self, x, pos: int, cache: LayerCache | None = None):
+    def forward(self, x, pos: int, cache: StateCache | None = None):
         q = split_heads(self.q_proj(x), self.h)  # (B, h, T, d_h)
         k = F.normalize(split_heads(self.k_proj(x), self.h), dim=-1)
         v = split_heads(self.v_proj(x), self.h)
         lam, eta = self.memory()
-        S0 = cache["S"] if cache is not None else None
         o, S = evicted_scan(q, k, v, lam, eta, window=0, chunk_size=self.C,
-                            initial_state=S0, output_final_state=cache is not None)
+                            initial_state=cache.state if cache is not None else None,
+                            output_final_state=cache is not None)
         if cache is not None:
-            cache["S"].copy_(S)  # same storage and dtype (a kernel may hand back fp32)
+            cache.write_(S)
         return self.o_proj(merge_heads(o))
 
-    def init_cache(self, batch_size, device, dtype) -> LayerCache:
-        return LayerCache(S=torch.zeros(batch_size, self.h, self.d_h, self.d_h, device=device, dtype=dtype))
+    def init_cache(self, batch_size, device, dtype) -> StateCache:
+        return StateCache((batch_size, self.h, self.d_h, self.d_h), device, dtype)
 
     def cache_elements(self, context_len: int) -> int:
         return self.h * self.d_h * self.d_h

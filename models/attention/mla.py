@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import LayerCache
+from ..cache import AppendCache
 from ..rope import apply_rope, rope_cos_sin
 from .base import attend, merge_heads, split_heads
 
@@ -34,14 +34,14 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.d_h, cfg.d_model, bias=False)
         self.scale = 1.0 / math.sqrt(self.d_h + self.d_r)
 
-    def forward(self, x, pos: int, cache: LayerCache | None = None):
+    def forward(self, x, pos: int, cache: AppendCache | None = None):
         T = x.shape[1]
         q_pos = torch.arange(pos, pos + T, device=x.device)
         cos, sin = rope_cos_sin(q_pos, self.d_r, self.rope_base, x.dtype)
         c = self.kv_norm(self.kv_down(x))  # (B, T, d_c)
         k_r = apply_rope(self.k_rope_proj(x), cos, sin)  # (B, T, d_r)
         if cache is not None:
-            c, k_r = cache.append(dim=1, c=c, k_r=k_r).values()
+            c, k_r = cache.update(c, k_r)
         q_c = split_heads(self.q_proj(x), self.h)  # (B, h, T, d_h)
         q_r = apply_rope(split_heads(self.q_rope_proj(x), self.h), cos, sin)  # (B, h, T, d_r)
         if cache is not None and T == 1 and self.absorb:
@@ -65,8 +65,8 @@ class MultiHeadLatentAttention(nn.Module):
         p = torch.softmax(scores * self.scale, dim=-1)  # (B, h, 1, L)
         return torch.einsum("bhtc,hdc->bhtd", p @ c[:, None], W_uv)
 
-    def init_cache(self, batch_size, device, dtype) -> LayerCache:
-        return LayerCache()
+    def init_cache(self, batch_size, device, dtype) -> AppendCache:
+        return AppendCache(1, "c", "k_r")  # latents (B, T, d_c) and the shared RoPE key (B, T, d_r)
 
     def cache_elements(self, context_len: int) -> int:
         return (self.d_c + self.d_r) * context_len

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..cache import LayerCache
+from ..cache import RingCache
 from ..rope import apply_rope, rope_cos_sin
 from .base import attend, merge_heads, split_heads
 
@@ -30,36 +30,32 @@ class SlidingWindowAttention(nn.Module):
         return (split_heads(self.q_proj(x), self.h), split_heads(self.k_proj(x), self.g),
                 split_heads(self.v_proj(x), self.g))
 
-    def window_attention(self, q, k, v, pos: int, cache: LayerCache | None):
-        """L1 output (B, h, T, d_h). With a cache, keys are [ring (positions pos-W..pos-1); new].
+    def window_attention(self, q, k, v, pos: int, ring: RingCache | None):
+        """L1 output (B, h, T, d_h). With a ring, keys are [ring (positions pos-W..pos-1); new]
+        and the ring keeps the W most recent afterwards.
 
-        Returns (o1, k_ext, v_ext): the un-rotated keys/values that were attended over, so the
-        caller can see which pairs leave the window.
+        Returns (o1, evicted): the un-rotated pairs that left the window in this call, oldest
+        first ((k, v) of T pairs; None without a ring), for a Tensor Cache's L2 memory.
         """
-        T = q.shape[2]
-        if cache is not None:
-            k = torch.cat([cache["k"], k], dim=2)
-            v = torch.cat([cache["v"], v], dim=2)
-        first = pos - self.W if cache is not None else pos  # position of k's first pair
+        T, evicted = q.shape[2], None
+        if ring is not None:
+            update = ring.update(k, v)
+            k, v, evicted = update.keys, update.values, (update.evicted_keys, update.evicted_values)
+        first = pos - self.W if ring is not None else pos  # position of k's first pair
         empty = max(0, -first)  # ring slots at negative positions were never filled
         k_pos = torch.arange(first + empty, pos + T, device=q.device)
         cos, sin = rope_cos_sin(k_pos, self.d_h, self.rope_base, q.dtype)
         o = attend(apply_rope(q, cos[-T:], sin[-T:]), apply_rope(k[:, :, empty:], cos, sin),
                    v[:, :, empty:], window=self.W)
-        if cache is not None:  # keep the W most recent pairs, in the same storage
-            cache["k"].copy_(k[:, :, -self.W:])
-            cache["v"].copy_(v[:, :, -self.W:])
-        return o, k, v
+        return o, evicted
 
-    def forward(self, x, pos: int, cache: LayerCache | None = None):
+    def forward(self, x, pos: int, cache: RingCache | None = None):
         q, k, v = self.project(x)
-        o, _, _ = self.window_attention(q, k, v, pos, cache)
+        o, _ = self.window_attention(q, k, v, pos, cache)
         return self.o_proj(merge_heads(o))
 
-    def init_cache(self, batch_size, device, dtype) -> LayerCache:
-        shape = (batch_size, self.g, self.W, self.d_h)
-        return LayerCache(k=torch.zeros(shape, device=device, dtype=dtype),
-                          v=torch.zeros(shape, device=device, dtype=dtype))
+    def init_cache(self, batch_size, device, dtype) -> RingCache:
+        return RingCache(batch_size, self.g, self.W, self.d_h, device, dtype)
 
     def cache_elements(self, context_len: int) -> int:
         return 2 * self.g * self.d_h * self.W

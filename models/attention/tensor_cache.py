@@ -17,7 +17,7 @@ from torch import nn
 from kernels.l2_scan import evicted_scan
 from kernels.tc_decode import tc_decode
 
-from ..cache import LayerCache
+from ..cache import StateCache, TwoLevelCache
 from ..rope import rope_cos_sin
 from .base import DecayWriteRate, merge_heads, repeat_kv
 from .swa import SlidingWindowAttention
@@ -38,41 +38,40 @@ class TensorCacheAttention(SlidingWindowAttention):
         n_rep = self.h // self.g
         return repeat_kv(k, n_rep), repeat_kv(v, n_rep)
 
-    def decode_step(self, q, k, v, pos: int, cache: LayerCache):
+    def decode_step(self, q, k, v, pos: int, cache: TwoLevelCache):
         """One token (T = 1) through the fused step (kernels.tc_decode: window attention, L2
         write of the pair leaving the window, L2 read); then the ring shifts the new pair in."""
         cos, sin = rope_cos_sin(torch.arange(pos - self.W, pos + 1, device=q.device), self.d_h,
                                 self.rope_base, q.dtype)
         lam, eta = self.memory()
-        o = tc_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], cache["k"], cache["v"], cache["A"], cos, sin,
+        ring = cache.ring
+        o = tc_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], ring.k, ring.v, cache.memory.state, cos, sin,
                       lam, eta, torch.sigmoid(self.gate), pos, self.normalize_k)
-        cache["k"].copy_(torch.cat([cache["k"][:, :, 1:], k], dim=2))
-        cache["v"].copy_(torch.cat([cache["v"][:, :, 1:], v], dim=2))
+        ring.update(k, v)  # the kernel wrote the leaving pair into L2 already
         return o[:, :, None]
 
-    def forward(self, x, pos: int, cache: LayerCache | None = None):
+    def forward(self, x, pos: int, cache: TwoLevelCache | None = None):
         T = x.shape[1]
         q, k, v = self.project(x)
         if cache is not None and T == 1:
             return self.o_proj(merge_heads(self.decode_step(q, k, v, pos, cache)))
-        o1, k_ext, v_ext = self.window_attention(q, k, v, pos, cache)
+        o1, evicted = self.window_attention(q, k, v, pos, cache.ring if cache is not None else None)
         lam, eta = self.memory()
         if cache is None:  # training: the scan applies the W-step delay itself
             k2, v2 = self.l2_pairs(k, v)
             o2, _ = evicted_scan(q, k2, v2, lam, eta, window=self.W, chunk_size=self.C,
                                  mode=self.write)
-        else:  # pairs leaving the window at steps pos..pos+T-1 are the first T of [ring; new]
-            k2, v2 = self.l2_pairs(k_ext[:, :, :T], v_ext[:, :, :T])
+        else:  # the pairs the ring handed back left the window at steps pos..pos+T-1
+            k2, v2 = self.l2_pairs(*evicted)
             o2, A = evicted_scan(q, k2, v2, lam, eta, window=0, chunk_size=self.C,
-                                 initial_state=cache["A"], output_final_state=True)
-            cache["A"].copy_(A)  # same storage and dtype (a kernel may hand back fp32)
+                                 initial_state=cache.memory.state, output_final_state=True)
+            cache.memory.write_(A)
         o = o1 + torch.sigmoid(self.gate)[None, :, None, None] * o2
         return self.o_proj(merge_heads(o))
 
-    def init_cache(self, batch_size, device, dtype) -> LayerCache:
-        cache = super().init_cache(batch_size, device, dtype)
-        cache["A"] = torch.zeros(batch_size, self.h, self.d_h, self.d_h, device=device, dtype=dtype)
-        return cache
+    def init_cache(self, batch_size, device, dtype) -> TwoLevelCache:
+        memory = StateCache((batch_size, self.h, self.d_h, self.d_h), device, dtype)
+        return TwoLevelCache(super().init_cache(batch_size, device, dtype), memory)
 
     def cache_elements(self, context_len: int) -> int:
         return super().cache_elements(context_len) + self.h * self.d_h * self.d_h

@@ -11,7 +11,7 @@ from torch import nn
 
 from kernels.tpa_decode import tpa_decode
 
-from ..cache import LayerCache
+from ..cache import AppendCache
 from ..rope import apply_rope, rope_cos_sin
 from .base import attend, merge_heads
 
@@ -43,7 +43,7 @@ class TensorProductAttention(nn.Module):
         ~1.4x more, forward + backward, at the study's ranks (2-4)."""
         return (a[..., None] * b[..., None, :]).sum(2).transpose(1, 2) / a.shape[2]
 
-    def forward(self, x, pos: int, cache: LayerCache | None = None):
+    def forward(self, x, pos: int, cache: AppendCache | None = None):
         T = x.shape[1]
         q_pos = torch.arange(pos, pos + T, device=x.device)
         cos, sin = rope_cos_sin(q_pos, self.d_h, self.rope_base, x.dtype)
@@ -51,7 +51,7 @@ class TensorProductAttention(nn.Module):
         a_k, b_k = self.factors(x, "k", cos, sin)
         a_v, b_v = self.factors(x, "v")
         if cache is not None:
-            a_k, b_k, a_v, b_v = cache.append(dim=1, a_k=a_k, b_k=b_k, a_v=a_v, b_v=b_v).values()
+            a_k, b_k, a_v, b_v = cache.update(a_k, b_k, a_v, b_v)
         if cache is not None and T == 1:  # decode from the factors alone
             o = tpa_decode(a_q[:, 0], b_q[:, 0], a_k, b_k, a_v, b_v)[:, :, None]  # (B, h, 1, d_h)
         else:
@@ -59,8 +59,8 @@ class TensorProductAttention(nn.Module):
                        self.materialise(a_v, b_v))
         return self.o_proj(merge_heads(o))
 
-    def init_cache(self, batch_size, device, dtype) -> LayerCache:
-        return LayerCache()
+    def init_cache(self, batch_size, device, dtype) -> AppendCache:
+        return AppendCache(1, "a_k", "b_k", "a_v", "b_v")  # factors only, (B, T, R, h | d_h)
 
     def cache_elements(self, context_len: int) -> int:
         return (self.ranks["k"] + self.ranks["v"]) * (self.h + self.d_h) * context_len

@@ -55,8 +55,7 @@ class KVFCache(Cache):
 
     def _map(self, fn) -> None:
         for layer in self.model_cache.layers:
-            for name, tensor in list(layer.tensors.items()):
-                layer.tensors[name] = fn(tensor)
+            layer.map_(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))

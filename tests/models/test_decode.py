@@ -84,7 +84,7 @@ def test_tpa_cache_holds_only_factors():
     with torch.no_grad():
         _, cache = decode_all(model, torch.randint(0, 37, (2, 9)), prefill=3)
     h, d = cfg.n_heads, cfg.d_head
-    shapes = {n: tuple(t.shape) for n, t in cache.layers[0].tensors.items()}
+    shapes = {n: tuple(t.shape) for n, t in cache.layers[0].tensors().items()}
     assert shapes == {"a_k": (2, 9, 2, h), "b_k": (2, 9, 2, d), "a_v": (2, 9, 2, h), "b_v": (2, 9, 2, d)}
 
 

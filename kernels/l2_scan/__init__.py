@@ -9,6 +9,7 @@ mode="chunk_mean" is the SPEC ablation (torch only). See reference.py for the fo
 """
 import torch
 
+from ..dispatch import use_triton
 from .reference import chunk_mean_scan, evicted_scan_chunked, evicted_scan_loop
 
 try:  # CPU-only machines may lack triton; the torch path covers them.
@@ -34,7 +35,6 @@ def evicted_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch
         return chunk_mean_scan(*args, **kwargs)
     if mode != "exact":
         raise ValueError(f"mode must be 'exact' or 'chunk_mean', got {mode!r}")
-    # The Triton kernel accumulates in fp32, so float64 stays on the torch path.
-    if q.is_cuda and q.dtype != torch.float64 and evicted_scan_triton is not None:
+    if use_triton(evicted_scan_triton, q, k, v, decay, write_rate, backward=True):
         return evicted_scan_triton(*args, **kwargs)
     return evicted_scan_chunked(*args, **kwargs)

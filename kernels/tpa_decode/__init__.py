@@ -4,8 +4,9 @@
     p_j    = softmax_i s_j
     o_j    = 1/Rv sum_s (sum_i p_j(i) a^v_{s,j}(i)) b^v_s(i)
 
-CUDA tensors go to the Triton split-over-sequence kernel (when triton imports), others to torch.
+The Triton split-over-sequence kernel is forward only (kernels.dispatch has the rule).
 """
+from ..dispatch import use_triton
 from .reference import tpa_decode_reference
 
 try:  # CPU-only machines may lack triton
@@ -19,6 +20,6 @@ __all__ = ["tpa_decode", "tpa_decode_reference", "tpa_decode_triton"]
 def tpa_decode(a_q, b_q, a_k, b_k, a_v, b_v):
     """a_q (B,Rq,h), b_q (B,Rq,d), a_k (B,L,Rk,h), b_k (B,L,Rk,d), a_v (B,L,Rv,h),
     b_v (B,L,Rv,d) -> o (B,h,d)."""
-    if a_q.is_cuda and tpa_decode_triton is not None:
+    if use_triton(tpa_decode_triton, a_q, b_q, a_k, b_k, a_v, b_v, backward=False):
         return tpa_decode_triton(a_q, b_q, a_k, b_k, a_v, b_v)
     return tpa_decode_reference(a_q, b_q, a_k, b_k, a_v, b_v)

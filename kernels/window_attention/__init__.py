@@ -12,8 +12,7 @@ in bf16 the kernel is 2.5-3x faster than SDPA per block and 1.3-1.5x faster than
 FlexAttention up to 8k (Flex is 1.17x faster at 32k); in fp32 its IEEE dots (no TF32:
 exactness first) are 15-22x slower than SDPA per block.
 """
-import torch
-
+from ..dispatch import HALF, use_triton
 from .reference import band_mask, window_attention_blocked, window_attention_masked
 
 try:  # CPU-only machines may lack triton
@@ -29,8 +28,7 @@ def window_attention(q, k, v, window: int, scale: float | None = None):
     if window < 1 or k.shape[2] < q.shape[2] or q.shape[1] % k.shape[1]:
         raise ValueError(f"need window >= 1, L >= T and G | H; got W={window}, "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}")
-    same_dim = q.shape[-1] == k.shape[-1] == v.shape[-1]
-    half = q.dtype in (torch.bfloat16, torch.float16)
-    if q.is_cuda and half and same_dim and window_attention_triton is not None:
+    same_dim = q.shape[-1] == k.shape[-1] == v.shape[-1]  # the kernel's one head dim
+    if same_dim and use_triton(window_attention_triton, q, k, v, dtypes=HALF, backward=True):
         return window_attention_triton(q, k, v, window, scale)
     return window_attention_blocked(q, k, v, window, scale)

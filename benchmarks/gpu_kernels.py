@@ -170,7 +170,7 @@ def window_table(lengths, window, B, H, G, d, dtypes, device, compile_flex=True)
             gen = torch.Generator(device=device).manual_seed(T)
             q, k, v, do = (torch.randn(B, n, T, d, device=device, dtype=dtype, generator=gen)
                            for n in (H, G, G, H))
-            block_mask = create_block_mask(  # SPEC: `<= W` would admit W + 1 keys
+            block_mask = create_block_mask(  # `<= W` would admit W + 1 keys
                 lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < window),
                 None, None, T, T, device=device)
             rows = [

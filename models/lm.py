@@ -74,7 +74,7 @@ class LanguageModel(nn.Module):
         return ModelCache([b.attn.init_cache(batch_size, device, dtype) for b in self.blocks])
 
     def cache_nbytes(self, context_len: int, batch_size: int = 1) -> int:
-        """Analytic cache size (SPEC.md) after `context_len` tokens."""
+        """Analytic cache size (docs/design.md, each variant's "Cache size") after `context_len` tokens."""
         elem = self.embed.weight.element_size()
         return batch_size * elem * sum(b.attn.cache_elements(context_len) for b in self.blocks)
 

@@ -5,7 +5,7 @@
 initial_state is A_{-1} (decayed at every step: A_t holds lam^(t+1) A_{-1}); final_state is
 A_{T-1}, so the next decode step is A_T = lam * A_{T-1} + eta * k_{T-W}^T v_{T-W}; it is
 kept in the wider of (q, decay) dtypes (fp32 for bf16 activations with fp32 decay).
-mode="chunk_mean" is the SPEC ablation (torch only). See reference.py for the forms.
+mode="chunk_mean" is the ablation of docs/design.md#the-chunk_mean-ablation (torch only). See reference.py for the forms.
 """
 import torch
 

@@ -1,4 +1,4 @@
-"""One Tensor Cache decode step in plain torch (SPEC "Tensor Cache", T = 1 at position `pos`).
+"""One Tensor Cache decode step in plain torch (docs/design.md#tensor-cache, T = 1 at position `pos`).
 
     ring     = (k, v) at positions pos-W .. pos-1, un-rotated; slot 0 leaves the window now
     o1       = softmax_i(rope(q, pos) . rope(k_i, i) * scale) v_i   over i in (pos-W, pos], i >= 0

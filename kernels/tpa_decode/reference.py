@@ -1,4 +1,4 @@
-"""TPA (T6) decode straight from the cached factors (SPEC "TPA / T6"); K and V never materialised.
+"""TPA (T6) decode straight from the cached factors (docs/design.md#tpa); K and V never materialised.
 
 For head j and cached position i:
     s_j(i) = 1/(Rq Rk sqrt(d)) sum_{r,s} a^q_{r,j} a^k_{s,j}(i) <b^q_r, b^k_s(i)>

@@ -1,5 +1,5 @@
 """Sliding-window softmax attention in plain torch: the materialised band mask, and the blocked
-form that costs O(T W) (SPEC "Sliding-window attention", "Window attention at O(T W)").
+form that costs O(T W) (docs/design.md#sliding-window-attention).
 
 Contract (shared by every form, the Triton kernel included): q (B, H, T, d), k (B, G, L, d),
 v (B, G, L, dv), L >= T, G dividing H (query head j reads KV head j // (H / G)). The queries are

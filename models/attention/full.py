@@ -1,4 +1,4 @@
-"""MHA / GQA / MQA: softmax attention with `n_kv_heads = g` (SPEC "Full-cache family").
+"""MHA / GQA / MQA: softmax attention with `n_kv_heads = g` (docs/design.md#full-attention-mha-gqa-mqa).
 
 Cache per token per layer: k and v for g heads, 2 * g * d_h elements.
 """

@@ -1,4 +1,4 @@
-"""Decayed linear attention (SPEC): S_t = lam S_{t-1} + eta k_t^T v_t, o_t = q_t S_t.
+"""Decayed linear attention (docs/design.md#decayed-linear-attention): S_t = lam S_{t-1} + eta k_t^T v_t, o_t = q_t S_t.
 
 Keys are L2-normalised (as in the Tensor Cache L2) so the state stays bounded.
 State per layer: h * d_h * d_h elements, constant in T.

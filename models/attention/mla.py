@@ -1,4 +1,4 @@
-"""Multi-head latent attention, DeepSeek-V2 style (SPEC "MLA").
+"""Multi-head latent attention, DeepSeek-V2 style (docs/design.md#mla).
 
 c_t = norm(W_dkv x_t) (d_c), k^C = W_uk c, v = W_uv c per head, one shared RoPE key
 k^R = RoPE(W_kr x_t) (d_r); q = [q^C ; RoPE(q^R)]. Cache per token per layer: d_c + d_r.

@@ -1,4 +1,4 @@
-"""Sliding-window attention (SPEC "SWA"): softmax over positions [t-W+1, t].
+"""Sliding-window attention (docs/design.md#sliding-window-attention): softmax over positions [t-W+1, t].
 
 The cache is a fixed ring of the W most recent past (k, v) pairs, keys stored un-rotated and
 rotated when read, so that a Tensor Cache can hand the oldest pair to its L2 memory as is.

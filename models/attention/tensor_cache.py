@@ -1,4 +1,4 @@
-"""Tensor Cache (SPEC "Tensor Cache"): L1 sliding window + L2 outer-product memory.
+"""Tensor Cache (docs/design.md#tensor-cache): L1 sliding window + L2 outer-product memory.
 
 L2 is fed ONLY by pairs evicted from the window: token i is written at step t = i + W,
     A_t = lam A_{t-1} + eta k_{t-W}^T v_{t-W},    o2_t = q_t A_t,

@@ -1,4 +1,4 @@
-"""Tensor Product Attention, T6 (SPEC "TPA / T6").
+"""Tensor Product Attention, T6 (docs/design.md#tpa).
 
 Q_t = (1/R_q) sum_r a^q_r(x_t) (outer) b^q_r(x_t), a in R^h, b in R^{d_h}; likewise K (R_k) and
 V (R_v). RoPE rotates the b^q, b^k factors only. The cache holds the factors a^k, b^k (rotated),

@@ -1,4 +1,4 @@
-"""The fused Tensor Cache decode step against a float64 loop re-derived from SPEC.md."""
+"""The fused Tensor Cache decode step against a float64 loop re-derived from docs/design.md#tensor-cache."""
 import math
 
 import pytest
@@ -26,7 +26,7 @@ def make_step(B=2, h=4, g=2, d=16, W=5, pos=9, dtype=torch.float64, seed=0, devi
 
 
 def loop_step(a, pos, normalize_k=True):
-    """Per (batch, head) scalar-indexed loop in float64: SPEC's equations, nothing shared."""
+    """Per (batch, head) scalar-indexed loop in float64: the design's equations, nothing shared."""
     q, ring_k, ring_v = a["q"].double(), a["ring_k"].double(), a["ring_v"].double()
     B, h, d = q.shape
     g, W = ring_k.shape[1], ring_k.shape[2]

@@ -1,7 +1,7 @@
 """Window attention: every form equals a materialised float64 band-masked softmax, forward and
 gradients of q, k, v (ragged T, W not dividing T, W = 1, W >= T, GQA, a cache prefix).
 
-The reference is written out here from SPEC "Sliding-window attention" (nothing imported from
+The reference is written out here from docs/design.md#sliding-window-attention (nothing imported from
 the code under test): query t, at key index t + L - T, sees keys j with 0 <= t + L - T - j < W.
 """
 import pytest

@@ -1,4 +1,4 @@
-"""SPEC invariant 2: the bytes a cache holds equal the analytic formula; bounded ones stay flat."""
+"""Invariant 2 (docs/design.md#invariants): the bytes a cache holds equal the analytic formula; bounded ones stay flat."""
 import pytest
 import torch
 
@@ -25,7 +25,7 @@ def test_nbytes_matches_formula(name):
 
 
 def test_formulas_by_hand():
-    """The analytic sizes written out from SPEC.md for the test shapes (fp32, 2 layers)."""
+    """The analytic sizes written out from docs/design.md for the test shapes (fp32, 2 layers)."""
     h, d, L, f32 = 4, 8, 2, 4
     expected_per_token = {
         "mha": 2 * h * d, "gqa": 2 * 2 * d, "mqa": 2 * 1 * d,

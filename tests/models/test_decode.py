@@ -1,4 +1,4 @@
-"""SPEC invariant 1: token-by-token decode == parallel forward == prefill-then-decode."""
+"""Invariant 1 (docs/design.md#invariants): token-by-token decode == parallel forward == prefill-then-decode."""
 import zlib
 
 import pytest

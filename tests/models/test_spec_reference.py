@@ -1,4 +1,4 @@
-"""SWA and Tensor Cache layers against SPEC.md written out as materialised float64 attention.
+"""SWA and Tensor Cache layers against docs/design.md written out as materialised float64 attention.
 
 Decode-vs-forward cannot catch a window or a delay that is wrong the same way in both paths;
 this builds the band mask, the eviction matrix M[t, i] = lam^(t-i-W) (t - i >= W) and RoPE

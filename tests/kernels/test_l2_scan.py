@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from kernels.l2_scan import evicted_scan, evicted_scan_triton
+
+from ..helpers import assert_all_close, rel_err
 from kernels.l2_scan.reference import (chunk_mean_scan, chunk_mean_scan_loop,
                                        evicted_scan_chunked, evicted_scan_loop)
 
@@ -16,11 +18,6 @@ SHAPES = [(2, 3, 37, 5, 16), (1, 1, 37, 0, 8), (2, 2, 20, 25, 16), (1, 3, 64, 16
           (2, 2, 33, 3, 1), (1, 2, 5, 2, 64), (1, 2, 40, 21, 7)]
 # The issue's grid, W in {1, 3, 16} x C in {1, 4, 16}, at a ragged T.
 SHAPES += [(2, 2, 23, W, C) for W in (1, 3, 16) for C in (1, 4, 16)]
-
-
-def rel_err(a, b):
-    """Max abs error relative to the reference's largest entry (0 when both are exactly 0)."""
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
 
 
 def make_inputs(B, H, T, Dk=8, Dv=6, dtype=torch.float64, seed=0, device="cpu"):
@@ -48,10 +45,9 @@ def run_with_grads(fn, inputs, seed=1):
         torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]
 
 
-def assert_all_close(got, want, tol):
+def assert_scan_close(got, want, tol):
     names = ["o", "final_state", "dq", "dk", "dv", "ddecay", "dwrite_rate", "dinitial_state"]
-    for name, a, b in zip(names, got, want):
-        assert rel_err(a, b) <= tol, (name, rel_err(a, b))
+    assert_all_close(names[:len(got)], got, want, tol)
 
 
 def loop(window):
@@ -77,7 +73,7 @@ def test_chunked_equals_loop(B, H, T, W, C, dtype):
     want = run_with_grads(loop(W), inputs)
     got = run_with_grads(lambda q, k, v, lam, eta, h0: evicted_scan_chunked(
         q, k, v, lam, eta, W, C, initial_state=h0, output_final_state=True), inputs)
-    assert_all_close(got, want, TOL[dtype])
+    assert_scan_close(got, want, TOL[dtype])
 
 
 def test_dispatcher_on_cpu_is_the_exact_scan():
@@ -117,7 +113,7 @@ def test_chunk_mean_equals_its_loop(B, H, T, W, C, dtype):
     got = run_with_grads(lambda q, k, v, lam, eta, h0: evicted_scan(
         q, k, v, lam, eta, W, C, mode="chunk_mean", initial_state=h0, output_final_state=True),
         inputs)
-    assert_all_close(got, want, TOL[dtype])
+    assert_scan_close(got, want, TOL[dtype])
 
 
 def test_chunk_mean_loop_is_the_formula():
@@ -138,7 +134,7 @@ def test_chunk_mean_is_exact_at_c1_and_differs_beyond():
     exact = run_with_grads(loop(3), inputs)
     mean_c1 = run_with_grads(lambda q, k, v, lam, eta, h0: chunk_mean_scan(
         q, k, v, lam, eta, 3, 1, initial_state=h0, output_final_state=True), inputs)
-    assert_all_close(mean_c1, exact, 1e-12)
+    assert_scan_close(mean_c1, exact, 1e-12)
     q, k, v, lam, eta, _ = inputs
     gaps = [rel_err(chunk_mean_scan(q, k, v, lam, eta, 3, C)[0], exact[0]) for C in (2, 8)]
     assert 1e-3 < gaps[0] and 1e-3 < gaps[1]
@@ -160,7 +156,7 @@ TRITON_SHAPES = [(2, 3, 37, 5, 16, 16, 16), (1, 1, 20, 0, 16, 16, 16), (2, 2, 20
 def test_triton_equals_loop(B, H, T, W, C, Dk, Dv):
     inputs = make_inputs(B, H, T, Dk, Dv, dtype=torch.float32, seed=T + W)
     want = run_with_grads(loop(W), inputs)
-    assert_all_close(run_with_grads(triton_scan(W, C), inputs), want, 1e-5)
+    assert_scan_close(run_with_grads(triton_scan(W, C), inputs), want, 1e-5)
 
 
 def test_triton_without_initial_or_final_state():
@@ -191,4 +187,4 @@ def test_triton_on_gpu_low_precision(dtype, tol):
         q, k, v, lam, eta, 37, 64, initial_state=h0, output_final_state=True)
     got = [x.double() for x in run_with_grads(fast, inputs)]
     want = run_with_grads(loop(37), [x.double() for x in inputs])
-    assert_all_close(got, want, tol)
+    assert_scan_close(got, want, tol)

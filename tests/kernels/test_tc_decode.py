@@ -8,6 +8,8 @@ from kernels.tc_decode import tc_decode, tc_decode_triton
 from kernels.tc_decode.reference import tc_decode_reference
 from models.rope import rope_cos_sin
 
+from ..helpers import rel_err
+
 
 def make_step(B=2, h=4, g=2, d=16, W=5, pos=9, dtype=torch.float64, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
@@ -67,10 +69,6 @@ def loop_step(a, pos, normalize_k=True):
             new_state[b, j] = A
             o[b, j] = o1 + a["gate"][j].double() * (q[b, j] @ A)
     return o, new_state
-
-
-def rel_err(x, y):
-    return (x.double() - y.double()).abs().max().item() / y.double().abs().max().item()
 
 
 @pytest.mark.parametrize("B,h,g,d,W,pos,normalize", [

@@ -7,6 +7,8 @@ import torch
 from kernels.tpa_decode import tpa_decode, tpa_decode_triton
 from kernels.tpa_decode.reference import tpa_decode_reference
 
+from ..helpers import rel_err
+
 
 def make_factors(B=2, L=37, h=4, d=16, Rq=6, Rk=2, Rv=3, dtype=torch.float64, seed=0,
                  device="cpu"):
@@ -23,10 +25,6 @@ def materialised_attention(a_q, b_q, a_k, b_k, a_v, b_v):
     V = torch.einsum("blsh,blsd->blhd", a_v, b_v) / a_v.shape[2]
     p = torch.softmax(torch.einsum("bhd,blhd->bhl", Q, K) / math.sqrt(Q.shape[-1]), dim=-1)
     return torch.einsum("bhl,blhd->bhd", p, V)
-
-
-def rel_err(a, b):
-    return (a.double() - b.double()).abs().max().item() / b.abs().max().item()
 
 
 @pytest.mark.parametrize("B,L,h,d,Rq,Rk,Rv", [(2, 37, 4, 16, 6, 2, 3), (1, 1, 3, 8, 1, 1, 1),

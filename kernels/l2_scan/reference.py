@@ -1,4 +1,4 @@
-"""Plain torch forms of the evicted-write (L2) scan of the Tensor Cache (SPEC "Tensor Cache").
+"""Plain torch forms of the evicted-write (L2) scan of the Tensor Cache (docs/design.md#the-exact-chunked-scan).
 
 Per head, 0-indexed positions t, window W, decay lam, write rate eta (write, then read):
 
@@ -52,36 +52,45 @@ def evicted_scan_chunked(q, k, v, decay, write_rate, window, chunk_size=64, init
         o_{nC+j} = lam^(j+1) q_j S_n + eta * sum_{i<=j} lam^(j-i) <q_j, k'_i> v'_i
         S_{n+1}  = lam^L S_n + eta * sum_i lam^(L-1-i) k'_i^T v'_i     (S after the last = A_{T-1})
     Every power is exp(e * log lam) with e >= 0, so nothing blows up for small lam. The delay
-    is index arithmetic on k and v (no shifted copies); each chunk's tiles stay in cache, which
-    on a CPU beats one batched pass over all chunks (those intermediates page-fault).
+    is an explicit shifted copy k' = delay(k, W), v' = delay(v, W) (zero for t < W; rows j of a
+    chunk with t < W are still skipped, as before). q, k', v' are cut into chunks by ONE split
+    each, whose backward is one cat: O(T), where a slice per chunk would materialise a (T, d)
+    gradient per chunk, O(T^2 / C). Each chunk's tiles stay in cache, which on a CPU beats one
+    batched pass over all chunks (those intermediates page-fault).
     """
     B, H, T, Dk = q.shape
     Dv, C = v.shape[-1], chunk_size
     out_dtype = v.dtype
     dtype = torch.promote_types(q.dtype, decay.dtype)  # e.g. bf16 activations, fp32 decay
     # (B*H, ...) views so each step is one bmm / baddbmm_ (fused add) over all heads.
-    q, k, v = (x.to(dtype).reshape(B * H, T, x.shape[-1]) for x in (q, k, v))
+    q = q.to(dtype).reshape(B * H, T, Dk)
+    k = delay(k.to(dtype), window).reshape(B * H, T, Dk)
+    v = delay(v.to(dtype), window).reshape(B * H, T, Dv)
     log_lam = torch.log(decay).to(dtype).repeat(B).view(B * H, 1, 1)
     eta = write_rate.to(dtype).repeat(B).view(B * H, 1, 1)
     j = torch.arange(C, device=q.device, dtype=q.dtype)
     lag = j[:, None] - j[None, :]
     intra = eta * torch.where(lag >= 0, torch.exp(lag.clamp(min=0) * log_lam), 0.0)  # (BH,C,C)
     read = torch.exp((j + 1).view(C, 1) * log_lam)  # lam^(j+1), (BH,C,1)
+    decay_C = torch.exp(C * log_lam)  # lam^C
+    write_C = eta * torch.exp((C - 1 - j).view(C, 1) * log_lam)  # eta lam^(C-1-i), (BH,C,1)
     S = (q.new_zeros(B * H, Dk, Dv) if initial_state is None
          else initial_state.to(dtype).reshape(B * H, Dk, Dv))
     outs = []
-    for t0 in range(0, T, C):
-        L = min(C, T - t0)
-        q_n = q[:, t0:t0 + L]
-        o_n = (q_n * read[:, :L]) @ S
+    chunks = zip(q.split(C, dim=1), k.split(C, dim=1), v.split(C, dim=1)) if T else ()
+    for n, (q_n, k_n, v_n) in enumerate(chunks):
+        t0, L = n * C, q_n.shape[1]
         first = min(max(window - t0, 0), L)  # rows j < first have no evicted pair yet
-        S = torch.exp(L * log_lam) * S
+        full = L == C and first == 0  # the common case: the precomputed weights, no slicing
+        o_n = (q_n * (read if L == C else read[:, :L])) @ S
+        S = (decay_C if L == C else torch.exp(L * log_lam)) * S
         if first < L:
-            k_n = k[:, t0 + first - window:t0 + L - window]
-            v_n = v[:, t0 + first - window:t0 + L - window]
+            if first:
+                k_n, v_n = k_n[:, first:], v_n[:, first:]  # slices of one chunk: O(C) backward
+            w_intra = intra if full else intra[:, :L, first:L]
+            write = write_C if full else eta * torch.exp((L - 1 - j[first:L]).view(-1, 1) * log_lam)
             # In place on fresh matmul/mul outputs (autograd keeps their inputs, not them).
-            o_n.baddbmm_((q_n @ k_n.transpose(1, 2)) * intra[:, :L, first:L], v_n)
-            write = eta * torch.exp((L - 1 - j[first:L]).view(-1, 1) * log_lam)
+            o_n.baddbmm_((q_n @ k_n.transpose(1, 2)) * w_intra, v_n)
             S.baddbmm_((k_n * write).transpose(1, 2), v_n)
         outs.append(o_n)
     o = torch.cat(outs, dim=1) if outs else q.new_zeros(B * H, 0, Dv)

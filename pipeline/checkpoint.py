@@ -6,9 +6,12 @@ Layout of one variant's folder:
     model.safetensors  model.json               the final weights + metadata, once complete
 Every file is written to a temp name and `os.replace`d; `latest.json` moves only after the
 step's pair is complete, so a `kill -9` at any moment leaves a loadable checkpoint.
+Each JSON records the sha256 of its safetensors file (`weights_sha256`), checked whenever the
+weights are read: a file changed or cut on disk raises `CorruptCheckpoint`, naming it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +24,28 @@ from safetensors.torch import load_file, save_file
 LATEST = "latest.json"
 FINAL_WEIGHTS = "model.safetensors"
 FINAL_META = "model.json"
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint file whose bytes are not the ones written (the message names it)."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path: Path, expected: str | None) -> None:
+    """Raise CorruptCheckpoint unless `path` exists and hashes to `expected` (None: not recorded,
+    as in checkpoints written before digests existed)."""
+    if not Path(path).exists():
+        raise CorruptCheckpoint(f"{path}: missing")
+    if expected is not None and file_sha256(path) != expected:
+        raise CorruptCheckpoint(f"{path}: its bytes do not match the sha256 recorded when it was "
+                                f"written (changed or cut on disk)")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -82,7 +107,8 @@ def save(ckpt_dir: Path, step: int, model, optimizer, meta: dict) -> None:
             tensors[f"rng.cuda.{i}"] = s
     stem = f"step-{step:06d}"
     _atomic_write(ckpt_dir / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp))
-    write_json(ckpt_dir / f"{stem}.json", {**meta, "step": step, "optimizer": optim_meta})
+    write_json(ckpt_dir / f"{stem}.json", {**meta, "step": step, "optimizer": optim_meta,
+                                           "weights_sha256": file_sha256(ckpt_dir / f"{stem}.safetensors")})
     write_json(ckpt_dir / LATEST, {"step": step, "stem": stem})
     for old in ckpt_dir.glob("step-*"):
         if not old.name.startswith(stem):
@@ -99,11 +125,14 @@ def load_latest(ckpt_dir: Path) -> dict | None:
 
 
 def restore(ckpt_dir: Path, model, optimizer) -> dict:
-    """Load weights, optimizer and RNG state of the last committed step; returns its metadata."""
+    """Load weights, optimizer and RNG state of the last committed step; returns its metadata.
+    Raises CorruptCheckpoint when the step's file is not the one written."""
     ckpt_dir = Path(ckpt_dir)
     latest = read_json(ckpt_dir / LATEST)
     meta = read_json(ckpt_dir / f"{latest['stem']}.json")
-    tensors = load_file(ckpt_dir / f"{latest['stem']}.safetensors")
+    weights = ckpt_dir / f"{latest['stem']}.safetensors"
+    verify(weights, meta.get("weights_sha256"))
+    tensors = load_file(weights)
     device = next(model.parameters()).device
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     optim = {k: v.to(device) if not k.endswith(".step") else v for k, v in tensors.items()
@@ -122,15 +151,28 @@ def save_final(ckpt_dir: Path, model, meta: dict) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # clone: tied weights share storage
     _atomic_write(ckpt_dir / FINAL_WEIGHTS, lambda tmp: save_file(weights, tmp))
-    write_json(ckpt_dir / FINAL_META, {**meta, "complete": True})
+    write_json(ckpt_dir / FINAL_META, {**meta, "complete": True,
+                                       "weights_sha256": file_sha256(ckpt_dir / FINAL_WEIGHTS)})
 
 
-def load_final_meta(ckpt_dir: Path) -> dict | None:
+def discard_steps(ckpt_dir: Path) -> None:
+    """Forget the resumable state (a corrupt step): the run starts again from step 0."""
+    for path in [Path(ckpt_dir) / LATEST, *Path(ckpt_dir).glob("step-*")]:
+        path.unlink(missing_ok=True)
+
+
+def load_final_meta(ckpt_dir: Path, check: bool = True) -> dict | None:
+    """The finished model's metadata, None when the run has not finished; with `check`, raises
+    CorruptCheckpoint when its weights are not the bytes written."""
     path = Path(ckpt_dir) / FINAL_META
-    if not path.exists() or not (Path(ckpt_dir) / FINAL_WEIGHTS).exists():
+    if not path.exists():
         return None
     meta = read_json(path)
-    return meta if meta.get("complete") else None
+    if not meta.get("complete"):
+        return None
+    if check:
+        verify(Path(ckpt_dir) / FINAL_WEIGHTS, meta.get("weights_sha256"))
+    return meta
 
 
 def load_model(ckpt_dir: Path):

@@ -198,8 +198,26 @@ def make_retrieval(cfg, haystack: bytes, seed: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- prepare
+class DataCorrupt(RuntimeError):
+    """A prepared file whose bytes are not the ones `prepare` wrote (the message names it)."""
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def verify_prepared(data_dir: Path) -> dict:
+    """The manifest, after checking every prepared file against the sha256 it records."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "manifest.json").exists():
+        raise DataCorrupt(f"{data_dir / 'manifest.json'}: missing; run the prepare stage (make repro)")
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    for rel, sha in manifest["files"].items():
+        path = data_dir / rel
+        if not path.exists() or _sha256(path) != sha:
+            raise DataCorrupt(f"{path}: missing or not the bytes prepare wrote (see {data_dir / 'manifest.json'}); "
+                              f"prepare it again: make repro (or dvc repro -f -s prepare)")
+    return manifest
 
 
 def prepare(cfg, out_dir: Path) -> dict:

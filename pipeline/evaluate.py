@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from pipeline import checkpoint, fanout, tracking
+from pipeline.data import verify_prepared
 from pipeline.fingerprint import digest, source_hash
 from pipeline.jobs import EvalJob
 from pipeline.params import Params
@@ -43,7 +44,8 @@ def eval_jobs(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expor
         final = checkpoint.load_final_meta(ckpt_root / run.name)
         if final is None:
             raise FileNotFoundError(f"{ckpt_root / run.name}: no completed checkpoint; run the train stage")
-        fingerprint = digest({"ckpt": final["fingerprint"], "eval": params.eval.model_dump(mode="json"),
+        fingerprint = digest({"ckpt": final["fingerprint"], "weights": final.get("weights_sha256"),
+                              "eval": params.eval.model_dump(mode="json"),
                               "mqar": params.data.mqar.model_dump(mode="json"), "tasks": tasks,
                               "ref_window": ref_window, "code": code})
         jobs[run.name] = EvalJob(
@@ -95,6 +97,7 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
                  results_dir: Path, metrics_path: Path) -> int:
     from pipeline.evaluation import evaluate_run
 
+    verify_prepared(data_dir)
     jobs = eval_jobs(params, root, data_dir, ckpt_root, export_root)
     train_metrics = Path("metrics/train.json")
     train_runs = checkpoint.read_json(train_metrics)["variants"] if train_metrics.exists() else {}

@@ -114,8 +114,12 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
     start, history = 0, []
     latest = checkpoint.load_latest(ckpt_dir)
     if latest is not None and latest.get("fingerprint") == job.fingerprint:
-        meta = checkpoint.restore(ckpt_dir, model, optimizer)
-        start, history = meta["step"], meta["history"]
+        try:
+            meta = checkpoint.restore(ckpt_dir, model, optimizer)  # verified before anything loads
+            start, history = meta["step"], meta["history"]
+        except checkpoint.CorruptCheckpoint as err:
+            print(f"[train] {job.run}: {err}: not resumed; the run starts again from step 0", flush=True)
+            checkpoint.discard_steps(ckpt_dir)
     meta_base = {"run": job.run, "variant": job.variant, "fingerprint": job.fingerprint,
                  "seed": seed,
                  "model_config": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from pipeline import checkpoint, fanout, tracking
+from pipeline.data import verify_prepared
 from pipeline.fingerprint import digest, source_hash
 from pipeline.jobs import TrainJob
 from pipeline.params import Params, Run
@@ -28,13 +29,16 @@ TRAIN_CODE = ("models", "kernels", "pipeline/train.py", "pipeline/data.py", "pip
               "pipeline/checkpoint.py")
 
 
-def train_job(params: Params, run: Run, code: str, data_dir: Path, ckpt_root: Path) -> TrainJob:
-    """Everything one run depends on, and its fingerprint. The train block holds only this
-    run's seed, so adding a seed to the study retrains nothing else."""
+def train_job(params: Params, run: Run, code: str, data_dir: Path, ckpt_root: Path,
+              data_files: dict[str, str]) -> TrainJob:
+    """Everything one run depends on, and its fingerprint: the config (the train block holds
+    only this run's seed, so adding a seed retrains nothing else), the code and the sha256 of
+    every prepared data file (`data_files`, from the verified manifest)."""
     model = params.model_config_for(run.variant)
     train = params.train.model_copy(update={"seeds": [run.seed]})
     fingerprint = digest({"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
-                          "data": params.data.model_dump(mode="json"), "code": code})
+                          "data": params.data.model_dump(mode="json"), "code": code,
+                          "data_files": data_files})
     return TrainJob(run=run.name, variant=run.variant, seed=run.seed, model=model, train=train,
                     fingerprint=fingerprint, data_dir=str(data_dir.resolve()),
                     ckpt_dir=str((ckpt_root / run.name).resolve()), threads=params.compute.cpus_per_job,
@@ -140,7 +144,7 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
     for job in jobs:
         ckpt_dir = Path(job.ckpt_dir)
         latest = checkpoint.load_latest(ckpt_dir)
-        final = checkpoint.load_final_meta(ckpt_dir)
+        final = checkpoint.load_final_meta(ckpt_dir, check=False)  # only its fingerprint is read
         if any(m is not None and m.get("fingerprint") != job.fingerprint for m in (latest, final)):
             shutil.rmtree(ckpt_dir)  # trained under another config or code
             latest = None
@@ -182,11 +186,15 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
 
 def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, metrics_path: Path) -> int:
     """Train every run that needs it; write `metrics_path`; 0 if all succeeded, else 1."""
-    code = source_hash(TRAIN_CODE)
-    jobs = {run.name: train_job(params, run, code, data_dir, ckpt_root) for run in params.runs()}
+    code, data_files = source_hash(TRAIN_CODE), verify_prepared(data_dir)["files"]
+    jobs = {run.name: train_job(params, run, code, data_dir, ckpt_root, data_files) for run in params.runs()}
     complete = {}
     for name, job in jobs.items():
-        final = checkpoint.load_final_meta(ckpt_root / name)
+        try:
+            final = checkpoint.load_final_meta(ckpt_root / name)
+        except checkpoint.CorruptCheckpoint as err:  # not trusted: trained (or resumed) again
+            print(f"[train] {name}: {err}: training it again", flush=True)
+            final = None
         if final is not None and final["fingerprint"] == job.fingerprint:
             complete[name] = final
     todo = [job for name, job in jobs.items() if name not in complete]

@@ -40,13 +40,22 @@ def load_or_exit(path: str) -> Params:
         raise SystemExit(2) from None
 
 
-def run_on_ray(params_path: str, job: Callable[[], int]) -> None:
-    """Run a Ray-backed stage; a cluster that cannot serve the request exits 2 with its reason."""
+def run_stage(params_path: str, job: Callable[[], int]) -> None:
+    """Run a stage; a cluster that cannot serve the request, or an input file that is not the one
+    written (data, checkpoint), exits 2 with one line that names it and what to do."""
+    from pipeline.checkpoint import CorruptCheckpoint
+    from pipeline.data import DataCorrupt
     from pipeline.fanout import ComputeError
 
     try:
         code = job()
     except ComputeError as err:
         print(f"{Path(params_path).name}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except CorruptCheckpoint as err:
+        print(f"{err}: run the train stage (make repro) to train it again", file=sys.stderr)
+        raise SystemExit(2) from None
+    except DataCorrupt as err:
+        print(str(err), file=sys.stderr)
         raise SystemExit(2) from None
     raise SystemExit(code)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import load_or_exit, parse_args, run_on_ray
+from stages import load_or_exit, parse_args, run_stage
 
 
 def main() -> None:
@@ -12,7 +12,7 @@ def main() -> None:
     from pipeline.evaluate import run_evaluate
     from pipeline.tracking import repo_root
 
-    run_on_ray(args.params, lambda: run_evaluate(
+    run_stage(args.params, lambda: run_evaluate(
         params, repo_root(), Path("data"), Path("checkpoints"), Path("exports"),
         Path("results/eval"), Path("metrics/eval.json")))
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import load_or_exit, parse_args
+from stages import load_or_exit, parse_args, run_stage
 
 
 def main() -> None:
@@ -12,8 +12,8 @@ def main() -> None:
     from pipeline.export import run_export
     from pipeline.tracking import repo_root
 
-    raise SystemExit(run_export(params, repo_root(), Path("checkpoints"), Path("exports"),
-                                Path("metrics/train.json"), Path("metrics/export.json")))
+    run_stage(args.params, lambda: run_export(params, repo_root(), Path("checkpoints"), Path("exports"),
+                                              Path("metrics/train.json"), Path("metrics/export.json")))
 
 
 if __name__ == "__main__":

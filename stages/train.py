@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import load_or_exit, parse_args, run_on_ray
+from stages import load_or_exit, parse_args, run_stage
 
 
 def main() -> None:
@@ -12,7 +12,7 @@ def main() -> None:
     from pipeline.train_stage import run_training
     from pipeline.tracking import repo_root
 
-    run_on_ray(args.params, lambda: run_training(
+    run_stage(args.params, lambda: run_training(
         params, repo_root(), Path("data"), Path("checkpoints"), Path("metrics/train.json")))
 
 

@@ -1,3 +1,6 @@
+import hashlib
+
+import pytest
 import torch
 
 from models import ModelConfig, build_model
@@ -52,4 +55,35 @@ def test_only_latest_step_kept_and_pointer_is_the_commit(tmp_path):
     assert checkpoint.load_latest(tmp_path)["step"] == 2
     assert checkpoint.load_final_meta(tmp_path) is None
     checkpoint.save_final(tmp_path, model, {"fingerprint": "f"})
-    assert checkpoint.load_final_meta(tmp_path) == {"fingerprint": "f", "complete": True}
+    assert checkpoint.load_final_meta(tmp_path) == {
+        "fingerprint": "f", "complete": True,
+        "weights_sha256": hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()}
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_checkpoint_is_named_never_loaded(tmp_path, damage):
+    model, opt = _model_and_optimizer(0)
+    _step(model, opt)
+    checkpoint.save(tmp_path, 1, model, opt, {"history": []})
+    checkpoint.save_final(tmp_path, model, {"fingerprint": "f"})
+    for name in ("step-000001.safetensors", "model.safetensors"):
+        path = tmp_path / name
+        data = path.read_bytes()
+        if damage == "flip":  # same size, a few random bytes changed
+            at = torch.randint(0, len(data) - 8, (1,)).item()
+            path.write_bytes(data[:at] + bytes(8 * [data[at] ^ 0xFF]) + data[at + 8:])
+        elif damage == "truncate":
+            path.write_bytes(data[: len(data) // 2])
+        else:
+            path.unlink()
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="model.safetensors"):
+        checkpoint.load_final_meta(tmp_path)
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="model.safetensors"):
+        checkpoint.load_model(tmp_path)
+    model2, opt2 = _model_and_optimizer(1)
+    before = {k: v.clone() for k, v in model2.state_dict().items()}
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="step-000001.safetensors"):
+        checkpoint.restore(tmp_path, model2, opt2)
+    assert all(torch.equal(v, before[k]) for k, v in model2.state_dict().items())  # nothing loaded
+    checkpoint.discard_steps(tmp_path)
+    assert checkpoint.load_latest(tmp_path) is None

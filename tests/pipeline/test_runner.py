@@ -71,6 +71,30 @@ def test_failing_variant_is_reported_and_others_finish(tiny_project):
     assert m["mha"]["trained"] is False and m["swa"]["trained"] is True
 
 
+def test_damaged_weights_and_data_are_caught_not_trusted(tiny_project):
+    """Weights cut or changed on disk are trained again (to the same metrics: batches are pure
+    functions of (seed, step)); data that is not what prepare wrote stops the stage at once."""
+    assert run_stage(tiny_project, "train").returncode == 0
+    first = _metrics(tiny_project)["variants"]["mha"]
+    ckpt = tiny_project / "checkpoints" / "mha"
+    for name in ("model.safetensors", "step-000030.safetensors"):
+        data = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(data[: len(data) // 2])
+    result = run_stage(tiny_project, "train")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[train] mha: checkpoints/mha/model.safetensors: its bytes do not match the sha256" in result.stdout
+    second = _metrics(tiny_project)["variants"]["mha"]
+    assert second["trained"] is True
+    assert {k: v for k, v in second.items() if k.startswith("val/")} == \
+        {k: v for k, v in first.items() if k.startswith("val/")}
+
+    train_bin = tiny_project / "data" / "text" / "train.bin"
+    train_bin.write_bytes(train_bin.read_bytes()[:-100])
+    result = run_stage(tiny_project, "train", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("data/text/train.bin: missing or not the bytes prepare wrote")
+
+
 def test_gpu_request_on_cpu_cluster_fails_fast(tiny_project):
     params = yaml.safe_load((tiny_project / "params.yaml").read_text())
     params["compute"]["gpus_per_job"] = 1

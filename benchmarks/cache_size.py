@@ -26,6 +26,7 @@ DEFAULT_VARIANTS = {
     "mqa": {"kind": "mqa"},
     "mla": {"kind": "mla", "kv_lora_rank": 32, "rope_dim": 16},
     "tpa": {"kind": "tpa", "rank_q": 6, "rank_k": 2, "rank_v": 2},
+    "tpa_kvonly": {"kind": "tpa", "rank_q": None, "rank_k": 2, "rank_v": 2},
     "swa": {"kind": "swa", "window": 64},
     "linear": {"kind": "linear"},
     "tensor_cache": {"kind": "tensor_cache", "window": 64},

@@ -26,7 +26,7 @@ class MLAConfig(_AttentionBase):
 
 class TPAConfig(_AttentionBase):
     kind: Literal["tpa"] = "tpa"
-    rank_q: int = Field(6, ge=1)
+    rank_q: Optional[int] = Field(6, ge=1, description="None: TPA-KVonly, a plain query projection")
     rank_k: int = Field(2, ge=1)
     rank_v: int = Field(2, ge=1)
 

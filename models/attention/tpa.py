@@ -1,7 +1,9 @@
 """Tensor Product Attention, T6 (docs/design.md#tpa).
 
 Q_t = (1/R_q) sum_r a^q_r(x_t) (outer) b^q_r(x_t), a in R^h, b in R^{d_h}; likewise K (R_k) and
-V (R_v). RoPE rotates the b^q, b^k factors only. The cache holds the factors a^k, b^k (rotated),
+V (R_v). RoPE rotates the b^q, b^k factors only. TPA-KVonly (`rank_q: None`) projects the
+query plainly, q = RoPE(x W_q), and factorises k and v alone; its decode writes q as h rank-one
+factors e_j (outer) q_j (R_q = h), so the same factor decode serves both. The cache holds the factors a^k, b^k (rotated),
 a^v, b^v: (R_k + R_v) * (h + d_h) elements per token per layer; decode scores straight from them.
 """
 from __future__ import annotations
@@ -21,7 +23,8 @@ class TensorProductAttention(nn.Module):
         super().__init__()
         a = cfg.attention
         self.h, self.d_h, self.rope_base = cfg.n_heads, cfg.d_head, cfg.rope_base
-        self.ranks = {"q": a.rank_q, "k": a.rank_k, "v": a.rank_v}
+        self.ranks = {"k": a.rank_k, "v": a.rank_v} | ({"q": a.rank_q} if a.rank_q else {})
+        self.q_proj = None if a.rank_q else nn.Linear(cfg.d_model, self.h * self.d_h, bias=False)
         self.a_proj = nn.ModuleDict({n: nn.Linear(cfg.d_model, r * self.h, bias=False) for n, r in self.ranks.items()})
         self.b_proj = nn.ModuleDict({n: nn.Linear(cfg.d_model, r * self.d_h, bias=False) for n, r in self.ranks.items()})
         self.o_proj = nn.Linear(self.h * self.d_h, cfg.d_model, bias=False)
@@ -47,16 +50,22 @@ class TensorProductAttention(nn.Module):
         T = x.shape[1]
         q_pos = torch.arange(pos, pos + T, device=x.device)
         cos, sin = rope_cos_sin(q_pos, self.d_h, self.rope_base, x.dtype)
-        a_q, b_q = self.factors(x, "q", cos, sin)
+        if self.q_proj is None:
+            a_q, b_q = self.factors(x, "q", cos, sin)
+        else:  # KV-only: b_q row j is head j's rotated query, (B, T, h, d_h)
+            a_q, b_q = None, apply_rope(self.q_proj(x).view(*x.shape[:2], self.h, self.d_h),
+                                        cos[:, None], sin[:, None])
         a_k, b_k = self.factors(x, "k", cos, sin)
         a_v, b_v = self.factors(x, "v")
         if cache is not None:
             a_k, b_k, a_v, b_v = cache.update(a_k, b_k, a_v, b_v)
         if cache is not None and T == 1:  # decode from the factors alone
+            if a_q is None:  # the plain query as h rank-one factors e_j (outer) q_j (R_q = h)
+                a_q = torch.eye(self.h, dtype=x.dtype, device=x.device).mul(self.h).expand(x.shape[0], 1, -1, -1)
             o = tpa_decode(a_q[:, 0], b_q[:, 0], a_k, b_k, a_v, b_v)[:, :, None]  # (B, h, 1, d_h)
         else:
-            o = attend(self.materialise(a_q, b_q), self.materialise(a_k, b_k),
-                       self.materialise(a_v, b_v))
+            q = self.materialise(a_q, b_q) if a_q is not None else b_q.transpose(1, 2)
+            o = attend(q, self.materialise(a_k, b_k), self.materialise(a_v, b_v))
         return self.o_proj(merge_heads(o))
 
     def init_cache(self, batch_size, device, dtype) -> AppendCache:

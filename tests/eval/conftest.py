@@ -13,6 +13,7 @@ KINDS = {
     "tensor_cache_chunk_mean": {"kind": "tensor_cache", "window": 8, "chunk_size": 8,
                                 "write": "chunk_mean"},
     "tpa": {"kind": "tpa", "rank_q": 2, "rank_k": 2, "rank_v": 1},
+    "tpa_kvonly": {"kind": "tpa", "rank_q": None, "rank_k": 2, "rank_v": 1},
     "mla": {"kind": "mla", "kv_lora_rank": 8, "rope_dim": 4},
     "gqa": {"kind": "gqa", "n_kv_heads": 1},
     "mha": {"kind": "mha"},

@@ -29,7 +29,7 @@ def test_formulas_by_hand():
     h, d, L, f32 = 4, 8, 2, 4
     expected_per_token = {
         "mha": 2 * h * d, "gqa": 2 * 2 * d, "mqa": 2 * 1 * d,
-        "mla": 12 + 4, "tpa": (2 + 2) * (h + d),
+        "mla": 12 + 4, "tpa": (2 + 2) * (h + d), "tpa_kvonly": (2 + 1) * (h + d),
     }
     for name, per_token in expected_per_token.items():
         assert build_model(config(name)).cache_nbytes(100) == 100 * per_token * L * f32, name

@@ -35,7 +35,7 @@ def test_decode_equals_forward(name):
 
 def test_chunked_prefill_equals_forward():
     """Prefill in several pieces (each longer than the window) equals one forward."""
-    for name in ("tensor_cache", "swa", "mla", "tpa", "linear"):
+    for name in ("tensor_cache", "swa", "mla", "tpa", "tpa_kvonly", "linear"):
         torch.manual_seed(1)
         model = build_model(config(name)).eval()
         ids = torch.randint(0, 37, (1, 40))
@@ -97,3 +97,15 @@ def test_greedy_generate_matches_argmax_of_forward():
     with torch.no_grad():  # each generated token is the argmax of a full forward over its prefix
         logits = model(out[:, :-1])
     assert torch.equal(logits[:, 6:].argmax(-1), out[:, 7:])
+
+
+def test_tpa_kvonly_has_a_plain_query_and_caches_only_k_v_factors():
+    cfg = config("tpa_kvonly")
+    model = build_model(cfg).eval()
+    attn = model.blocks[0].attn
+    assert attn.q_proj is not None and set(attn.a_proj) == set(attn.b_proj) == {"k", "v"}
+    with torch.no_grad():
+        _, cache = decode_all(model, torch.randint(0, 37, (2, 9)), prefill=3)
+    h, d = cfg.n_heads, cfg.d_head
+    shapes = {n: tuple(t.shape) for n, t in cache.layers[0].tensors().items()}
+    assert shapes == {"a_k": (2, 9, 2, h), "b_k": (2, 9, 2, d), "a_v": (2, 9, 1, h), "b_v": (2, 9, 1, d)}

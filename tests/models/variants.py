@@ -11,6 +11,7 @@ ATTENTION = {
     "mqa": {"kind": "mqa"},
     "mla": {"kind": "mla", "kv_lora_rank": 12, "rope_dim": 4},
     "tpa": {"kind": "tpa", "rank_q": 3, "rank_k": 2, "rank_v": 2},
+    "tpa_kvonly": {"kind": "tpa", "rank_q": None, "rank_k": 2, "rank_v": 1},
     "swa": {"kind": "swa", "window": 5},
     "swa_w1": {"kind": "swa", "window": 1},
     "linear": {"kind": "linear", "chunk_size": 4},

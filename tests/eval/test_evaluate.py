@@ -14,5 +14,5 @@ def test_tensor_cache_memory_is_flat_while_generating(exports):
 def test_full_cache_grows_with_the_context(exports):
     root, _ = exports
     p = probe_subprocess(root / "ckpt" / "gqa", 1024, 4, "prefill", 1)
-    # gqa: 2 layers x (k, v) x 1 kv head x d_h 16 x fp32 per token
-    assert p["cache_bytes"] == (1024 + 4) * 2 * 2 * 16 * 4
+    # gqa: 2 layers x (k, v) x 2 kv heads x d_h 8 x fp32 per token
+    assert p["cache_bytes"] == (1024 + 4) * 2 * 2 * 2 * 8 * 4

@@ -61,13 +61,13 @@ def test_generate_keeps_the_variant_cache(exports):
     ids = torch.randint(3, 259, (1, 40), generator=torch.Generator().manual_seed(1))
     cache = getattr(hf(ids, use_cache=True), CACHE_FIELD)
     assert isinstance(cache, KVFCache)
-    # ring (2 layers x k,v x 2 heads x window 8 x 16) + L2 (2 layers x 2 heads x 16 x 16), fp32
-    assert cache.nbytes() == 4 * (2 * 2 * 2 * 8 * 16 + 2 * 2 * 16 * 16)
+    # ring (2 layers x k,v x 4 kv heads x window 5 x d_h 8) + L2 (2 layers x 4 heads x 8 x 8), fp32
+    assert cache.nbytes() == 4 * (2 * 2 * 4 * 5 * 8 + 2 * 4 * 8 * 8)
     gen = hf.generate(ids, max_new_tokens=20, do_sample=False)
     assert gen[0].tolist() == models["tensor_cache"].generate(ids, 20)[0].tolist()
 
 
-@pytest.mark.parametrize("prompt_len", [5, 19])  # inside, and past, the window and chunk of 8
+@pytest.mark.parametrize("prompt_len", [3, 19])  # inside, and past, the windows (5) and chunks (4)
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_generate_decodes_one_token_per_step_into_one_cache(exports, kind, prompt_len):
     """generate() feeds the prompt once, then exactly one new token per step into the SAME
@@ -136,9 +136,9 @@ def test_export_files_and_card(exports):
     assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (2, 32, 259)
     assert "models/lm.py" in (d / "kvf_bundle.py").read_text()
     card = json.loads((d / "kvf_export.json").read_text())
-    # TPA caches (R_k + R_v) * (h + d_h) = 3 * 18 elements per token per layer, fp32
-    assert card["cache_bytes_per_token_at_32k"] == 3 * 18 * 2 * 4
-    assert card["state_bytes_32k"] == 3 * 18 * 2 * 4 * 32768
+    # TPA caches (R_k + R_v) * (h + d_h) = 4 * 12 elements per token per layer, 2 layers, fp32
+    assert card["cache_bytes_per_token_at_32k"] == 4 * 12 * 2 * 4
+    assert card["state_bytes_32k"] == 4 * 12 * 2 * 4 * 32768
 
 
 def test_byt5_tokenizer_matches_pipeline(exports):

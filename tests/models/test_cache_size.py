@@ -4,7 +4,7 @@ import torch
 
 from models import build_model
 
-from .variants import ATTENTION, config
+from ..variants import ATTENTION, config
 
 BOUNDED = {"swa", "swa_w1", "linear", "tensor_cache", "tensor_cache_w1", "tensor_cache_gqa"}
 

@@ -6,7 +6,7 @@ import torch
 
 from models import build_model
 
-from .variants import ATTENTION, config
+from ..variants import ATTENTION, config
 
 T = 23  # not a multiple of any chunk size or window used here
 

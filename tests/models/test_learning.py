@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from models import build_model
 
-from .variants import config
+from ..variants import config
 
 N_PAIRS, N_KEYS, N_VALUES = 4, 16, 16
 LEARNERS = {

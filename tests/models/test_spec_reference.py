@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from models import build_model
 
-from .variants import config
+from ..variants import config
 
 
 def rope(x, positions, base):

@@ -1,4 +1,4 @@
-"""Small configs of every variant, shared by the model tests.
+"""The one table of small variant configs every test uses (models, kernels' callers, exports).
 
 Weights use a larger init (0.1) and an open Tensor Cache gate so attention is far from uniform
 and L2 contributes visibly: a positional or eviction bug cannot hide under the tolerance.
@@ -22,8 +22,16 @@ ATTENTION = {
 }
 
 
+# Every kind of cache, for the tests that need one model of each (the HF export): growing
+# (mha, gqa, mqa), latent (mla), factors (tpa, tpa_kvonly), bounded (swa, linear, tensor_cache)
+# and the chunk_mean ablation, whose training forward differs from its decode by design.
+KINDS = {name: ATTENTION[name] for name in ("mha", "gqa", "mqa", "mla", "tpa", "tpa_kvonly", "swa",
+                                            "linear", "tensor_cache")}
+KINDS["tensor_cache_chunk_mean"] = dict(ATTENTION["tensor_cache"], write="chunk_mean")
+
+
 def config(name: str, **overrides) -> ModelConfig:
     fields = dict(vocab_size=37, d_model=32, n_layers=2, n_heads=4, init_std=0.1,
-                  attention=ATTENTION[name])
+                  attention={**ATTENTION, **KINDS}[name])
     fields.update(overrides)
     return ModelConfig(**fields)

@@ -1,9 +1,11 @@
 """The train stage's driver: one Ray task per run, progress and MLflow logging in the driver.
 
 - One job per run: a variant at each of `train.seeds` (`Params.runs()`).
-- A run whose fingerprint (resolved config, its seed, the data config, the code it runs)
-  matches its completed checkpoint is skipped; a partial checkpoint with the same fingerprint is
-  resumed; one with another fingerprint is discarded.
+- A run whose fingerprint (resolved config, its seed, the data, the code it runs) matches its
+  completed checkpoint is skipped; a partial checkpoint with the same fingerprint is resumed.
+  A completed checkpoint of another fingerprint (a changed config) is kept while the new one
+  trains beside it, in `<run>.next/`, and is replaced only when that run succeeds: a failed
+  experiment loses nothing, and reverting params.yaml retrains nothing.
 - Workers put each history record on a Ray queue; the driver alone writes MLflow (sqlite wants
   one writer) and draws the progress.
 - A run that raises or goes NaN/inf is reported by name and step; the others finish.
@@ -23,6 +25,8 @@ from pipeline.data import verify_prepared
 from pipeline.fingerprint import digest, source_hash
 from pipeline.jobs import TrainJob
 from pipeline.params import Params, Run
+
+STAGING = ".next"  # checkpoints/<run>.next: a changed run trains here beside the finished one
 
 # The code a trained model depends on: changing any of it retrains.
 TRAIN_CODE = ("models", "kernels", "pipeline/train.py", "pipeline/data.py", "pipeline/tokenizer.py",
@@ -135,18 +139,30 @@ def _adopt_completed(params: Params, tracker: tracking.Tracker, job: TrainJob, f
     return _result(job, run_id, final["step"], final["metrics"], trained=False)
 
 
+def _replace(ckpt_dir: Path, staging: Path) -> None:
+    """The staged run becomes the run's checkpoint; the old one goes only after the swap."""
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(ckpt_dir, old)
+    os.replace(staging, ckpt_dir)
+    shutil.rmtree(old)
+
+
 def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob], cluster: fanout.Cluster,
                   commit: str) -> dict[str, dict]:
     """Train `jobs` (each resumed from its checkpoint when current); {run: result}."""
     from ray.util.queue import Queue
 
-    run_ids, started = {}, {}
-    for job in jobs:
+    jobs, run_ids, started, staged = list(jobs), {}, {}, {}
+    for i, job in enumerate(jobs):
+        final = checkpoint.load_final_meta(job.ckpt_dir, check=False)  # only its fingerprint is read
+        if final is not None and final["fingerprint"] != job.fingerprint:  # keep it until this succeeds
+            staged[job.run] = Path(job.ckpt_dir)
+            jobs[i] = job = job.model_copy(update={"ckpt_dir": job.ckpt_dir + STAGING})
         ckpt_dir = Path(job.ckpt_dir)
         latest = checkpoint.load_latest(ckpt_dir)
-        final = checkpoint.load_final_meta(ckpt_dir, check=False)  # only its fingerprint is read
-        if any(m is not None and m.get("fingerprint") != job.fingerprint for m in (latest, final)):
-            shutil.rmtree(ckpt_dir)  # trained under another config or code
+        if latest is not None and latest.get("fingerprint") != job.fingerprint:
+            shutil.rmtree(ckpt_dir)  # an unfinished run of another config or code
             latest = None
         started[job.run] = latest["step"] if latest else 0
         run_ids[job.run] = tracker.open_run(job.run, job.fingerprint, _mlflow_params(params, job),
@@ -168,6 +184,8 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
             live.drain()
             job, run_id = by_name[name], run_ids[name]
             if result["status"] == "ok":
+                if name in staged:
+                    _replace(staged[name], Path(job.ckpt_dir))
                 tracker.log_final(run_id, result["metrics"], result["step"])
                 tracker.finish(run_id, ok=True)
                 results[name] = _result(job, run_id, result["step"], result["metrics"], trained=True)
@@ -203,7 +221,7 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, me
         # only now, with every check passed, touch outputs and MLflow
         if ckpt_root.is_dir():
             for stale in ckpt_root.iterdir():  # runs no longer in params.yaml
-                if stale.is_dir() and stale.name not in jobs:
+                if stale.is_dir() and stale.name.removesuffix(STAGING) not in jobs:
                     shutil.rmtree(stale)
         tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
         commit = tracking.git_commit(root)

@@ -95,6 +95,35 @@ def test_damaged_weights_and_data_are_caught_not_trusted(tiny_project):
     assert result.stderr.strip().splitlines()[-1].startswith("data/text/train.bin: missing or not the bytes prepare wrote")
 
 
+def test_a_failed_experiment_keeps_the_good_checkpoint(tiny_project):
+    """A changed config trains beside the finished run and replaces it only on success: when it
+    fails, the old checkpoint is intact and reverting params.yaml retrains nothing."""
+    assert run_stage(tiny_project, "train").returncode == 0
+    good = (tiny_project / "checkpoints" / "swa" / "model.safetensors").read_bytes()
+    original = (tiny_project / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["variants"]["swa"]["window"] = 6  # the experiment (swa only), made to diverge below
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_stage(tiny_project, "train", KVF_FAULT="swa:12:nan")
+    assert result.returncode == 1 and "FAILED run swa at step 12" in result.stderr
+    assert (tiny_project / "checkpoints" / "swa" / "model.safetensors").read_bytes() == good
+    assert (tiny_project / "checkpoints" / "swa.next" / "latest.json").exists()  # resumable
+
+    (tiny_project / "params.yaml").write_text(original)  # revert: both runs are current again
+    result = run_stage(tiny_project, "train")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(not v["trained"] for v in _metrics(tiny_project)["variants"].values())
+    assert (tiny_project / "checkpoints" / "swa.next").exists()  # kept for the experiment
+
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))  # the experiment, fixed
+    result = run_stage(tiny_project, "train")
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = _metrics(tiny_project)["variants"]
+    assert m["swa"]["trained"] and m["swa"]["step"] == 30
+    assert not (tiny_project / "checkpoints" / "swa.next").exists()
+    assert (tiny_project / "checkpoints" / "swa" / "model.safetensors").read_bytes() != good
+
+
 def test_gpu_request_on_cpu_cluster_fails_fast(tiny_project):
     params = yaml.safe_load((tiny_project / "params.yaml").read_text())
     params["compute"]["gpus_per_job"] = 1

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from pipeline import checkpoint, fanout, tracking
@@ -217,8 +218,8 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, me
             complete[name] = final
     todo = [job for name, job in jobs.items() if name not in complete]
 
-    def train(cluster: fanout.Cluster | None) -> dict[str, dict]:
-        # only now, with every check passed, touch outputs and MLflow
+    # Ray only when something trains; outputs and MLflow are touched only after every check passed
+    with fanout.cluster(params.compute, root) if todo else nullcontext() as cluster:
         if ckpt_root.is_dir():
             for stale in ckpt_root.iterdir():  # runs no longer in params.yaml
                 if stale.is_dir() and stale.name.removesuffix(STAGING) not in jobs:
@@ -227,20 +228,13 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, me
         commit = tracking.git_commit(root)
         results = {name: _adopt_completed(params, tracker, jobs[name], final, commit)
                    for name, final in complete.items()}
-        if cluster is not None:
+        if todo:
             results.update(_train_on_ray(params, tracker, todo, cluster, commit))
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(metrics_path, {
-            "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id},
-            "variants": {name: results[name] for name in jobs if name in results},
-        })
-        return results
-
-    if todo:
-        with fanout.cluster(params.compute, root) as cluster:
-            results = train(cluster)
-    else:
-        results = train(None)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_json(metrics_path, {
+        "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id},
+        "variants": {name: results[name] for name in jobs if name in results},
+    })
     for name in jobs:
         r = results[name]
         if r["status"] == "ok":

@@ -16,17 +16,22 @@ from pipeline.data import verify_prepared
 from pipeline.fingerprint import digest, source_hash
 from pipeline.jobs import EvalJob
 from pipeline.params import Params
+from pipeline.selection import select
 
 # The code a result depends on besides the checkpoint: changing any of it re-evaluates.
 EVAL_CODE = ("pipeline/evaluation", "pipeline/tasks", "pipeline/export.py", "pipeline/hf/modeling_kvf.py")
 
 
-def reference_window(params: Params) -> int | None:
-    """The study's shortest reach: W-token windows stacked n_layers deep see at most
-    n_layers * (W - 1) positions back. MQAR queries are split inside / beyond it."""
-    windows = [a.get("window") for a in params.variants.values() if a.get("window")]
-    n_layers = params.model_config_for(next(iter(params.variants))).n_layers
-    return n_layers * (min(windows) - 1) if windows else None
+def reaches(params: Params) -> tuple[int, int] | None:
+    """The study's shortest and longest reach: W-token windows stacked n_layers deep see at most
+    n_layers * (W - 1) positions back. An MQAR query counts as inside the window when its gap is
+    within the shortest reach (every window sees it) and as beyond it when its gap exceeds the
+    longest (no window sees it), so that both measures mean the same for every point."""
+    windows = [p.attention["window"] for p in params.points.values() if p.attention.get("window")]
+    if not windows:
+        return None
+    n_layers = params.model_config_for(next(iter(params.points))).n_layers
+    return n_layers * (min(windows) - 1), n_layers * (max(windows) - 1)
 
 
 def task_metadata(params: Params) -> dict:
@@ -38,54 +43,63 @@ def task_metadata(params: Params) -> dict:
 
 
 def eval_jobs(params: Params, root: Path, data_dir: Path, ckpt_root: Path, export_root: Path) -> dict[str, EvalJob]:
-    code, ref_window, tasks = source_hash(EVAL_CODE), reference_window(params), task_metadata(params)
+    """One job per selection key (`<point>[.seed<k>]`): its best-rate run."""
+    code, reach, tasks = source_hash(EVAL_CODE), reaches(params), task_metadata(params)
     jobs = {}
-    for run in params.runs():
+    for key, (run, candidates) in select(params, ckpt_root).items():
         final = checkpoint.load_final_meta(ckpt_root / run.name)
         if final is None:
             raise FileNotFoundError(f"{ckpt_root / run.name}: no completed checkpoint; run the train stage")
         fingerprint = digest({"ckpt": final["fingerprint"], "weights": final.get("weights_sha256"),
                               "eval": params.eval.model_dump(mode="json"),
                               "mqar": params.data.mqar.model_dump(mode="json"), "tasks": tasks,
-                              "ref_window": ref_window, "code": code})
-        jobs[run.name] = EvalJob(
-            run=run.name, variant=run.variant, seed=run.seed, eval=params.eval, mqar=params.data.mqar,
-            fingerprint=fingerprint, ref_window=ref_window, task_metadata=tasks,
+                              "reach": reach, "code": code})
+        jobs[key] = EvalJob(
+            run=run.name, variant=run.variant, seed=run.seed, family=run.family, lr=run.lr,
+            lr_candidates={str(lr): v for lr, v in candidates.items()},
+            eval=params.eval, mqar=params.data.mqar,
+            fingerprint=fingerprint, reach=reach, task_metadata=tasks,
             threads=params.compute.cpus_per_job, ckpt_dir=str((ckpt_root / run.name).resolve()),
             export_dir=str((export_root / run.name).resolve()), data_dir=str(data_dir.resolve()),
             hf_home=os.environ.get("HF_HOME", str(root / "runs" / "hf_home")))
     return jobs
 
 
-def flat_metrics(r: dict) -> dict[str, float]:
-    """Stable metric names shared by every variant (eval/..., mem/..., speed/...)."""
-    out = {"eval/cache_bytes_per_token": r["cache_bytes_per_token_analytic"]}
+def flat_metrics(r: dict, report_context: int, trained_len: int) -> dict[str, float]:
+    """Stable metric names shared by every variant (eval/..., mem/..., speed/..., frontier/...);
+    no value under two names: a bucket's inside/beyond split is logged only where it is not the
+    whole bucket, cache bytes per token only by the train stage (model/...)."""
+    from pipeline.report import headline
+
+    out = {}
     for length, v in r["bpb"].items():
         out[f"eval/bpb_{length}"] = v
     for name, v in r["mqar"].items():
-        for key in ("acc", "acc_inside_window", "acc_beyond_window"):
-            if v.get(key) is not None:
-                out[f"eval/mqar_{key}_{name}"] = v[key]
-            if v.get("decode", {}).get(key) is not None:
-                out[f"eval/mqar_decode_{key}_{name}"] = v["decode"][key]
+        for prefix, scores in (("eval/mqar", v), ("eval/mqar_decode", v.get("decode", {}))):
+            if scores.get("acc") is None:
+                continue
+            out[f"{prefix}_acc_{name}"] = scores["acc"]
+            for part in ("inside_window", "beyond_window"):
+                if scores.get(f"acc_{part}") is not None and scores.get(f"n_{part}") != scores.get("n"):
+                    out[f"{prefix}_acc_{part}_{name}"] = scores[f"acc_{part}"]
     for task, scores in r.get("lm_eval", {}).get("scores", {}).items():
         for metric, v in scores.items():
             out[f"eval/{task}/{metric}"] = v
     for d in r["decode"]:
         tag = f"{d['mode']}_{d['context_len']}"
         out[f"mem/cache_bytes_{tag}"] = d["cache_bytes"]
-        out[f"mem/peak_rss_{tag}"] = d["peak_rss_bytes"]
+        out[f"mem/peak_rss_bytes_{tag}"] = d["peak_rss_bytes"]
         out[f"speed/decode_tokens_per_s_{tag}"] = d["decode_tokens_per_s"]
         if d["mode"] == "prefill":
             out[f"speed/prefill_tokens_per_s_{tag}"] = d["prefill_tokens_per_s"]
-    return out
+    return {**out, **headline(r, report_context, trained_len)}
 
 
-def _log_to_mlflow(tracker: tracking.Tracker, run_id: str, r: dict) -> None:
+def _log_to_mlflow(tracker: tracking.Tracker, run_id: str, metrics: dict[str, float], r: dict) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    tracker.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(flat_metrics(r).items())])
+    tracker.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())])
     rows = r.get("lm_eval", {}).get("by_length", [])
     if rows:
         tracker.client.log_table(run_id, {k: [row[k] for row in rows] for k in rows[0]},
@@ -124,20 +138,26 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
                     print(f"[evaluate] FAILED {name}: {r['error']}\n{r.get('traceback', '')}",
                           file=sys.stderr, flush=True)
                     continue
-                r["eval_fingerprint"] = todo[name].fingerprint
+                r["key"], r["eval_fingerprint"] = name, todo[name].fingerprint
                 checkpoint.write_json(results_dir / f"{name}.json", r)
                 results[name] = r
                 seconds = r["time_quality_s"] + r.get("time_lm_eval_s", 0) + r["time_decode_s"]
                 print(f"[evaluate] {name}: done in {seconds:.1f}s", flush=True)
 
     tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
+    context, trained = params.eval.report_context, params.train.seq_len
+    flat = {name: flat_metrics(r, context, trained) for name, r in results.items()}
+    winners = {r["run"] for r in results.values()}
+    for run in params.runs():  # the UI can filter on the runs the report uses
+        run_id = train_runs.get(run.name, {}).get("run_id")
+        if run_id is not None:
+            tracker.client.set_tag(run_id, "kvf.selected", str(run.name in winners).lower())
     for name, r in results.items():
-        r["run_id"] = train_runs.get(name, {}).get("run_id")
+        r["run_id"] = train_runs.get(r["run"], {}).get("run_id")
         if r["run_id"] is not None:
-            _log_to_mlflow(tracker, r["run_id"], r)
+            _log_to_mlflow(tracker, r["run_id"], flat[name], r)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json(metrics_path, {"reference_window": reference_window(params),
-                                         "report_context": params.eval.report_context,
-                                         "variants": {n: {"run_id": r.get("run_id"), **flat_metrics(r)}
+    checkpoint.write_json(metrics_path, {"reach": reaches(params), "report_context": context,
+                                         "variants": {n: {"run": r["run"], "run_id": r.get("run_id"), **flat[n]}
                                                       for n, r in results.items()}})
     return 1 if failures else 0

@@ -1,6 +1,7 @@
 """Export: a trained variant's checkpoint -> a Hugging Face-format directory, logged to MLflow.
 
-    exports/<run>/               one per variant and seed (`Params.runs()`: `<variant>`, `<variant>.seed<k>`)
+    exports/<run>/               one per selected run: the best rate of each point and seed
+                                 (`pipeline.selection`; `<point>[.lr<lr>][.seed<k>]`)
         config.json              KVFConfig, `auto_map` to the files below, standard HF names
         configuration_kvf.py  modeling_kvf.py  kvf_bundle.py   the code (models/ + kernels/ bundled)
         model.safetensors  generation_config.json
@@ -203,13 +204,19 @@ def log_export(tracking_uri: str, run_id: str, variant: str, out_dir: Path, card
 
 def run_export(params, root: Path, ckpt_root: Path, export_root: Path, train_metrics: Path,
                metrics_path: Path) -> int:
-    """Export every variant of params.yaml; log and register each in MLflow. 0 on success."""
+    """Export every selected run (the best learning rate of each point and seed,
+    `pipeline.selection`); log and register each in MLflow. 0 on success."""
     from pipeline import tracking
+    from pipeline.selection import select
 
     runs = checkpoint.read_json(train_metrics)["variants"] if train_metrics.exists() else {}
     uri = tracking.tracking_uri(params.tracking.uri, root)
     results, failed = {}, []
-    for run in params.runs():
+    selected = [s.run for s in select(params, ckpt_root).values()]
+    for stale in (export_root.iterdir() if export_root.is_dir() else []):
+        if stale.name not in {run.name for run in selected}:  # a rate that lost, or a removed run
+            shutil.rmtree(stale)
+    for run in selected:
         out_dir = export_root / run.name
         card = export_variant(run.name, ckpt_root / run.name, out_dir)
         run_id = runs.get(run.name, {}).get("run_id")

@@ -40,10 +40,13 @@ class TrainJob(_Job):
 class EvalJob(_Job):
     """Measure one trained run: quality, lm-eval tasks, memory and speed."""
 
+    family: str
+    lr: float  # the rate that won on validation (pipeline.selection)
+    lr_candidates: dict[str, float]  # every rate tried -> its validation objective
     eval: EvalConfig
     mqar: MQARConfig
     fingerprint: str  # of (checkpoint, eval config, task settings, evaluation code)
-    ref_window: Optional[int]  # the study's shortest reach n_layers * (W - 1), for the MQAR split
+    reach: Optional[tuple[int, int]]  # the study's shortest and longest window reach (MQAR split)
     task_metadata: dict
     ckpt_dir: str
     export_dir: str

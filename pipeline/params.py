@@ -1,9 +1,11 @@
 """`params.yaml`, parsed once into typed blocks; an invalid file fails before any work, naming the field.
 
-Blocks: `data`, `model` (widths shared by every variant), `variants` (name -> attention config),
-`train`, `eval`, `compute` (Ray), `tracking` (MLflow). Every block forbids unknown keys.
-Each variant is checked by building `models.ModelConfig(**model, attention=variant)`, so the
-models package stays the one authority on what an attention config may hold.
+Blocks: `data`, `model` (widths shared by every variant), `variants` (name -> attention config;
+any field may be a list: a sweep, `pipeline.sweep`), `match_params` (size every point to one
+parameter count), `train` (`lr` may be a list), `eval`, `compute` (Ray), `tracking` (MLflow).
+Every block forbids unknown keys. Each point of each variant is checked by building
+`models.ModelConfig(**model, attention=point)`, so the models package stays the one authority on
+what an attention config may hold.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from pipeline import tokenizer
+from pipeline import sweep, tokenizer
+from pipeline.sweep import Point
 
 
 class ParamsError(ValueError):
@@ -138,7 +141,9 @@ class TrainConfig(_Block):
     batch_size: int = Field(8, ge=1, description="LM sequences per step")
     mqar_batch_size: int = Field(16, ge=1, description="MQAR sequences per step")
     mixture: MixtureConfig = Field(default_factory=MixtureConfig)
-    lr: float = Field(3e-3, gt=0.0)
+    lr: Union[float, list[float]] = Field(
+        3e-3, description="peak learning rate; a list trains every point at each and keeps the "
+                          "best on validation (pipeline.selection)")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine floor, fraction of lr")
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.1, ge=0.0)
@@ -154,6 +159,14 @@ class TrainConfig(_Block):
     def _check(self) -> "TrainConfig":
         if not self.seeds:
             raise ValueError("seeds: needs at least one seed")
+        lrs = self.lr if isinstance(self.lr, list) else [self.lr]
+        if not lrs:
+            raise ValueError("lr: an empty sweep")
+        for i, lr in enumerate(lrs):
+            if not lr > 0:
+                raise ValueError(f"lr{'.' + str(i) if isinstance(self.lr, list) else ''}: must be > 0, got {lr}")
+        if len(set(lrs)) != len(lrs):
+            raise ValueError(f"lr: repeats a value ({self.lr})")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: repeats a seed ({self.seeds})")
         if self.warmup_steps >= self.steps:
@@ -200,6 +213,8 @@ class EvalConfig(_Block):
     generate_lengths: list[int] = Field(default_factory=list,
                                         description="tokens generated from a short prompt")
     report_context: int = Field(REPORT_CONTEXT, ge=1, description="context of the frontier's cache bytes")
+    byte_budgets: list[int] = Field(default_factory=list, description="cache-byte budgets (at "
+                                    "report_context) of the report's budget table")
 
     @field_validator("lm_eval_tasks")
     @classmethod
@@ -246,34 +261,67 @@ _VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class Run(NamedTuple):
-    """One trained model: a variant at one seed. `name` names its checkpoint, export, results
-    and MLflow run: the variant's name for the first seed, `<variant>.seed<k>` for the others."""
+    """One trained model: a point of the study at one learning rate and one seed. `name` names
+    its checkpoint, export, results and MLflow run: `<point>[.lr<lr>][.seed<k>]`, the lr part for
+    every rate but the first of `train.lr`, the seed part for every seed but the first (so adding
+    a rate or a seed renames nothing and retrains nothing already trained)."""
 
     name: str
-    variant: str
+    variant: str  # the point's name (`swa.window16`; the family's name when nothing is swept)
     seed: int
+    lr: float
+    family: str
+    key: str  # the name without its lr part: the learning rates of one key compete
+
+
+class MatchConfig(_Block):
+    """Size every point's SwiGLU width so that its parameter count equals the reference's."""
+
+    reference: str = Field(description="a variant without a sweep, e.g. mha")
+    tolerance: float = Field(0.05, gt=0.0, lt=1.0, description="largest relative difference allowed")
 
 
 class Params(_Block):
     data: DataConfig = Field(default_factory=DataConfig)
     model: dict[str, Any] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any]]
+    match_params: Optional[MatchConfig] = None
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
-    def model_config_for(self, variant: str):
-        """The resolved `models.ModelConfig` of one variant."""
+    # resolved by _check_variants: every point of every family, and the SwiGLU widths matched
+    _points: dict[str, Point] = PrivateAttr(default_factory=dict)
+    _mlp_hidden: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    @property
+    def points(self) -> dict[str, Point]:
+        """Every point of the study, families in file order, each family's sweep in list order."""
+        return self._points
+
+    @property
+    def lrs(self) -> list[float]:
+        return list(self.train.lr) if isinstance(self.train.lr, list) else [self.train.lr]
+
+    def model_config_for(self, point: str):
+        """The resolved `models.ModelConfig` of one point (its matched SwiGLU width included)."""
         from models import ModelConfig
 
-        return ModelConfig(**self.model, attention=self.variants[variant])
+        extra = {"mlp_hidden": self._mlp_hidden[point]} if point in self._mlp_hidden else {}
+        return ModelConfig(**self.model, **extra, attention=self._points[point].attention)
 
     def runs(self) -> list[Run]:
-        """Every (variant, seed) of the study, variants in file order."""
-        first = self.train.seeds[0]
-        return [Run(name if seed == first else f"{name}.seed{seed}", name, seed)
-                for name in self.variants for seed in self.train.seeds]
+        """Every (point, lr, seed) of the study: points in file order, then rates, then seeds."""
+        first_seed, first_lr = self.train.seeds[0], self.lrs[0]
+        runs = []
+        for point in self._points.values():
+            for lr in self.lrs:
+                for seed in self.train.seeds:
+                    key = point.name if seed == first_seed else f"{point.name}.seed{seed}"
+                    name = point.name + (sweep.lr_suffix(lr) if lr != first_lr else "") + key[len(point.name):]
+                    runs.append(Run(name, point.name, seed, float(lr), point.family, key))
+        return runs
 
 
 def _fmt_loc(loc: tuple) -> str:
@@ -315,7 +363,8 @@ def _variant_error(name: str, attention: dict, err: ValidationError) -> ParamsEr
 
 
 def _check_variants(params: Params) -> None:
-    """Each variant through `models.ModelConfig`, the one authority on attention configs."""
+    """Each point of each variant through `models.ModelConfig`, the one authority on attention
+    configs; then the parameter matching."""
     from models import ModelConfig
 
     fields = set(ModelConfig.model_fields) - {"attention"}
@@ -329,20 +378,54 @@ def _check_variants(params: Params) -> None:
         raise ParamsError(
             f"model.vocab_size: {vocab} is smaller than the byte tokenizer's {tokenizer.VOCAB_SIZE}"
         )
+    points: dict[str, Point] = {}
     for name, attention in params.variants.items():
         if not _VARIANT_NAME.match(name):
             raise ParamsError(f"variants.{name}: names must match {_VARIANT_NAME.pattern}")
         if not isinstance(attention, dict) or "kind" not in attention:
             raise ParamsError(f"variants.{name}.kind: required (an attention kind)")
         try:
-            cfg = ModelConfig(**params.model, attention=attention)
-        except ValidationError as err:
-            raise _variant_error(name, attention, err) from None
-        window = getattr(cfg.attention, "window", None)
-        for field, length in (("train.seq_len", params.train.seq_len),
-                              ("data.mqar.seq_len", params.data.mqar.seq_len)):
-            if window is not None and window >= length:
-                raise ParamsError(f"variants.{name}.window: {window} is not shorter than {field}={length}")
+            family = sweep.expand(name, attention)
+        except ValueError as err:
+            raise ParamsError(str(err)) from None
+        for point in family:
+            where = f" (sweep point {point.name})" if point.knobs else ""
+            try:
+                cfg = ModelConfig(**params.model, attention=point.attention)
+            except ValidationError as err:
+                raise ParamsError(str(_variant_error(name, point.attention, err)) + where) from None
+            window = getattr(cfg.attention, "window", None)
+            for field, length in (("train.seq_len", params.train.seq_len),
+                                  ("data.mqar.seq_len", params.data.mqar.seq_len)):
+                if window is not None and window >= length:
+                    raise ParamsError(f"variants.{name}.window: {window} is not shorter than "
+                                      f"{field}={length}{where}")
+            points[point.name] = point
+    params._points = points
+    if params.match_params is not None:
+        _match(params)
+
+
+def _match(params: Params) -> None:
+    """Every point's SwiGLU width sized to the reference variant's parameter count."""
+    match = params.match_params
+    reference = [p for p in params.points.values() if p.family == match.reference]
+    if len(reference) != 1:
+        raise ParamsError(f"match_params.reference: {match.reference!r} must name a variant without a "
+                          f"sweep (variants: {', '.join(params.variants)})")
+    if "mlp_hidden" in params.model:
+        raise ParamsError("model.mlp_hidden: set by match_params; remove one of the two")
+    target = sweep.count_parameters(params.model, reference[0].attention)
+    for point in params.points.values():
+        try:
+            hidden = sweep.matched_mlp_hidden(params.model, point.attention, target)
+        except ValueError as err:
+            raise ParamsError(f"match_params: cannot match {point.name}: {err}") from None
+        count = sweep.count_parameters(params.model | {"mlp_hidden": hidden}, point.attention)
+        if abs(count - target) > match.tolerance * target:
+            raise ParamsError(f"match_params.tolerance: {point.name} has {count:,} parameters at the "
+                              f"closest width, {abs(count / target - 1):.1%} from {target:,}")
+        params._mlp_hidden[point.name] = hidden
 
 
 def parse_params(raw: Any) -> Params:
@@ -356,6 +439,9 @@ def parse_params(raw: Any) -> Params:
         field, msg = _split_path(e["msg"].removeprefix("Value error, "))
         raise ParamsError(f"{_join(_fmt_loc(tuple(e['loc'])), field)}: {msg}") from None
     _check_variants(params)
+    if params.train.seq_len not in params.eval.context_lengths:
+        raise ParamsError(f"eval.context_lengths: must include train.seq_len={params.train.seq_len} "
+                          "(bits per byte at the trained length is the frontier's quality axis)")
     return params
 
 

@@ -1,180 +1,370 @@
-"""The report stage: the memory-quality frontier from results/eval/*.json.
+"""The report stage: the memory-quality frontier from results/eval/*.json (one per point and seed).
 
-Writes report/frontier.png (one panel per quality measure, x = cache bytes at
-`eval.report_context` tokens, log scale; one point per variant at its mean over seeds, error bars
-of one standard deviation when `train.seeds` holds several; in the MQAR panels an open marker
-where the decode cache's accuracy differs from the parallel forward's), report/frontier.md (every
-variant, memory and quality, mean ± std over seeds), and report/frontier.csv (one row per run:
-the `dvc plots` data); logs them to a parent MLflow run.
+- report/frontier.png: one panel per quality measure, x = cache bytes at `eval.report_context`
+  tokens (log scale); per family a line through its sweep at the mean over seeds, bars of the 95 %
+  interval (over seeds when there are several, else over evaluation examples); the Pareto front
+  across families as a dashed step line.
+- report/frontier.md: every point (memory, parameters, the rate that won, each measure with both
+  intervals), the front per measure, the budget table (`eval.byte_budgets`) and the seeds' claims
+  with the interval of each difference and a verdict (`pipeline.claims`).
+- report/frontier.csv: one row per evaluated run (the `dvc plots` data).
+Logged to a parent MLflow run that points to the runs it summarises.
 """
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-QUALITY = [  # (column, panel title, y axis)
-    ("mqar_far", "MQAR, keys beyond the window's reach", "accuracy"),
-    ("mqar_near", "MQAR, keys inside the window", "accuracy"),
-    ("bpb_max", "held-out text at the longest context", "bits per byte (lower is better)"),
-    ("lm_eval", "lm-eval tasks", "mean score"),
+from pipeline import stats
+
+
+class Measure(NamedTuple):
+    column: str
+    title: str
+    unit: str
+    higher_is_better: bool
+    panel: bool = True  # drawn on the frontier (lm-eval: too few episodes to rank, table only)
+
+
+MEASURES = [
+    Measure("mqar_far", "MQAR recall, keys beyond every window's reach", "accuracy", True),
+    Measure("bpb", "held-out text at the trained length", "bits per byte (lower is better)", False),
+    Measure("mqar_near", "MQAR recall, keys inside every window", "accuracy", True),
+    Measure("bpb_longest", "held-out text at the longest context (extrapolation)",
+            "bits per byte (lower is better)", False),
+    Measure("lm_eval", "lm-eval tasks (mean score)", "score", True, panel=False),
 ]
+BY_COLUMN = {m.column: m for m in MEASURES}
 
 
-def rows_from_results(results: list[dict], report_context: int) -> list[dict]:
-    """One row per result (variant x seed): memory and quality numbers."""
-    rows = []
+# --------------------------------------------------------------------------- rows: one per result
+def _examples(result: dict, trained_len: int) -> dict[str, list[float]]:
+    """Per-example values of each measure, in the same order for every run (same eval sets)."""
+    out: dict[str, list[float]] = {"mqar_far": [], "mqar_near": []}
+    reach = result.get("reach")
+    for bucket in result.get("mqar", {}).values():
+        if reach is None or "hits" not in bucket:
+            continue
+        for hit, gap in zip(bucket["hits"], bucket["gaps"]):
+            if gap > reach[1]:
+                out["mqar_far"].append(float(hit))
+            elif gap <= reach[0]:
+                out["mqar_near"].append(float(hit))
+    windows = result.get("bpb_windows", {})
+    if windows:
+        out["bpb"] = windows.get(str(trained_len), [])
+        out["bpb_longest"] = windows[max(windows, key=int)]
+    return {k: v for k, v in out.items() if v}
 
-    def split(mq: dict, key: str) -> float | None:
-        # by each query's own gap against the window (evaluate.py), whatever the buckets' names
-        values = [v[key] for v in mq.values() if v.get(key) is not None]
+
+def row(result: dict, report_context: int, trained_len: int) -> dict:
+    """The scalars of one result, and `_examples` (per measure, per example) for the intervals."""
+    examples = _examples(result, trained_len)
+    mq = result.get("mqar", {})
+    decoded = [v["decode"] for v in mq.values() if "decode" in v]
+    scores = [next(iter(s.values())) for s in result.get("lm_eval", {}).get("scores", {}).values() if s]
+    decode = result.get("decode", [])
+    longest = max(decode, key=lambda d: d["tokens_held"]) if decode else None
+
+    def mean_of(key: str, buckets: list[dict]) -> float | None:
+        values = [b[key] for b in buckets if b.get(key) is not None]
         return float(np.mean(values)) if values else None
 
-    for r in results:
-        mq = r.get("mqar", {})
-        decoded = {k: v["decode"] for k, v in mq.items() if "decode" in v}
-        bpb = r.get("bpb", {})
-        scores = [next(iter(s.values())) for s in r.get("lm_eval", {}).get("scores", {}).values() if s]
-        decode = {f"{d['mode']}_{d['context_len']}": d for d in r.get("decode", [])}
-        longest = max(decode.values(), key=lambda d: d["tokens_held"]) if decode else None
-        rows.append({
-            "variant": r["variant"], "kind": r["kind"], "seed": r.get("seed", 0),
-            "run": r.get("run", r["variant"]), "params": r["params"],
-            "cache_bytes": r["cache_bytes_per_token_analytic"] * report_context,
-            "mqar_far": split(mq, "acc_beyond_window"),
-            "mqar_near": split(mq, "acc_inside_window"),
-            "bpb_max": bpb[max(bpb, key=int)] if bpb else None,
-            "lm_eval": float(np.mean(scores)) if scores else None,
-            "decode_tokens_per_s": longest["decode_tokens_per_s"] if longest else None,
-            "peak_rss_mib": longest["peak_rss_bytes"] / 2**20 if longest else None,
-            "measured_context": longest["tokens_held"] if longest else None,
-            "mqar_far_decode": split(decoded, "acc_beyond_window"),
-            "mqar_near_decode": split(decoded, "acc_inside_window"),
-        })
-    return rows
+    bytes_ = result["cache_bytes_per_token_analytic"] * report_context
+    return {
+        "key": result.get("key", result.get("run")), "run": result.get("run"),
+        "point": result["variant"], "family": result.get("family", result["variant"]),
+        "kind": result["kind"], "seed": result.get("seed", 0), "lr": result.get("lr"),
+        "params": result["params"], "cache_bytes": bytes_,
+        **{m: (float(np.mean(examples[m])) if m in examples else None)
+           for m in ("mqar_far", "mqar_near", "bpb", "bpb_longest")},
+        "lm_eval": float(np.mean(scores)) if scores else None,
+        "mqar_far_decode": mean_of("acc_beyond_window", decoded),
+        "decode_tokens_per_s": longest["decode_tokens_per_s"] if longest else None,
+        "peak_rss_mib": longest["peak_rss_bytes"] / 2**20 if longest else None,
+        "measured_context": longest["tokens_held"] if longest else None,
+        "_examples": examples, "_attention": result.get("attention", {}),
+        "_lr_candidates": result.get("lr_candidates", {}),
+    }
 
 
-def _by_variant(rows: list[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for row in rows:
-        out.setdefault(row["variant"], []).append(row)
-    return out
+def rows_from_results(results: list[dict], report_context: int, trained_len: int) -> list[dict]:
+    return [row(r, report_context, trained_len) for r in results]
 
 
-def _mean_std(group: list[dict], col: str) -> tuple[float | None, float | None]:
-    """Mean over seeds, and the standard deviation (ddof 1) when there are several."""
-    ys = [g[col] for g in group if g.get(col) is not None]
-    if not ys:
-        return None, None
-    return float(np.mean(ys)), (float(np.std(ys, ddof=1)) if len(ys) > 1 else None)
+# --------------------------------------------------------------------------- points: rows grouped
+class Point(NamedTuple):
+    name: str
+    family: str
+    kind: str
+    attention: dict
+    params: int
+    cache_bytes: float
+    rows: list[dict]  # one per seed
+
+    def mean(self, col: str) -> float | None:
+        ys = [r[col] for r in self.rows if r.get(col) is not None]
+        return float(np.mean(ys)) if ys else None
+
+    def seed_interval(self, col: str) -> stats.Interval | None:
+        return stats.seed_interval([r[col] for r in self.rows if r.get(col) is not None])
+
+    def examples(self, col: str) -> list[list[float]] | None:
+        per_seed = [r["_examples"][col] for r in self.rows if col in r["_examples"]]
+        if not per_seed or len(per_seed) != len(self.rows) or len({len(x) for x in per_seed}) != 1:
+            return None
+        return per_seed
+
+    def example_interval(self, col: str) -> stats.Interval | None:
+        ex = self.examples(col)
+        return stats.example_interval(ex) if ex else None
+
+    def interval(self, col: str) -> stats.Interval | None:
+        """What the plot's bars show: over seeds when there are several, else over examples."""
+        return self.seed_interval(col) or self.example_interval(col)
 
 
-def plot_frontier(rows: list[dict], report_context: int, path: Path) -> None:
+def points(rows: list[dict]) -> list[Point]:
+    """Rows grouped by point, in order of cache bytes (then name)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["point"], []).append(r)
+    out = [Point(name, g[0]["family"], g[0]["kind"], g[0]["_attention"], g[0]["params"], g[0]["cache_bytes"],
+                 sorted(g, key=lambda r: r["seed"])) for name, g in groups.items()]
+    return sorted(out, key=lambda p: (p.cache_bytes, p.name))
+
+
+def front(pts: list[Point], measure: Measure) -> list[Point]:
+    have = [p for p in pts if p.mean(measure.column) is not None]
+    idx = stats.pareto_front([p.cache_bytes for p in have], [p.mean(measure.column) for p in have],
+                             measure.higher_is_better)
+    return [have[i] for i in idx]
+
+
+# --------------------------------------------------------------------------- the figure
+def plot_frontier(pts: list[Point], report_context: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [q for q in QUALITY if any(r[q[0]] is not None for r in rows)]
+    panels = [m for m in MEASURES if m.panel and any(p.mean(m.column) is not None for p in pts)]
     ncols = min(2, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.6 * nrows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7 * ncols, 4.8 * nrows + 0.8), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    seeds = max(len(g) for g in _by_variant(rows).values())
-    for ax, (col, title, ylabel) in zip(axes.flat, panels):
-        for i, (variant, group) in enumerate(sorted(_by_variant(rows).items())):
-            mean, std = _mean_std(group, col)
-            if mean is None:
+    families = list(dict.fromkeys(p.family for p in pts))
+    seeds = max(len(p.rows) for p in pts)
+    for ax, m in zip(axes.flat, panels):
+        for i, family in enumerate(families):
+            mine = [p for p in pts if p.family == family and p.mean(m.column) is not None]
+            if not mine:
                 continue
-            x, color = group[0]["cache_bytes"], f"C{i % 10}"
-            ax.errorbar([x], [mean], yerr=None if std is None else [std], fmt="o", color=color, capsize=3)
-            ax.annotate(variant, (x, mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
-            decoded, _ = _mean_std(group, col + "_decode")
-            if decoded is not None and abs(decoded - mean) > 0.01:
-                ax.plot([x], [decoded], "o", mfc="none", color=color)
-                ax.annotate(f"{variant} (decode)", (x, decoded), textcoords="offset points",
-                            xytext=(6, -4), fontsize=7, color=color)
+            xs, ys = [p.cache_bytes for p in mine], [p.mean(m.column) for p in mine]
+            bars = [p.interval(m.column) for p in mine]
+            yerr = np.array([[y - b.low if b else 0.0 for y, b in zip(ys, bars)],
+                             [b.high - y if b else 0.0 for y, b in zip(ys, bars)]])
+            ax.errorbar(xs, ys, yerr=np.clip(yerr, 0, None), fmt="o-", color=f"C{i % 10}", capsize=3,
+                        lw=1.2, ms=4, label=family)
+        on_front = front(pts, m)
+        if on_front:
+            fx = [p.cache_bytes for p in on_front]
+            fy = [p.mean(m.column) for p in on_front]
+            ax.step(fx, fy, where="post", color="k", ls="--", lw=1, alpha=0.6, label="Pareto front")
         ax.set_xscale("log")
         ax.set_xlabel(f"cache bytes at {report_context:,} tokens (batch 1)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=10)
-        if col.startswith(("mqar", "lm_eval")):
+        ax.set_ylabel(m.unit)
+        ax.set_title(m.title, fontsize=10)
+        if m.unit == "accuracy":
             ax.set_ylim(-0.03, 1.05)
         ax.grid(alpha=0.3)
-    fig.suptitle("kv-frontier: memory-quality frontier"
-                 + (f"\nmean ± one std over up to {seeds} seeds" if seeds > 1 else "")
-                 + ("\nopen markers: MQAR accuracy through the decode cache" if any(
-                     r["mqar_far_decode"] is not None and r["mqar_far"] is not None
-                     and abs(r["mqar_far_decode"] - r["mqar_far"]) > 0.01 for r in rows) else ""))
+    axes.flat[0].legend(fontsize=7, ncol=2, loc="best")
+    bars = "95 % interval over seeds" if seeds > 1 else "95 % bootstrap interval over evaluation examples (1 seed)"
+    fig.suptitle(f"kv-frontier: memory-quality frontier\nmean over up to {seeds} seed(s); bars: {bars}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- the tables
 def _fmt(v, spec=".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _cell(group: list[dict], col: str, spec: str = ".3f") -> str:
-    mean, std = _mean_std(group, col)
-    return _fmt(mean, spec) + ("" if std is None else f" ± {format(std, spec)}")
+def _iv(iv: stats.Interval | None, spec=".3f") -> str:
+    return "-" if iv is None else f"[{format(iv.low, spec)}, {format(iv.high, spec)}]"
 
 
-def markdown_table(rows: list[dict], report_context: int) -> str:
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _lrs(p: Point) -> str:
+    won = [r["lr"] for r in p.rows if r.get("lr") is not None]
+    tried = len(p.rows[0]["_lr_candidates"]) if p.rows[0]["_lr_candidates"] else 1
+    if not won:
+        return "-"
+    counts = {lr: won.count(lr) for lr in dict.fromkeys(won)}
+    text = ", ".join(f"{lr:g}" + (f" ({c}/{len(won)})" if len(won) > 1 else "") for lr, c in counts.items())
+    return text + (f" of {tried}" if tried > 1 else "")
+
+
+def points_table(pts: list[Point], report_context: int) -> list[str]:
+    cols = [m for m in MEASURES]
+    lines = ["| point | family | kind | params | cache bytes | seeds | lr (won) | "
+             + " | ".join(f"{m.column}: mean, seeds CI, examples CI" for m in cols) + " |",
+             "|---|---|---|---:|---:|---:|---|" + "---|" * len(cols)]
+    for p in pts:
+        cells = [f"{_fmt(p.mean(m.column))} {_iv(p.seed_interval(m.column))} {_iv(p.example_interval(m.column))}"
+                 for m in cols]
+        lines.append(f"| {p.name} | {p.family} | {p.kind} | {p.params:,} | {_bytes(p.cache_bytes)} | "
+                     f"{len(p.rows)} | {_lrs(p)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def front_table(pts: list[Point]) -> list[str]:
+    lines = ["| measure | points on the front, by cache bytes |", "|---|---|"]
+    for m in MEASURES:
+        if m.panel and any(p.mean(m.column) is not None for p in pts):
+            lines.append(f"| {m.column} | " + " -> ".join(
+                f"{p.name} ({_bytes(p.cache_bytes)}, {_fmt(p.mean(m.column))})" for p in front(pts, m)) + " |")
+    return lines
+
+
+def _diff(a: Point, b: Point, col: str) -> tuple[float, stats.Interval] | None:
+    ea, eb = a.examples(col), b.examples(col)
+    if ea is None or eb is None or len(ea[0]) != len(eb[0]):
+        return None
+    return a.mean(col) - b.mean(col), stats.difference_interval(ea, eb)
+
+
+def budget_table(pts: list[Point], budgets: list[int]) -> list[str]:
+    """Per budget and measure: the best point within it, the best of another family, the gap."""
+    lines = ["| budget | measure | best point | best of another family | difference [95 % CI] |",
+             "|---:|---|---|---|---|"]
+    for budget in budgets:
+        within = [p for p in pts if p.cache_bytes <= budget]
+        for m in MEASURES:
+            if not m.panel:
+                continue
+            have = [p for p in within if p.mean(m.column) is not None]
+            if not have:
+                continue
+            sign = 1 if m.higher_is_better else -1
+            best = max(have, key=lambda p: sign * p.mean(m.column))
+            others = [p for p in have if p.family != best.family]
+            if not others:
+                lines.append(f"| {_bytes(budget)} | {m.column} | {best.name} ({_fmt(best.mean(m.column))}) | - | - |")
+                continue
+            other = max(others, key=lambda p: sign * p.mean(m.column))
+            d = _diff(best, other, m.column)
+            lines.append(f"| {_bytes(budget)} | {m.column} | {best.name} ({_fmt(best.mean(m.column))}) | "
+                         f"{other.name} ({_fmt(other.mean(m.column))}) | "
+                         + ("-" if d is None else f"{d[0]:+.3f} {_iv(d[1])}") + " |")
+    return lines
+
+
+def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: list[dict]) -> str:
+    seeds = max(len(p.rows) for p in pts)
     lines = ["# Memory-quality frontier\n",
-             f"Cache bytes at {report_context:,} tokens (analytic, batch 1). Quality: mean over seeds "
-             "(± one standard deviation when there are several). MQAR far / near: accuracy on "
-             "queries whose key lies beyond / inside the window's reach, from the parallel forward; "
-             "\"(decode)\": the same queries scored token by token through the decode cache.\n",
-             "| variant | kind | seeds | params | cache bytes | MQAR far | MQAR far (decode) | MQAR near | "
-             "bpb (longest) | lm-eval | decode tok/s | peak RSS MiB (at tokens) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for variant, group in sorted(_by_variant(rows).items(), key=lambda kv: kv[1][0]["cache_bytes"]):
-        g = group[0]
-        lines.append(f"| {variant} | {g['kind']} | {len(group)} | {g['params']:,} | {g['cache_bytes']:,.0f} | "
-                     f"{_cell(group, 'mqar_far')} | {_cell(group, 'mqar_far_decode')} | "
-                     f"{_cell(group, 'mqar_near')} | {_cell(group, 'bpb_max')} | {_cell(group, 'lm_eval')} | "
-                     f"{_cell(group, 'decode_tokens_per_s', '.0f')} | "
-                     f"{_cell(group, 'peak_rss_mib', '.0f')} ({g['measured_context']}) |")
+             f"{len(pts)} points, {seeds} seed(s) each. Cache bytes: analytic, at {report_context:,} tokens, "
+             "batch 1. Each measure: the mean over seeds, its 95 % interval over seeds (t, needs two seeds "
+             "or more) and its 95 % bootstrap interval over evaluation examples. MQAR far / near: queries "
+             "whose key lies beyond every window's reach / inside every window. bpb: held-out bits per "
+             "byte at the trained length; bpb_longest: at the longest evaluated context "
+             "(extrapolation). lm-eval: too few episodes to rank models; shown here, not on the figure. "
+             "lr (won): the learning rate chosen on validation for each seed, of how many tried.\n",
+             "## Points\n", *points_table(pts, report_context), "",
+             "## Pareto front\n", *front_table(pts), ""]
+    if budgets:
+        lines += ["## Budgets\n", "The best point whose cache fits each budget, the best point of any "
+                  "other family within it, and their difference (bootstrap over seeds and examples).\n",
+                  *budget_table(pts, budgets), ""]
+    from pipeline.claims import claims_table
+
+    lines += ["## The seeds' claims\n", *claims_table(claims, seeds), ""]
     return "\n".join(lines) + "\n"
 
 
-def write_report(results: list[dict], report_context: int, out_dir: Path) -> dict[str, Path]:
+CSV_FIELDS = ["key", "run", "point", "family", "kind", "seed", "lr", "params", "cache_bytes", "mqar_far",
+              "mqar_near", "bpb", "bpb_longest", "lm_eval", "mqar_far_decode", "decode_tokens_per_s",
+              "peak_rss_mib", "measured_context"]
+
+
+def write_report(results: list[dict], report_context: int, trained_len: int, out_dir: Path,
+                 budgets: list[int] = ()) -> dict[str, Path]:
+    from pipeline.claims import evaluate_claims
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = rows_from_results(results, report_context)
+    rows = rows_from_results(results, report_context, trained_len)
+    pts = points(rows)
     paths = {"png": out_dir / "frontier.png", "md": out_dir / "frontier.md", "csv": out_dir / "frontier.csv"}
-    plot_frontier(rows, report_context, paths["png"])
-    paths["md"].write_text(markdown_table(rows, report_context))
+    plot_frontier(pts, report_context, paths["png"])
+    paths["md"].write_text(markdown(pts, report_context, list(budgets), evaluate_claims(pts)))
     with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return paths
 
 
+def headline(result: dict, report_context: int, trained_len: int) -> dict[str, float]:
+    """The report's measures of one run as MLflow metrics, so the UI draws the same frontier
+    (`frontier/log10_cache_bytes`: the UI's scatter has no log axis)."""
+    r = row(result, report_context, trained_len)
+    out = {"frontier/cache_bytes": r["cache_bytes"], "frontier/log10_cache_bytes": float(np.log10(max(r["cache_bytes"], 1)))}
+    for m in MEASURES:
+        if r[m.column] is not None:
+            out[f"frontier/{m.column}"] = r[m.column]
+    return out
+
+
+def _family_run(tracker, family: str, frontier_id: str) -> str:
+    """The family's parent run (reused across reports), nested under the latest frontier run."""
+    found = tracker.client.search_runs([tracker.experiment_id], f"tags.`kvf.family_run` = '{family}'",
+                                       max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = tracker.client.create_run(tracker.experiment_id, run_name=f"family {family}",
+                                           tags={"kvf.family_run": family}).info.run_id
+        tracker.client.set_terminated(run_id, "FINISHED")
+    tracker.client.set_tag(run_id, "mlflow.parentRunId", frontier_id)
+    return run_id
+
+
 def run_report(params, root: Path, results_dir: Path, out_dir: Path) -> int:
     from pipeline import tracking
 
-    wanted = [run.name for run in params.runs()]
-    missing = [key for key in wanted if not (results_dir / f"{key}.json").exists()]
+    keys = list(dict.fromkeys(run.key for run in params.runs()))
+    missing = [key for key in keys if not (results_dir / f"{key}.json").exists()]
     if missing:
         raise FileNotFoundError(f"{results_dir}: no evaluation results for {', '.join(missing)}; "
                                 "run the evaluate stage")
-    results = [json.loads((results_dir / f"{key}.json").read_text()) for key in wanted]
-    paths = write_report(results, params.eval.report_context, out_dir)
+    results = [json.loads((results_dir / f"{key}.json").read_text()) for key in keys]
+    paths = write_report(results, params.eval.report_context, params.train.seq_len, out_dir,
+                         params.eval.byte_budgets)
     tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
     run = tracker.client.create_run(tracker.experiment_id, run_name="frontier",
-                                    tags={"kvf.report": "frontier", tracking.TAG_COMMIT: tracking.git_commit(root)})
-    children = {r.get("run", r["variant"]): r.get("run_id") for r in results}
-    for name, run_id in children.items():
-        if run_id:
-            tracker.client.set_tag(run_id, "mlflow.parentRunId", run.info.run_id)
+                                    tags={"kvf.report": "frontier", **tracking.source_tags(root)})
+    children = [r["run_id"] for r in results if r.get("run_id")]
+    tracker.client.set_tag(run.info.run_id, "kvf.summarises", ",".join(children))
+    for family in dict.fromkeys(r.get("family", r["variant"]) for r in results):
+        parent = _family_run(tracker, family, run.info.run_id)
+        for r in results:
+            if r.get("run_id") and r.get("family", r["variant"]) == family:
+                tracker.client.set_tag(r["run_id"], "mlflow.parentRunId", parent)
     for path in paths.values():
         tracker.client.log_artifact(run.info.run_id, str(path), "report")
     tracker.client.set_terminated(run.info.run_id, "FINISHED")
-    print(f"[report] {len(results)} run(s) of {len(params.variants)} variant(s) -> {paths['png']}, {paths['md']} (MLflow run {run.info.run_id})",
-          flush=True)
+    print(f"[report] {len(results)} run(s), {len(params.points)} point(s) -> {paths['png']}, {paths['md']} "
+          f"(MLflow run {run.info.run_id})", flush=True)
     return 0

@@ -24,6 +24,8 @@ TAG_SEED = "kvf.seed"
 TAG_KIND = "kind"
 TAG_FINGERPRINT = "kvf.fingerprint"
 TAG_COMMIT = "git_commit"
+# opens the experiment in the UI on its runs (not on the GenAI traces overview)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -67,6 +69,13 @@ def git_commit(root: Path) -> str:
     return (sha or "none") + ("-dirty" if dirty else "")
 
 
+def source_tags(root: Path) -> dict[str, str]:
+    """MLflow's own provenance tags (the UI's Source and Version columns) and ours."""
+    commit = git_commit(root)
+    return {TAG_COMMIT: commit, "mlflow.source.git.commit": commit.removesuffix("-dirty"),
+            "mlflow.source.type": "PROJECT", "mlflow.source.name": str(root.resolve())}
+
+
 class Tracker:
     """The driver's MLflow client."""
 
@@ -78,6 +87,8 @@ class Tracker:
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = (found.experiment_id if found is not None
                               else self.client.create_experiment(experiment))
+        if found is None or EXPERIMENT_KIND[0] not in found.tags:
+            self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
         self._last_step: dict[str, int] = {}
 
     def find_run(self, run: str, fingerprint: str, finished: bool | None = None):

@@ -55,7 +55,9 @@ def _loss(model, inputs: np.ndarray, targets: np.ndarray, device) -> torch.Tenso
 
 @torch.no_grad()
 def evaluate(model, data: TrainingData, cfg: TrainConfig, device) -> dict[str, float]:
-    """val/bpb on fixed validation windows; val/mqar_acc_<bucket> on each MQAR eval set."""
+    """val/bpb on fixed validation windows; val/mqar_acc_<bucket> on each MQAR validation set;
+    val/objective, the training mixture's loss on validation data (`mixture.lm * val/loss +
+    mixture.mqar * val/mqar_loss`): what the learning-rate selection compares."""
     model.eval()
     x, y = data.val_windows(cfg.val_batches * cfg.batch_size, cfg.seq_len)
     nats = 0.0
@@ -64,6 +66,7 @@ def evaluate(model, data: TrainingData, cfg: TrainConfig, device) -> dict[str, f
             x[i : i + cfg.batch_size]
         )
     out = {"val/loss": nats / len(x), "val/bpb": bits_per_byte(nats / len(x))}
+    mqar_nats = mqar_answers = 0.0
     for name in sorted(data.mqar):
         if not name.startswith("eval_"):
             continue
@@ -71,11 +74,19 @@ def evaluate(model, data: TrainingData, cfg: TrainConfig, device) -> dict[str, f
         n_batches = math.ceil(len(data.mqar[name][0]) / cfg.mqar_batch_size)
         for b in range(n_batches):
             xi, yi = data.mqar_batch(name, None, b, cfg.mqar_batch_size)
-            pred = model(torch.from_numpy(xi).to(device)).argmax(-1).cpu().numpy()
+            logits = model(torch.from_numpy(xi).to(device)).float()
+            target = torch.from_numpy(yi).to(device)
+            mqar_nats += F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100,
+                                         reduction="sum").item()
+            pred = logits.argmax(-1).cpu().numpy()
             mask = yi != -100
             correct += int((pred[mask] == yi[mask]).sum())
             total += int(mask.sum())
+        mqar_answers += total
         out[f"val/mqar_acc_{name[len('eval_'):]}"] = correct / max(1, total)
+    if mqar_answers:
+        out["val/mqar_loss"] = mqar_nats / mqar_answers
+    out["val/objective"] = cfg.mixture.lm * out["val/loss"] + cfg.mixture.mqar * out.get("val/mqar_loss", 0.0)
     model.train()
     return out
 

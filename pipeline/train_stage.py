@@ -1,6 +1,6 @@
 """The train stage's driver: one Ray task per run, progress and MLflow logging in the driver.
 
-- One job per run: a variant at each of `train.seeds` (`Params.runs()`).
+- One job per run: each point of the study at each of `train.lr` and `train.seeds` (`Params.runs()`).
 - A run whose fingerprint (resolved config, its seed, the data, the code it runs) matches its
   completed checkpoint is skipped; a partial checkpoint with the same fingerprint is resumed.
   A completed checkpoint of another fingerprint (a changed config) is kept while the new one
@@ -21,7 +21,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from pipeline import checkpoint, fanout, tracking
+from pipeline import checkpoint, fanout, sweep, tracking
 from pipeline.data import verify_prepared
 from pipeline.fingerprint import digest, source_hash
 from pipeline.jobs import TrainJob
@@ -37,10 +37,10 @@ TRAIN_CODE = ("models", "kernels", "pipeline/train.py", "pipeline/data.py", "pip
 def train_job(params: Params, run: Run, code: str, data_dir: Path, ckpt_root: Path,
               data_files: dict[str, str]) -> TrainJob:
     """Everything one run depends on, and its fingerprint: the config (the train block holds
-    only this run's seed, so adding a seed retrains nothing else), the code and the sha256 of
+    only this run's seed and rate, so adding a seed or a rate retrains nothing else), the code and the sha256 of
     every prepared data file (`data_files`, from the verified manifest)."""
     model = params.model_config_for(run.variant)
-    train = params.train.model_copy(update={"seeds": [run.seed]})
+    train = params.train.model_copy(update={"seeds": [run.seed], "lr": run.lr})
     fingerprint = digest({"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
                           "data": params.data.model_dump(mode="json"), "code": code,
                           "data_files": data_files})
@@ -108,10 +108,15 @@ class LiveLog:
 
 # --------------------------------------------------------------------------- the stage
 def _mlflow_params(params: Params, job: TrainJob) -> dict[str, str]:
-    return tracking.flatten({"variant": job.variant, "seed": job.seed,
-                             "model": job.model.model_dump(mode="json"),
-                             "train": job.train.model_dump(mode="json"),
-                             "data": params.data.model_dump(mode="json"), "fingerprint": job.fingerprint})
+    """The full config (`train.lr`, `seed` among it), plus `family` and one `knob.<field>` per field swept anywhere
+    in the study (`-` where this point has none), so that the UI's charts plot against them."""
+    point = params.points[job.variant]
+    swept = dict.fromkeys(k for p in params.points.values() for k in p.knobs)
+    knobs = {f"knob.{k}": sweep.token(point.knobs[k]) if k in point.knobs else "-" for k in swept}
+    config = {"variant": job.variant, "seed": job.seed, "model": job.model.model_dump(mode="json"),
+              "train": job.train.model_dump(mode="json"), "data": params.data.model_dump(mode="json"),
+              "fingerprint": job.fingerprint}
+    return {**knobs, "family": point.family, **tracking.flatten(config)}
 
 
 def _mlflow_tags(job: TrainJob, commit: str) -> dict[str, str]:

@@ -29,18 +29,20 @@ def evaluate_run(job: EvalJob) -> dict:
     text = np.memmap(Path(job.data_dir) / "text" / "heldout.bin", dtype=np.uint8, mode="r")
     attention = meta["model_config"]["attention"]
     t0 = time.perf_counter()
-    result = {"run": job.run, "variant": job.variant, "seed": job.seed, "device": job.device,
-              "kind": attention["kind"], "window": attention.get("window"),
+    result = {"run": job.run, "variant": job.variant, "family": job.family, "seed": job.seed,
+              "lr": job.lr, "lr_candidates": job.lr_candidates, "reach": job.reach, "device": job.device,
+              "kind": attention["kind"], "window": attention.get("window"), "attention": attention,
               "params": model.num_parameters(),
               "cache_bytes_per_token_analytic": model.cache_nbytes(cfg.report_context) / cfg.report_context,
-              "bpb": {}, "mqar": {}, "lm_eval": {}, "decode": []}
+              "bpb": {}, "bpb_windows": {}, "mqar": {}, "lm_eval": {}, "decode": []}
     for length in cfg.context_lengths:
-        result["bpb"][str(length)] = heldout_bpb(model, text, length, max(1, cfg.bpb_tokens // length))
+        windows = heldout_bpb(model, text, length, max(1, cfg.bpb_tokens // length))
+        result["bpb"][str(length)], result["bpb_windows"][str(length)] = float(np.mean(windows)), windows
     for pairs in cfg.mqar_pairs:
         for bucket, gaps in mqar_cfg.eval_gaps.items():
             result["mqar"][f"p{pairs}_{bucket}"] = {
                 "num_pairs": pairs, "bucket": bucket, "gaps": list(gaps),
-                **mqar_accuracy(model, mqar_cfg, pairs, gaps, cfg.mqar_examples, cfg.seed, job.ref_window)}
+                **mqar_accuracy(model, mqar_cfg, pairs, gaps, cfg.mqar_examples, cfg.seed, job.reach)}
     result["time_quality_s"] = time.perf_counter() - t0
     if cfg.lm_eval_tasks:
         t0 = time.perf_counter()

@@ -15,16 +15,17 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def heldout_bpb(model, text: np.ndarray, context_len: int, n_windows: int) -> float:
-    """Mean cross-entropy in bits per byte over `n_windows` evenly spaced held-out windows."""
+def heldout_bpb(model, text: np.ndarray, context_len: int, n_windows: int) -> list[float]:
+    """Cross-entropy in bits per byte of each of `n_windows` evenly spaced held-out windows (the
+    same windows for every model: the report's intervals resample them, paired)."""
     starts = np.linspace(0, len(text) - context_len - 1, n_windows).astype(np.int64)
-    nats = 0.0
+    bits = []
     for s in starts:
         ids = torch.from_numpy(tokenizer.bytes_to_ids(np.asarray(text[s : s + context_len + 1])))[None]
         ids = ids.to(_device(model))
         logits = model(ids[:, :-1])
-        nats += torch.nn.functional.cross_entropy(logits[0].float(), ids[0, 1:]).item()
-    return nats / n_windows / math.log(2)
+        bits.append(torch.nn.functional.cross_entropy(logits[0].float(), ids[0, 1:]).item() / math.log(2))
+    return bits
 
 
 @torch.no_grad()
@@ -35,19 +36,22 @@ def decode_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])], dim=1)
 
 
-def _split(hit: np.ndarray, gap: np.ndarray, window: int | None) -> dict:
+def _split(hit: np.ndarray, gap: np.ndarray, reach: tuple[int, int] | None) -> dict:
+    """Accuracy over all queries, over those inside the shortest reach and beyond the longest."""
     out = {"acc": float(hit.mean()), "n": int(hit.size)}
-    if window is not None:
-        inside = gap <= window
+    if reach is not None:
+        inside, beyond = gap <= reach[0], gap > reach[1]
         out["acc_inside_window"] = float(hit[inside].mean()) if inside.any() else None
-        out["acc_beyond_window"] = float(hit[~inside].mean()) if (~inside).any() else None
+        out["acc_beyond_window"] = float(hit[beyond].mean()) if beyond.any() else None
+        out["n_inside_window"], out["n_beyond_window"] = int(inside.sum()), int(beyond.sum())
     return out
 
 
 @torch.no_grad()
 def mqar_accuracy(model, mqar_cfg, num_pairs: int, gaps: tuple[int, int], n: int, seed: int,
-                  window: int | None, decode: bool = True) -> dict:
-    """Accuracy on `n` fresh MQAR sequences; per query also split by gap <= window / beyond.
+                  reach: tuple[int, int] | None, decode: bool = True) -> dict:
+    """Accuracy on `n` fresh MQAR sequences, also split by each query's gap against the study's
+    reach (`_split`); "hits" and "gaps" keep every query (0/1, gap) for the report's intervals.
     With `decode`, the same queries are also scored through the decode cache ("decode": {...})."""
     from pipeline.data import make_mqar
 
@@ -57,7 +61,8 @@ def mqar_accuracy(model, mqar_cfg, num_pairs: int, gaps: tuple[int, int], n: int
     mask = torch.from_numpy(data["answer_mask"][:, 1:]).to(tokens.device)
     gap = data["gaps"].reshape(-1)
     hits = lambda logits: (logits.argmax(-1) == tokens[:, 1:])[mask].cpu().numpy()  # noqa: E731 -- row order
-    out = _split(hits(model(tokens[:, :-1])), gap, window)
+    hit = hits(model(tokens[:, :-1]))
+    out = {**_split(hit, gap, reach), "hits": hit.astype(int).tolist(), "gaps": gap.astype(int).tolist()}
     if decode:
-        out["decode"] = _split(hits(decode_logits(model, tokens[:, :-1])), gap, window)
+        out["decode"] = _split(hits(decode_logits(model, tokens[:, :-1])), gap, reach)
     return out

@@ -13,17 +13,27 @@ DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
 
 def test_default_params_are_valid_and_typed():
     params = load_params(REPO / "params.yaml")
-    assert set(params.variants) == {"mha", "gqa", "mqa", "mla", "tpa", "swa", "linear", "tensor_cache",
+    assert set(params.variants) == {"mha", "gqa", "mla", "tpa", "swa", "linear", "tensor_cache",
                                     "tensor_cache_chunk_mean"}
-    assert params.model_config_for("tensor_cache_chunk_mean").attention.write == "chunk_mean"
+    assert params.model_config_for("tensor_cache_chunk_mean.window8").attention.write == "chunk_mean"
     assert params.compute.gpus_per_job == "auto" and params.tracking.uri is None
-    assert [run.name for run in params.runs()] == list(params.variants)  # one seed: runs named by variant
+    assert [run.name for run in params.runs()] == list(params.points)  # one seed, one rate
+    # the frontier's shape: >= 3 points per bounded family, >= 2 per growing one (MHA is the reference)
+    families = {}
+    for point in params.points.values():
+        families.setdefault(point.family, []).append(point)
+    for family in ("swa", "tensor_cache", "tensor_cache_chunk_mean"):
+        assert len(families[family]) >= 3
+    for family in ("gqa", "mla", "tpa"):
+        assert len(families[family]) >= 2
+    assert params.match_params.reference == "mha"
 
 
 def test_runs_name_the_first_seed_by_its_variant():
     raw = copy.deepcopy(DEFAULT)
     raw["train"]["seeds"] = [3, 1]
     raw["variants"] = {"mha": {"kind": "mha"}, "swa": {"kind": "swa", "window": 16}}
+    raw.pop("match_params")
     runs = parse_params(raw).runs()
     assert [(r.name, r.variant, r.seed) for r in runs] == [
         ("mha", "mha", 3), ("mha.seed1", "mha", 1), ("swa", "swa", 3), ("swa.seed1", "swa", 1)]
@@ -44,6 +54,15 @@ def _set(path: str, value):
     (_set("variants.tpa.rnk_k", 2), "variants.tpa.rnk_k"),
     (_set("variants.foo", {"kind": "lstm"}), "variants.foo.kind"),
     (_set("variants.swa.window", 4096), "variants.swa.window"),
+    (_set("variants.swa.window", [8, 0]), "variants.swa.window"),
+    (_set("variants.swa.window", []), "variants.swa.window"),
+    (_set("variants.swa.window", [8, 8]), "variants.swa.window"),
+    (_set("variants.swa.kind", ["swa", "mha"]), "variants.swa.kind"),
+    (_set("train.lr", [1e-3, -1.0]), "train.lr.1"),
+    (_set("train.lr", [1e-3, 1e-3]), "train.lr"),
+    (_set("match_params.reference", "swa"), "match_params.reference"),
+    (_set("model.mlp_hidden", 100), "model.mlp_hidden"),
+    (_set("eval.context_lengths", [512, 1024]), "eval.context_lengths"),
     (_set("variants.gqa.n_kv_heads", 3), "variants.gqa.n_kv_heads"),
     (_set("model.d_modle", 64), "model.d_modle"),
     (_set("model.n_heads", 5), "model.n_heads"),
@@ -102,4 +121,6 @@ def test_gpu_config_is_valid():
     params = load_params(REPO / "configs" / "gpu.yaml")
     assert params.data.mqar.pair_tokens == 2 and params.train.precision == "bf16"
     far_lo = params.data.mqar.eval_gaps["far"][0]
-    assert far_lo > params.model["n_layers"] * params.variants["swa"]["window"]
+    windows = [p.attention["window"] for p in params.points.values() if "window" in p.attention]
+    assert far_lo > params.model["n_layers"] * max(windows)
+    assert len(params.lrs) >= 2 and len(params.train.seeds) == 3 and params.match_params is not None

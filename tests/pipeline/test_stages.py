@@ -43,33 +43,60 @@ def test_seeds_from_train_to_report(tiny_project):
     tags = client.get_run(runs["swa.seed1"]["run_id"]).data.tags
     assert tags["kvf.variant"] == "swa" and tags["kvf.seed"] == "1"
 
-    # export: one directory and one registered version per run; a re-run registers nothing new
-    _ok(run_stage(root, "export"))
-    assert {p.name for p in (root / "exports").iterdir()} == set(runs)
-    again = _ok(run_stage(root, "export")).stdout
-    assert again.count("already registered") == 4
-    versions = client.search_model_versions("name = 'kvf-mha.seed1'")
-    assert len(versions) == 1 and versions[0].run_id == runs["mha.seed1"]["run_id"]
+    # a second rate and a swept window: only the new runs train; per point and seed the rate
+    # with the lower validation objective is selected, from the checkpoints' own metrics
+    _set(root, "train", seeds=[0, 1], lr=[3e-3, 1e-2])
+    _set(root, "variants", swa={"kind": "swa", "window": [4, 6]})
+    _ok(run_stage(root, "train"))
+    runs = json.loads((root / "metrics" / "train.json").read_text())["variants"]
+    keys = ["mha", "mha.seed1", "swa.window4", "swa.window4.seed1", "swa.window6", "swa.window6.seed1"]
+    assert set(runs) == set(keys) | {_lr_name(k) for k in keys}
+    assert runs["mha"]["trained"] is False and runs["mha.lr0.01.seed1"]["trained"] is True
+    winners = {}
+    for key in keys:
+        objectives = {0.003: runs[key]["val/objective"], 0.01: runs[_lr_name(key)]["val/objective"]}
+        winners[key] = key if objectives[0.003] <= objectives[0.01] else _lr_name(key)
 
-    # evaluate: one result per run; for exact caches the decode path scores what the forward does
+    # export: one directory and one registered version per selected run; a re-run registers nothing new
+    _ok(run_stage(root, "export"))
+    assert {p.name for p in (root / "exports").iterdir()} == set(winners.values())
+    again = _ok(run_stage(root, "export")).stdout
+    assert again.count("already registered") == len(keys)
+
+    # evaluate: one result per point and seed, for the selected run
     _ok(run_stage(root, "evaluate", timeout=600))
     results = {p.stem: json.loads(p.read_text()) for p in (root / "results" / "eval").glob("*.json")}
-    assert set(results) == set(runs)
+    assert set(results) == set(keys)
     for key, r in results.items():
-        assert (r["run"], r["variant"], r["seed"]) == (key, key.split(".")[0], int(key.endswith("seed1")))
+        assert r["run"] == winners[key] and r["variant"] == key.split(".seed")[0]
+        assert r["seed"] == int(key.endswith("seed1")) and r["family"] == key.split(".")[0]
+        assert set(r["lr_candidates"]) == {"0.003", "0.01"}
         assert r["device"] == "cpu" and r["lm_eval"]["scores"]["kvf_passkey_mc"]
         for bucket in r["mqar"].values():
             assert bucket["decode"]["acc"] == bucket["acc"]
-    logged = client.get_run(runs["swa.seed1"]["run_id"]).data.metrics
-    assert logged["eval/bpb_64"] == results["swa.seed1"]["bpb"]["64"]
+            assert np.mean(bucket["hits"]) == bucket["acc"] and len(bucket["gaps"]) == bucket["n"]
+        assert np.mean(r["bpb_windows"]["64"]) == r["bpb"]["64"]
+    swa = runs[winners["swa.window6.seed1"]]["run_id"]
+    logged = client.get_run(swa).data
+    assert logged.metrics["eval/bpb_64"] == results["swa.window6.seed1"]["bpb"]["64"]
+    assert logged.metrics["frontier/bpb"] == np.mean(results["swa.window6.seed1"]["bpb_windows"]["32"])
+    assert logged.params["knob.window"] == "6" and logged.params["family"] == "swa"
+    assert logged.tags["kvf.selected"] == "true"
 
-    # report: means and sample standard deviations over the two seeds, one CSV row per run
+    # report: means over the two seeds, one CSV row per point and seed, the rate that won
     _ok(run_stage(root, "report"))
     table = (root / "report" / "frontier.md").read_text()
-    for variant in ("mha", "swa"):
-        bpb = [results[k]["bpb"]["64"] for k in (variant, f"{variant}.seed1")]
-        line = next(row for row in table.splitlines() if row.startswith(f"| {variant} "))
-        assert f"| {np.mean(bpb):.3f} ± {np.std(bpb, ddof=1):.3f} |" in line
-        assert line.split("|")[3].strip() == "2"  # seeds column
-    assert len((root / "report" / "frontier.csv").read_text().splitlines()) == 1 + len(runs)
+    for point in ("mha", "swa.window4", "swa.window6"):
+        bpb = [np.mean(results[k]["bpb_windows"]["32"]) for k in (point, f"{point}.seed1")]
+        line = next(row for row in table.splitlines() if row.startswith(f"| {point} "))
+        assert f"| {np.mean(bpb):.3f} [" in line
+        assert line.split("|")[6].strip() == "2"  # seeds column
+    assert "## The seeds' claims" in table and "## Pareto front" in table
+    assert len((root / "report" / "frontier.csv").read_text().splitlines()) == 1 + len(keys)
     assert (root / "report" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _lr_name(key: str) -> str:
+    """`swa.window4.seed1` -> `swa.window4.lr0.01.seed1`: the same point and seed at the second rate."""
+    point, _, seed = key.partition(".seed")
+    return f"{point}.lr0.01" + (f".seed{seed}" if seed else "")

@@ -29,6 +29,11 @@ class _Block(BaseModel):
 
 
 # --------------------------------------------------------------------------- data
+def _min_last_gap(num_pairs: int, pair_tokens: int) -> int:
+    """Queries fill the last 2 * num_pairs positions: the last one lies at least this far after its pair."""
+    return 2 * (num_pairs - 1) + pair_tokens
+
+
 class MQARConfig(_Block):
     """Token-level multi-query associative recall (zoology): pairs `k v` scattered in noise, then
     queries `k v` at the end; each key sits `gap` tokens before its query."""
@@ -70,6 +75,10 @@ class MQARConfig(_Block):
                 )
             if hi - lo + 1 < self.pair_tokens * self.num_pairs:
                 raise ValueError(f"{name}: range [{lo}, {hi}] too narrow for {self.num_pairs} pairs")
+            if hi < _min_last_gap(self.num_pairs, self.pair_tokens):
+                raise ValueError(f"{name}: the last of {self.num_pairs} queries sits at least "
+                                 f"{_min_last_gap(self.num_pairs, self.pair_tokens)} tokens after its pair; "
+                                 f"got [{lo}, {hi}]")
         return self
 
 
@@ -439,6 +448,12 @@ def parse_params(raw: Any) -> Params:
         field, msg = _split_path(e["msg"].removeprefix("Value error, "))
         raise ParamsError(f"{_join(_fmt_loc(tuple(e['loc'])), field)}: {msg}") from None
     _check_variants(params)
+    width = params.data.mqar.pair_tokens
+    for i, pairs in enumerate(params.eval.mqar_pairs):
+        for bucket, (lo, hi) in params.data.mqar.eval_gaps.items():
+            if hi < _min_last_gap(pairs, width) or pairs > min(params.data.mqar.num_keys, params.data.mqar.num_values):
+                raise ParamsError(f"eval.mqar_pairs.{i}: {pairs} pairs do not fit data.mqar.eval_gaps.{bucket} "
+                                  f"[{lo}, {hi}] (the last query needs a gap >= {_min_last_gap(pairs, width)})")
     if params.train.seq_len not in params.eval.context_lengths:
         raise ParamsError(f"eval.context_lengths: must include train.seq_len={params.train.seq_len} "
                           "(bits per byte at the trained length is the frontier's quality axis)")

@@ -30,7 +30,7 @@ TINY = {
     "variants": {"mha": {"kind": "mha"}, "swa": {"kind": "swa", "window": 4}},
     "train": {"steps": 30, "seq_len": 32, "batch_size": 2, "mqar_batch_size": 4, "warmup_steps": 3,
               "log_every": 5, "eval_every": 10, "val_batches": 1, "checkpoint_every": 10},
-    "eval": {"context_lengths": [32, 64]},
+    "eval": {"context_lengths": [32, 64], "mqar_pairs": [2]},
     "compute": {"num_cpus": 2, "cpus_per_job": 1},
     "tracking": {"experiment": "tiny"},
 }

@@ -15,7 +15,7 @@ def test_default_params_are_valid_and_typed():
     params = load_params(REPO / "params.yaml")
     assert set(params.variants) == {"mha", "gqa", "mla", "tpa", "swa", "linear", "tensor_cache",
                                     "tensor_cache_chunk_mean"}
-    assert params.model_config_for("tensor_cache_chunk_mean.window8").attention.write == "chunk_mean"
+    assert params.model_config_for("tensor_cache_chunk_mean.window10").attention.write == "chunk_mean"
     assert params.compute.gpus_per_job == "auto" and params.tracking.uri is None
     assert [run.name for run in params.runs()] == list(params.points)  # one seed, one rate
     # the frontier's shape: >= 3 points per bounded family, >= 2 per growing one (MHA is the reference)
@@ -63,6 +63,8 @@ def _set(path: str, value):
     (_set("match_params.reference", "swa"), "match_params.reference"),
     (_set("model.mlp_hidden", 100), "model.mlp_hidden"),
     (_set("eval.context_lengths", [512, 1024]), "eval.context_lengths"),
+    (_set("data.mqar.eval_gaps.near", [2, 6]), "data.mqar.eval_gaps.near"),
+    (_set("eval.mqar_pairs", [2, 6]), "eval.mqar_pairs.1"),
     (_set("variants.gqa.n_kv_heads", 3), "variants.gqa.n_kv_heads"),
     (_set("model.d_modle", 64), "model.d_modle"),
     (_set("model.n_heads", 5), "model.n_heads"),

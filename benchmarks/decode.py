@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.variants or list(params.variants):
+        for name in args.variants or list(params.points):
             cfg = params.model_config_for(name)
             torch.manual_seed(0)
             ckpt = Path(tmp) / name

@@ -68,10 +68,11 @@ def bench_speed(T: int = 1024, batch: int = 4, rounds: int = 6, threads: int = 1
     torch.set_num_threads(threads)
     params = load_params(REPO / "params.yaml")
     models = {}
-    for name in params.variants:
+    train = params.train.model_copy(update={"lr": params.lrs[0]})
+    for name in params.points:
         torch.manual_seed(0)
         model = build_model(params.model_config_for(name))
-        models[name] = (model, make_optimizer(model, params.train))
+        models[name] = (model, make_optimizer(model, train))
     x = torch.randint(3, 259, (batch, T + 1))
     times: dict[str, list[float]] = {name: [] for name in models}
     for i in range(rounds + 1):

@@ -37,10 +37,14 @@ from models import ModelConfig, build_model  # noqa: E402
 
 
 def study_configs(window: int) -> dict[str, ModelConfig]:
-    """params.yaml's widths and variants; windows of swa / tensor_cache set to `window`."""
+    """params.yaml's widths and families (a swept family: its first point); windows of swa /
+    tensor_cache set to `window`."""
+    from pipeline.sweep import expand
+
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     out = {}
-    for name, attention in params["variants"].items():
+    for name, family in params["variants"].items():
+        attention = expand(name, family)[0].attention
         if "window" in attention:
             attention = {**attention, "window": window}
         out[name] = ModelConfig(**params["model"], attention=attention)

@@ -71,9 +71,18 @@ def model_card(variant: str, model, meta: dict) -> dict:
         "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
         "seed": meta.get("seed"),
         "train_steps": meta.get("step"),
+        # the train stage's validation numbers (the evaluate stage's are in results/eval/)
+        "validation": {k.removeprefix("val/"): round(float(v), 4)
+                       for k, v in sorted(meta.get("metrics", {}).items()) if k.startswith("val/")},
         "fingerprint": meta.get("fingerprint"),
         "made_with": made_with(),
     }
+
+
+def describe(attention: dict) -> str:
+    """`tensor_cache (window 16, write chunk_mean, ...)`: the kind and the fields that set it apart."""
+    fields = ", ".join(f"{k} {v}" for k, v in attention.items() if k != "kind" and v is not None)
+    return f"{attention['kind']} ({fields})" if fields else attention["kind"]
 
 
 def _card_markdown(card: dict) -> str:
@@ -183,7 +192,7 @@ def log_export(tracking_uri: str, run_id: str, variant: str, out_dir: Path, card
         return f"{name}/{existing}", False
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="export", python_model=_pyfunc_model(), artifacts={"export_dir": str(out_dir)},
+            name=name, python_model=_pyfunc_model(), artifacts={"export_dir": str(out_dir)},
             pip_requirements=["torch", "transformers", "safetensors"],  # no slow inference
             registered_model_name=name,
             metadata={k: v for k, v in card.items() if k != "attention"},
@@ -191,10 +200,10 @@ def log_export(tracking_uri: str, run_id: str, variant: str, out_dir: Path, card
         mlflow.log_dict(card, "export/model_card.json")
         mlflow.set_tags({"export.dir": str(out_dir), "export.registered_model": name})
     version = info.registered_model_version
-    description = (f"{card['kind']}: {card['parameters']:,} parameters, "
+    description = (f"{describe(card['attention'])}: {card['parameters']:,} parameters, "
                    f"{card['cache_bytes_per_token_at_32k']:.1f} cache bytes/token, "
                    f"{card['state_bytes_32k']:,} state bytes at 32k")
-    client.update_registered_model(name, description=f"kv-frontier variant {variant} ({card['kind']})")
+    client.update_registered_model(name, description=f"kv-frontier run {variant} ({describe(card['attention'])})")
     client.update_model_version(name, version, description=description)
     for key in ("kind", "parameters", "cache_bytes_per_token_at_32k", "state_bytes_32k",
                 "fingerprint", "code_sha256", "seed"):

@@ -1,38 +1,99 @@
-"""The report turns results into a PNG and a table."""
-from pipeline.report import rows_from_results, write_report
+"""The report: points with both intervals, the front, budgets and the claims, from results."""
+import csv
+
+import numpy as np
+import pytest
+
+from pipeline import stats
+from pipeline.report import points, rows_from_results, write_report
+
+REACH = [10, 30]  # shortest and longest window reach of the fake study
+CONTEXT, TRAINED = 32768, 128
 
 
-def _result(variant, kind, per_token, far, seed=0, far_decode=None):
-    far_decode = far if far_decode is None else far_decode
-    return {"variant": variant, "kind": kind, "seed": seed, "params": 1000, "window": None,
-            "run": variant if seed == 0 else f"{variant}.seed{seed}",
-            "cache_bytes_per_token_analytic": per_token, "bpb": {"128": 3.0, "1024": 3.5},
-            "mqar": {"p2_a": {"acc": far, "acc_beyond_window": far, "acc_inside_window": None,
-                              "decode": {"acc": far_decode, "acc_beyond_window": far_decode}},
-                     "p2_b": {"acc": 0.9, "acc_beyond_window": None, "acc_inside_window": 0.9}},
+def _result(point, family, kind, per_token, p_far, seed=0, bpb=3.0, rng=None, attention=None, lr=3e-3):
+    rng = rng or np.random.default_rng()
+    n = 400
+    gaps = np.r_[rng.integers(2, REACH[0] + 1, n // 2), rng.integers(REACH[1] + 1, 80, n // 2)]
+    hits = np.r_[rng.random(n // 2) < 0.9, rng.random(n // 2) < p_far].astype(int)
+    windows = rng.normal(bpb, 0.2, 16)
+    return {"variant": point, "family": family, "kind": kind, "seed": seed, "params": 1000,
+            "run": point if seed == 0 else f"{point}.seed{seed}", "lr": lr,
+            "lr_candidates": {"0.003": 1.0, "0.01": 1.1}, "reach": REACH,
+            "attention": {"kind": kind, **(attention or {})},
+            "cache_bytes_per_token_analytic": per_token,
+            "bpb": {"128": float(windows.mean()), "1024": 3.5},
+            "bpb_windows": {"128": windows.tolist(), "1024": [3.5] * 4},
+            "mqar": {"p4_all": {"acc": float(hits.mean()), "n": n, "hits": hits.tolist(), "gaps": gaps.tolist(),
+                                "decode": {"acc_beyond_window": float(hits[n // 2:].mean())}}},
             "lm_eval": {"scores": {"kvf_passkey_mc": {"acc": 0.5}}},
             "decode": [{"mode": "prefill", "context_len": 1024, "tokens_held": 1056, "cache_bytes": 1,
                         "peak_rss_bytes": 300 * 2**20, "decode_tokens_per_s": 250.0,
                         "prefill_tokens_per_s": 1e4}]}
 
 
-def test_report_png_and_table(tmp_path):
-    results = [_result("mha", "mha", 1024.0, 0.95), _result("swa", "swa", 0.25, 0.10),
-               _result("swa", "swa", 0.25, 0.20, seed=1),
-               _result("tc_mean", "tensor_cache", 0.5, 0.60, far_decode=0.30)]
-    rows = rows_from_results(results, 32768)
-    assert rows[0]["cache_bytes"] == 1024 * 32768 and rows[0]["bpb_max"] == 3.5
-    paths = write_report(results, 32768, tmp_path)
+def _study(rng):
+    out = []
+    for seed in range(3):
+        out += [
+            _result("mha", "mha", "mha", 1024.0, 0.95, seed, bpb=3.0, rng=rng),
+            _result("tpa.rank_k1", "tpa", "tpa", 256.0, 0.9, seed, bpb=3.0, rng=rng),
+            _result("swa.window16", "swa", "swa", 0.25, 0.06, seed, rng=rng, attention={"window": 16}),
+            _result("swa.window32", "swa", "swa", 0.5, 0.06, seed, rng=rng, attention={"window": 32}),
+            _result("tensor_cache.window16", "tensor_cache", "tensor_cache", 0.5, 0.7, seed, rng=rng,
+                    attention={"window": 16, "write": "exact"}),
+            _result("cm.window16", "cm", "tensor_cache", 0.5, 0.7, seed, rng=rng,
+                    attention={"window": 16, "write": "chunk_mean"}),
+        ]
+        # chunk_mean: the exact write's answers with 10 hits and 10 misses swapped (difference 0)
+        tc, cm = out[-2]["mqar"]["p4_all"], out[-1]["mqar"]["p4_all"]
+        hits = np.array(tc["hits"])
+        far = np.flatnonzero(np.array(tc["gaps"]) > REACH[1])
+        ones, zeros = far[hits[far] == 1][:10], far[hits[far] == 0][:10]
+        hits[ones], hits[zeros] = 0, 1
+        cm.update(hits=hits.tolist(), gaps=tc["gaps"])
+    return out
+
+
+def test_points_carry_means_and_both_intervals():
+    rng = np.random.default_rng()
+    results = _study(rng)
+    pts = {p.name: p for p in points(rows_from_results(results, CONTEXT, TRAINED))}
+    tc = pts["tensor_cache.window16"]
+    mine = [r for r in results if r["variant"] == "tensor_cache.window16"]
+    far = [np.array(r["mqar"]["p4_all"]["hits"])[np.array(r["mqar"]["p4_all"]["gaps"]) > REACH[1]] for r in mine]
+    assert tc.mean("mqar_far") == pytest.approx(np.mean([f.mean() for f in far]))
+    assert tc.seed_interval("mqar_far") == stats.seed_interval([f.mean() for f in far])
+    lo, hi = tc.example_interval("mqar_far")
+    assert lo < tc.mean("mqar_far") < hi and hi - lo < 0.2
+    assert tc.mean("bpb") == pytest.approx(np.mean([np.mean(r["bpb_windows"]["128"]) for r in mine]))
+    assert tc.mean("bpb_longest") == 3.5 and tc.cache_bytes == 0.5 * CONTEXT
+
+
+def test_claims_budgets_and_files(tmp_path):
+    rng = np.random.default_rng()
+    results = _study(rng)
+    paths = write_report(results, CONTEXT, TRAINED, tmp_path, budgets=[20_000, 10**9])
+    md = paths["md"].read_text()
+    claims = {line.split("|")[1].strip(): line for line in md.splitlines() if "verdict" not in line
+              and line.count("|") == 8 and "**" in line}
+    # recall 0.7 vs 0.06 over 200 far queries x 3 seeds: far outside any interval
+    assert "**supported**" in claims["Tensor Cache > SWA at W=16, beyond-window recall"]
+    # the same recall in both writes, example by example but 20 swapped: the interval holds zero
+    assert "**inconclusive**" in claims["exact write > chunk_mean at W=16, beyond-window recall"]
+    # both SWA points have no more bytes than the Tensor Cache (window 32 has as many)
+    assert "| swa.window" in claims["Tensor Cache (tensor_cache.window16) > best bounded baseline with no more cache bytes"]
+    assert "TPA (tpa.rank_k1) < MHA in bits per byte" in claims
+    assert "| 0.25 |" in claims["TPA (tpa.rank_k1) < MHA in bits per byte"]  # cache ratio 256 / 1024
+    # budget 20,000 bytes holds only the swa/tc/cm points (8-16 KiB): the two Tensor Cache writes
+    # (recall ~0.7, two families) are the best and the best of another family
+    budget = next(line for line in md.splitlines() if line.startswith("| 19.5 KiB | mqar_far |"))
+    best, other = (budget.split("|")[i].split(" (")[0].strip() for i in (3, 4))
+    assert {best, other} == {"tensor_cache.window16", "cm.window16"}
+    # the front for recall: the cheapest swa point, then the tensor caches, then MHA-family points
+    front = next(line for line in md.splitlines() if line.startswith("| mqar_far | "))
+    assert front.index("swa.window16") < front.index("window16 (") < front.index("mha")
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert len(rows) == len(results) and rows[0]["point"] == "mha"
     png = paths["png"].read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    table = paths["md"].read_text().splitlines()
-    swa = next(line for line in table if line.startswith("| swa "))
-    mha = next(line for line in table if line.startswith("| mha "))
-    # mean and sample standard deviation over the two seeds: 0.15 and 0.0707
-    assert "| 2 | 1,000 | 8,192 | 0.150 ± 0.071 | 0.150 ± 0.071 | 0.900 ± 0.000 |" in swa
-    assert "| 1 | 1,000 | 33,554,432 | 0.950 | 0.950 | 0.900 |" in mha
-    tc = next(line for line in table if line.startswith("| tc_mean "))
-    assert "| 0.600 | 0.300 |" in tc  # parallel forward vs decode cache
-    assert table.index(swa) < table.index(mha)  # sorted by cache bytes
-    csv = paths["csv"].read_text().splitlines()
-    assert csv[0].startswith("variant,kind,seed,run") and len(csv) == 1 + len(results)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000

@@ -53,7 +53,8 @@ class TensorCacheConfig(_AttentionBase):
     kind: Literal["tensor_cache"] = "tensor_cache"
     window: int = Field(64, ge=1)
     chunk_size: int = Field(64, ge=1, description="C of the chunked parallel scan")
-    write: Literal["exact", "chunk_mean"] = "exact"
+    write: Literal["exact", "chunk_mean", "delta"] = Field(
+        "exact", description="L2 write: exact outer product, chunk_mean ablation, or delta rule")
     n_kv_heads: Optional[int] = Field(None, ge=1)
     gate_init: float = -2.0
     normalize_k: bool = Field(True, description="L2-normalise the keys written to L2")

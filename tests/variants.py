@@ -19,6 +19,8 @@ ATTENTION = {
     "tensor_cache_w1": {"kind": "tensor_cache", "window": 1, "chunk_size": 3, "gate_init": 2.0},
     "tensor_cache_gqa": {"kind": "tensor_cache", "window": 3, "chunk_size": 16, "n_kv_heads": 2,
                          "gate_init": 2.0},
+    "tensor_cache_delta": {"kind": "tensor_cache", "window": 5, "chunk_size": 4, "gate_init": 2.0,
+                           "write": "delta"},
 }
 
 

@@ -5,12 +5,16 @@
 initial_state is A_{-1} (decayed at every step: A_t holds lam^(t+1) A_{-1}); final_state is
 A_{T-1}, so the next decode step is A_T = lam * A_{T-1} + eta * k_{T-W}^T v_{T-W}; it is
 kept in the wider of (q, decay) dtypes (fp32 for bf16 activations with fp32 decay).
-mode="chunk_mean" is the ablation of docs/design.md#the-chunk_mean-ablation (torch only). See reference.py for the forms.
+mode="chunk_mean" is the ablation of docs/design.md#the-chunk_mean-ablation (torch only);
+mode="delta" is the delta write of docs/design.md#the-delta-write (torch only),
+    A_t = lam * A_{t-1} + eta * k_{t-W}^T (v_{t-W} - k_{t-W} A_{t-1}).
+See reference.py for the forms.
 """
 import torch
 
 from ..dispatch import use_triton
-from .reference import chunk_mean_scan, evicted_scan_chunked, evicted_scan_loop
+from .reference import (chunk_mean_scan, delta_scan_chunked, delta_scan_loop, evicted_scan_chunked,
+                        evicted_scan_loop)
 
 try:  # CPU-only machines may lack triton; the torch path covers them.
     from .triton import evicted_scan_triton
@@ -18,7 +22,7 @@ except ImportError:
     evicted_scan_triton = None
 
 __all__ = ["evicted_scan", "evicted_scan_loop", "evicted_scan_chunked", "chunk_mean_scan",
-           "evicted_scan_triton"]
+           "delta_scan_loop", "delta_scan_chunked", "evicted_scan_triton"]
 
 
 def evicted_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
@@ -33,8 +37,10 @@ def evicted_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch
     kwargs = dict(initial_state=initial_state, output_final_state=output_final_state)
     if mode == "chunk_mean":
         return chunk_mean_scan(*args, **kwargs)
+    if mode == "delta":
+        return delta_scan_chunked(*args, **kwargs)
     if mode != "exact":
-        raise ValueError(f"mode must be 'exact' or 'chunk_mean', got {mode!r}")
+        raise ValueError(f"mode must be 'exact', 'chunk_mean' or 'delta', got {mode!r}")
     if use_triton(evicted_scan_triton, q, k, v, decay, write_rate, backward=True):
         return evicted_scan_triton(*args, **kwargs)
     return evicted_scan_chunked(*args, **kwargs)

@@ -9,6 +9,9 @@ so A_t = eta * sum_{i <= t-W} lam^(t-W-i) k_i^T v_i + lam^(t+1) A_{-1}: the deca
 every step, including the first. final_state is A_{T-1}: the next decode step does
 A_T = lam * A_{T-1} + eta * k_{T-W}^T v_{T-W}. W = 0 is ordinary decayed linear attention.
 
+The delta write (delta_scan_loop, delta_scan_chunked; docs/design.md#the-delta-write) shares
+the delay, the write-then-read order and the state conventions.
+
 Shapes: q, k (B, H, T, Dk); v (B, H, T, Dv); decay, write_rate (H,); states (B, H, Dk, Dv).
 """
 import torch
@@ -151,3 +154,77 @@ def chunk_mean_scan(q, k, v, decay, write_rate, window, chunk_size=64, initial_s
     q_shift = torch.nn.functional.pad(q, (0, 0, 1, M * C - T - 1)).view(B, H, M, C, Dk)
     o = (q_shift @ states).reshape(B, H, M * C, Dv)[:, :, 1:T + 1]
     return o.to(out_dtype), (A if output_final_state else None)
+
+
+def delta_scan_loop(q, k, v, decay, write_rate, window, initial_state=None,
+                    output_final_state=False):
+    """The delta write, token by token (docs/design.md#the-delta-write): the evicted pair corrects
+    the state's prediction k A_{t-1}, taken BEFORE the decay, then the query reads:
+
+        A_t = lam * A_{t-1} + eta * k_{t-W}^T (v_{t-W} - k_{t-W} A_{t-1})    (t >= W)
+        o_t = q_t A_t
+    """
+    B, H, T, Dk = q.shape
+    lam, eta = _per_head(decay), _per_head(write_rate)
+    A = q.new_zeros(B, H, Dk, v.shape[-1]) if initial_state is None else initial_state
+    outs = []
+    for t in range(T):
+        if t >= window:
+            k_s, v_s = k[:, :, t - window], v[:, :, t - window]
+            error = v_s - torch.einsum("bhk,bhkv->bhv", k_s, A)
+            A = lam * A + eta * k_s[..., :, None] * error[..., None, :]
+        else:
+            A = lam * A
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], A))
+    o = torch.stack(outs, dim=2) if T else q.new_zeros(B, H, 0, v.shape[-1])
+    return o, (A if output_final_state else None)
+
+
+def delta_scan_chunked(q, k, v, decay, write_rate, window, chunk_size=64, initial_state=None,
+                       output_final_state=False):
+    """Exact chunked form of delta_scan_loop on the delayed pairs k' = delay(k, W), v'.
+
+    Chunk of L rows (local j = 0..L-1), S the state at its start (A before its first row). The
+    corrections n_j = eta (v'_j - k'_j A_{j-1}) solve a unit lower-triangular system, since
+    k'_j A_{j-1} = lam^j k'_j S + sum_{i<j} lam^(j-1-i) <k'_j, k'_i> n_i:
+
+        (I + eta (K K^T) * D) N = eta (V - diag(lam^j) K S),   D[j,i] = lam^(j-1-i) (i < j)
+        O = diag(lam^(j+1)) Q S + ((Q K^T) * G) N,              G[j,i] = lam^(j-i)   (i <= j)
+        S <- lam^L S + (diag(lam^(L-1-j)) K)^T N
+
+    (docs/design.md's 1-indexed r is j + 1). A zero-padded delayed row (t < W) has k' = v' = 0,
+    so its n_j is 0 and the step is the bare decay, as in the loop. Powers are exp(e log lam)
+    with e >= 0, as in evicted_scan_chunked.
+    """
+    B, H, T, Dk = q.shape
+    Dv, C = v.shape[-1], chunk_size
+    out_dtype = v.dtype
+    dtype = torch.promote_types(q.dtype, decay.dtype)
+    q = q.to(dtype).reshape(B * H, T, Dk)
+    k = delay(k.to(dtype), window).reshape(B * H, T, Dk)
+    v = delay(v.to(dtype), window).reshape(B * H, T, Dv)
+    log_lam = torch.log(decay).to(dtype).repeat(B).view(B * H, 1, 1)
+    eta = write_rate.to(dtype).repeat(B).view(B * H, 1, 1)
+    j = torch.arange(C, device=q.device, dtype=q.dtype)
+    lag = j[:, None] - j[None, :]
+    D = torch.where(lag >= 1, torch.exp((lag - 1).clamp(min=0) * log_lam), 0.0)  # (BH,C,C)
+    G = torch.where(lag >= 0, torch.exp(lag.clamp(min=0) * log_lam), 0.0)
+    eye = torch.eye(C, device=q.device, dtype=q.dtype)
+    S = (q.new_zeros(B * H, Dk, Dv) if initial_state is None
+         else initial_state.to(dtype).reshape(B * H, Dk, Dv))
+    outs = []
+    chunks = zip(q.split(C, dim=1), k.split(C, dim=1), v.split(C, dim=1)) if T else ()
+    for q_n, k_n, v_n in chunks:
+        L = q_n.shape[1]  # C except a ragged last chunk
+        j_L = j[:L].view(L, 1)
+        system = eye[:L, :L] + eta * (k_n @ k_n.transpose(1, 2)) * D[:, :L, :L]
+        rhs = eta * (v_n - (k_n * torch.exp(j_L * log_lam)) @ S)
+        N = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+        o_n = (q_n * torch.exp((j_L + 1) * log_lam)) @ S \
+            + ((q_n @ k_n.transpose(1, 2)) * G[:, :L, :L]) @ N
+        write = torch.exp((L - 1 - j_L) * log_lam)  # lam^(L-1-j)
+        S = torch.exp(L * log_lam) * S + (k_n * write).transpose(1, 2) @ N
+        outs.append(o_n)
+    o = torch.cat(outs, dim=1) if outs else q.new_zeros(B * H, 0, Dv)
+    o = o.view(B, H, T, Dv).to(out_dtype)
+    return o, (S.view(B, H, Dk, Dv) if output_final_state else None)

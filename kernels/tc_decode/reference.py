@@ -3,6 +3,7 @@
     ring     = (k, v) at positions pos-W .. pos-1, un-rotated; slot 0 leaves the window now
     o1       = softmax_i(rope(q, pos) . rope(k_i, i) * scale) v_i   over i in (pos-W, pos], i >= 0
     A_pos    = lam A_{pos-1} + eta k_e^T v_e          (k_e, v_e = ring slot 0; k_e L2-normalised)
+               or, with delta=True, lam A_{pos-1} + eta k_e^T (v_e - k_e A_{pos-1})
     o2       = q A_pos                                (q un-rotated)
     o        = o1 + g o2                              (g = sigmoid(gate), per head)
 
@@ -18,7 +19,8 @@ def _rotate(x, cos, sin):  # models/rope.apply_rope's rotate-half form (kernels/
 
 
 def tc_decode_reference(q, k_new, v_new, ring_k, ring_v, state, cos, sin, decay, write_rate, gate,
-                        pos: int, normalize_k: bool = True, scale: float | None = None):
+                        pos: int, normalize_k: bool = True, scale: float | None = None,
+                        delta: bool = False):
     """q (B,h,d); k_new, v_new (B,g,d); ring_k, ring_v (B,g,W,d); state (B,h,d,d), updated in
     place; cos, sin (W+1, d) for positions pos-W .. pos; decay, write_rate, gate (h,) with gate
     already a probability -> o (B,h,d)."""
@@ -41,7 +43,10 @@ def tc_decode_reference(q, k_new, v_new, ring_k, ring_v, state, cos, sin, decay,
     v_e = ring_v[:, :, 0].repeat_interleave(n_rep, dim=1).to(acc)
     if normalize_k:
         k_e = F.normalize(k_e, dim=-1)
-    A = decay.to(acc)[None, :, None, None] * state.to(acc) \
+    A = state.to(acc)
+    if delta:  # write the prediction error of the state before its decay
+        v_e = v_e - torch.einsum("bhd,bhde->bhe", k_e, A)
+    A = decay.to(acc)[None, :, None, None] * A \
         + write_rate.to(acc)[None, :, None, None] * k_e[..., :, None] * v_e[..., None, :]
     state.copy_(A)
     o2 = torch.einsum("bhd,bhde->bhe", q.to(acc), A)

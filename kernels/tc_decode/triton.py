@@ -4,7 +4,8 @@ one program per (batch, head), fp32 accumulation.
     window   online softmax over tiles of BW ring positions (RoPE applied on the fly from the
              cos/sin rows; slots at negative positions masked), o1 = sum p v / sum p
     L2       tiles of BI rows of A: A = lam A + eta k_e^T v_e (stored back in place),
-             o2 += q[rows] A[rows, :]
+             o2 += q[rows] A[rows, :]; with DELTA, v_e is first replaced by v_e - k_e A (one
+             more pass over the tiles, reading A before any row is written)
     out      o1 + g o2
 A program reads only its own head's state, so the in-place update has no race; the ring is
 read only (the caller shifts in the new pair).
@@ -17,7 +18,7 @@ import triton.language as tl
 @triton.jit
 def _tc_decode_kernel(q, k_new, v_new, ring_k, ring_v, state, cos, sin, decay, write_rate, gate,
                       out, pos, scale, H, N_REP, W, D: tl.constexpr, NORMALIZE: tl.constexpr,
-                      BW: tl.constexpr, BD: tl.constexpr, BI: tl.constexpr):
+                      DELTA: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BI: tl.constexpr):
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     G = H // N_REP
@@ -75,6 +76,14 @@ def _tc_decode_kernel(q, k_new, v_new, ring_k, ring_v, state, cos, sin, decay, w
         inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(k_e * k_e, axis=0)), 1e-12)  # F.normalize
     lam = tl.load(decay + i_h).to(tl.float32)
     eta = tl.load(write_rate + i_h).to(tl.float32)
+    if DELTA:  # the delta write corrects the prediction k_e A of the state before its decay
+        for i0 in range(0, D, BI):
+            ci = i0 + tl.arange(0, BI)
+            ok_i = ci < D
+            a = tl.load(state + (i_bh * D + ci)[:, None] * D + cd[None, :],
+                        mask=ok_i[:, None] & ok_d[None, :], other=0.0).to(tl.float32)
+            ke_i = tl.load(ring_k + kv * W * D + ci, mask=ok_i, other=0.0).to(tl.float32) * inv
+            v_e -= tl.sum(ke_i[:, None] * a, axis=0)
     o2 = tl.zeros((BD,), tl.float32)
     for i0 in range(0, D, BI):
         ci = i0 + tl.arange(0, BI)
@@ -93,7 +102,7 @@ def _tc_decode_kernel(q, k_new, v_new, ring_k, ring_v, state, cos, sin, decay, w
 
 def tc_decode_triton(q, k_new, v_new, ring_k, ring_v, state, cos, sin, decay, write_rate, gate,
                      pos: int, normalize_k: bool = True, scale: float | None = None,
-                     block_w: int = 64, block_i: int = 16):
+                     block_w: int = 64, block_i: int = 16, delta: bool = False):
     """Same contract as tc_decode_reference (state updated in place)."""
     B, h, d = q.shape
     g, W = ring_k.shape[1], ring_k.shape[2]
@@ -109,5 +118,5 @@ def tc_decode_triton(q, k_new, v_new, ring_k, ring_v, state, cos, sin, decay, wr
     _tc_decode_kernel[(B * h,)](
         q, k_new, v_new, ring_k, ring_v, state, cos, sin, decay.contiguous(), write_rate.contiguous(),
         gate.contiguous(), out, pos, d ** -0.5 if scale is None else scale, h, h // g, W,
-        D=d, NORMALIZE=normalize_k, BW=BW, BD=BD, BI=min(block_i, BD))
+        D=d, NORMALIZE=normalize_k, DELTA=delta, BW=BW, BD=BD, BI=min(block_i, BD))
     return out

@@ -51,16 +51,23 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecayWriteRate(nn.Module):
-    """Learned per-head decay lam_h = sigmoid(theta_h) and write rate eta_h = softplus(.) > 0.
+    """Learned per-head decay lam_h = sigmoid(theta_h) and write rate eta_h, softplus(.) > 0 by
+    default, or sigmoid(.) in (0, 1) for the delta write (it keeps lam I - eta k^T k bounded).
 
     Decays start spread over [0.9, 0.995] so heads begin with memories of ~10 to ~200 tokens.
     """
 
-    def __init__(self, n_heads: int):
+    def __init__(self, n_heads: int, write_rate: str = "softplus"):
         super().__init__()
+        if write_rate not in ("softplus", "sigmoid"):
+            raise ValueError(f"write_rate must be 'softplus' or 'sigmoid', got {write_rate!r}")
         lam0 = torch.linspace(0.9, 0.995, n_heads)
         self.decay_logit = nn.Parameter(torch.log(lam0) - torch.log1p(-lam0))
-        self.write_rate_raw = nn.Parameter(torch.full((n_heads,), 0.5413))  # softplus -> 1.0
+        self.bounded = write_rate == "sigmoid"
+        # softplus -> 1.0; sigmoid -> 0.5 (half of each evicted value's prediction error written)
+        raw0 = 0.0 if self.bounded else 0.5413
+        self.write_rate_raw = nn.Parameter(torch.full((n_heads,), raw0))
 
     def forward(self):
-        return torch.sigmoid(self.decay_logit), F.softplus(self.write_rate_raw)
+        rate = torch.sigmoid if self.bounded else F.softplus
+        return torch.sigmoid(self.decay_logit), rate(self.write_rate_raw)

@@ -3,9 +3,12 @@
 L2 is fed ONLY by pairs evicted from the window: token i is written at step t = i + W,
     A_t = lam A_{t-1} + eta k_{t-W}^T v_{t-W},    o2_t = q_t A_t,
 with un-rotated q and (L2-normalised) k. Fusion: o = o1 + sigmoid(gate_h) * o2.
-Training uses the chunked scan (`write: exact`) or the chunked-mean ablation
-(`write: chunk_mean`); decode is always the exact per-token write (one token at a time through
-the fused step of kernels.tc_decode; a prefill through the scan with the delay made explicit).
+`write: delta` writes the prediction error instead (eta = sigmoid(.) in (0, 1)):
+    A_t = lam A_{t-1} + eta k_{t-W}^T (v_{t-W} - k_{t-W} A_{t-1}).
+Training uses the chunked scan of the write (`exact` or `delta`) or the chunked-mean ablation
+(`write: chunk_mean`); decode is always the per-token write, exact or delta (one token at a time
+through the fused step of kernels.tc_decode; a prefill through the scan with the delay made
+explicit).
 State per layer: ring 2 * g * d_h * W + L2 h * d_h * d_h elements, constant in T.
 """
 from __future__ import annotations
@@ -28,7 +31,8 @@ class TensorCacheAttention(SlidingWindowAttention):
         super().__init__(cfg)
         a = cfg.attention
         self.C, self.write, self.normalize_k = a.chunk_size, a.write, a.normalize_k
-        self.memory = DecayWriteRate(self.h)
+        self.memory = DecayWriteRate(self.h, "sigmoid" if self.write == "delta" else "softplus")
+        self.serve_mode = "delta" if self.write == "delta" else "exact"  # chunk_mean serves exact
         self.gate = nn.Parameter(torch.full((self.h,), a.gate_init))
 
     def l2_pairs(self, k, v):
@@ -46,7 +50,8 @@ class TensorCacheAttention(SlidingWindowAttention):
         lam, eta = self.memory()
         ring = cache.ring
         o = tc_decode(q[:, :, 0], k[:, :, 0], v[:, :, 0], ring.k, ring.v, cache.memory.state, cos, sin,
-                      lam, eta, torch.sigmoid(self.gate), pos, self.normalize_k)
+                      lam, eta, torch.sigmoid(self.gate), pos, self.normalize_k,
+                      delta=self.serve_mode == "delta")
         ring.update(k, v)  # the kernel wrote the leaving pair into L2 already
         return o[:, :, None]
 
@@ -64,7 +69,8 @@ class TensorCacheAttention(SlidingWindowAttention):
         else:  # the pairs the ring handed back left the window at steps pos..pos+T-1
             k2, v2 = self.l2_pairs(*evicted)
             o2, A = evicted_scan(q, k2, v2, lam, eta, window=0, chunk_size=self.C,
-                                 initial_state=cache.memory.state, output_final_state=True)
+                                 mode=self.serve_mode, initial_state=cache.memory.state,
+                                 output_final_state=True)
             cache.memory.write_(A)
         o = o1 + torch.sigmoid(self.gate)[None, :, None, None] * o2
         return self.o_proj(merge_heads(o))

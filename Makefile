@@ -40,6 +40,7 @@ test: venv
 repro: venv
 	$(PY) -m pipeline.dvc_setup
 	cd $(CURDIR) && dvc repro
+	$(PY) -m stages.mlflow_sync
 
 bench: venv
 	$(PY) benchmarks/l2_scan.py

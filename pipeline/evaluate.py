@@ -110,11 +110,10 @@ def _log_to_mlflow(tracker: tracking.Tracker, run_id: str, metrics: dict[str, fl
 def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, export_root: Path,
                  results_dir: Path, metrics_path: Path) -> int:
     from pipeline.evaluation import evaluate_run
+    from pipeline.train_stage import mlflow_run_ids
 
     verify_prepared(data_dir)
     jobs = eval_jobs(params, root, data_dir, ckpt_root, export_root)
-    train_metrics = Path("metrics/train.json")
-    train_runs = checkpoint.read_json(train_metrics)["variants"] if train_metrics.exists() else {}
     results_dir.mkdir(parents=True, exist_ok=True)
     results, todo = {}, {}
     for name, job in jobs.items():
@@ -148,12 +147,12 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
     context, trained = params.eval.report_context, params.train.seq_len
     flat = {name: flat_metrics(r, context, trained) for name, r in results.items()}
     winners = {r["run"] for r in results.values()}
+    run_ids = mlflow_run_ids(params, root, data_dir, ckpt_root, [run.name for run in params.runs()])
     for run in params.runs():  # the UI can filter on the runs the report uses
-        run_id = train_runs.get(run.name, {}).get("run_id")
-        if run_id is not None:
-            tracker.client.set_tag(run_id, "kvf.selected", str(run.name in winners).lower())
+        if run.name in run_ids:
+            tracker.client.set_tag(run_ids[run.name], "kvf.selected", str(run.name in winners).lower())
     for name, r in results.items():
-        r["run_id"] = train_runs.get(r["run"], {}).get("run_id")
+        r["run_id"] = run_ids.get(r["run"])
         if r["run_id"] is not None:
             _log_to_mlflow(tracker, r["run_id"], flat[name], r)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)

@@ -211,24 +211,25 @@ def log_export(tracking_uri: str, run_id: str, variant: str, out_dir: Path, card
     return f"{name}/{version}", True
 
 
-def run_export(params, root: Path, ckpt_root: Path, export_root: Path, train_metrics: Path,
+def run_export(params, root: Path, data_dir: Path, ckpt_root: Path, export_root: Path,
                metrics_path: Path) -> int:
     """Export every selected run (the best learning rate of each point and seed,
     `pipeline.selection`); log and register each in MLflow. 0 on success."""
     from pipeline import tracking
     from pipeline.selection import select
+    from pipeline.train_stage import mlflow_run_ids
 
-    runs = checkpoint.read_json(train_metrics)["variants"] if train_metrics.exists() else {}
     uri = tracking.tracking_uri(params.tracking.uri, root)
     results, failed = {}, []
     selected = [s.run for s in select(params, ckpt_root).values()]
+    run_ids = mlflow_run_ids(params, root, data_dir, ckpt_root, [run.name for run in selected])
     for stale in (export_root.iterdir() if export_root.is_dir() else []):
         if stale.name not in {run.name for run in selected}:  # a rate that lost, or a removed run
             shutil.rmtree(stale)
     for run in selected:
         out_dir = export_root / run.name
         card = export_variant(run.name, ckpt_root / run.name, out_dir)
-        run_id = runs.get(run.name, {}).get("run_id")
+        run_id = run_ids.get(run.name)
         registered, new = log_export(uri, run_id, run.name, out_dir.resolve(), card) if run_id else (None, False)
         if run_id is None:
             failed.append(run.name)

@@ -342,8 +342,6 @@ def _family_run(tracker, family: str, frontier_id: str) -> str:
 
 
 def run_report(params, root: Path, results_dir: Path, out_dir: Path) -> int:
-    from pipeline import tracking
-
     keys = list(dict.fromkeys(run.key for run in params.runs()))
     missing = [key for key in keys if not (results_dir / f"{key}.json").exists()]
     if missing:
@@ -352,19 +350,34 @@ def run_report(params, root: Path, results_dir: Path, out_dir: Path) -> int:
     results = [json.loads((results_dir / f"{key}.json").read_text()) for key in keys]
     paths = write_report(results, params.eval.report_context, params.train.seq_len, out_dir,
                          params.eval.byte_budgets)
+    run_id = log_report(params, root, results, paths)
+    print(f"[report] {len(results)} run(s), {len(params.points)} point(s) -> {paths['png']}, {paths['md']} "
+          f"(MLflow run {run_id})", flush=True)
+    return 0
+
+
+def log_report(params, root: Path, results: list[dict], paths: dict[str, Path]) -> str:
+    """A new MLflow run `frontier` with the figure and tables; each family's parent run nested
+    under it and each evaluated run under its family. Returns the frontier run's id."""
+    from pipeline import tracking
+
     tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
     run = tracker.client.create_run(tracker.experiment_id, run_name="frontier",
                                     tags={"kvf.report": "frontier", **tracking.source_tags(root)})
-    children = [r["run_id"] for r in results if r.get("run_id")]
-    tracker.client.set_tag(run.info.run_id, "kvf.summarises", ",".join(children))
+    ids = {}
+    for r in results:  # the evaluated runs, by name (the newest finished run of that name)
+        found = tracker.client.search_runs([tracker.experiment_id], f"tags.`{tracking.TAG_RUN}` = '{r['run']}' "
+                                           "and attributes.status = 'FINISHED'",
+                                           order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            ids[r["run"]] = found[0].info.run_id
+    tracker.client.set_tag(run.info.run_id, "kvf.summarises", ",".join(ids.values()))
     for family in dict.fromkeys(r.get("family", r["variant"]) for r in results):
         parent = _family_run(tracker, family, run.info.run_id)
         for r in results:
-            if r.get("run_id") and r.get("family", r["variant"]) == family:
-                tracker.client.set_tag(r["run_id"], "mlflow.parentRunId", parent)
+            if r["run"] in ids and r.get("family", r["variant"]) == family:
+                tracker.client.set_tag(ids[r["run"]], "mlflow.parentRunId", parent)
     for path in paths.values():
         tracker.client.log_artifact(run.info.run_id, str(path), "report")
     tracker.client.set_terminated(run.info.run_id, "FINISHED")
-    print(f"[report] {len(results)} run(s), {len(params.points)} point(s) -> {paths['png']}, {paths['md']} "
-          f"(MLflow run {run.info.run_id})", flush=True)
-    return 0
+    return run.info.run_id

@@ -119,8 +119,8 @@ def _mlflow_params(params: Params, job: TrainJob) -> dict[str, str]:
     return {**knobs, "family": point.family, **tracking.flatten(config)}
 
 
-def _mlflow_tags(job: TrainJob, commit: str) -> dict[str, str]:
-    return {tracking.TAG_KIND: job.model.attention.kind, tracking.TAG_COMMIT: commit,
+def _mlflow_tags(job: TrainJob, source: dict[str, str]) -> dict[str, str]:
+    return {tracking.TAG_KIND: job.model.attention.kind, **source,
             tracking.TAG_VARIANT: job.variant, tracking.TAG_SEED: str(job.seed)}
 
 
@@ -130,19 +130,47 @@ def _result(job: TrainJob, run_id: str, step: int, metrics: dict, trained: bool)
 
 
 def _adopt_completed(params: Params, tracker: tracking.Tracker, job: TrainJob, final: dict,
-                     commit: str) -> dict:
+                     source: dict[str, str], quiet: bool = False) -> dict:
     """A run whose checkpoint is complete and current: find its MLflow run, or rebuild it from
     the checkpoint's history (e.g. a fresh mlflow.db)."""
     run = tracker.find_run(job.run, job.fingerprint, finished=True)
     if run is None:
-        run_id = tracker.open_run(job.run, job.fingerprint, _mlflow_params(params, job), _mlflow_tags(job, commit))
+        run_id = tracker.open_run(job.run, job.fingerprint, _mlflow_params(params, job), _mlflow_tags(job, source))
         tracker.log_records(run_id, final["history"])
         tracker.log_final(run_id, final["metrics"], final["step"])
         tracker.finish(run_id, ok=True)
     else:
         run_id = run.info.run_id
-    print(f"[train] {job.run}: unchanged since its last completed run, skipped", flush=True)
+    if not quiet:
+        print(f"[train] {job.run}: unchanged since its last completed run, skipped", flush=True)
     return _result(job, run_id, final["step"], final["metrics"], trained=False)
+
+
+def mlflow_run_ids(params: Params, root: Path, data_dir: Path, ckpt_root: Path, names: list[str],
+                   rebuilt: set[str] | None = None) -> dict[str, str]:
+    """The MLflow run of each completed run in `names`, found by name and fingerprint in the
+    store, or rebuilt there from its checkpoint (a deleted or fresh store; its name is added to
+    `rebuilt`): what export and evaluate log to, so losing mlflow.db never leaves them pointing
+    at runs that are gone."""
+    code, data_files = source_hash(TRAIN_CODE), verify_prepared(data_dir)["files"]
+    by_name = {run.name: run for run in params.runs()}
+    tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
+    source, out = tracking.source_tags(root), {}
+    for name in names:
+        final = checkpoint.load_final_meta(ckpt_root / name, check=False)
+        if final is None:
+            continue
+        job = train_job(params, by_name[name], code, data_dir, ckpt_root, data_files)
+        job = job.model_copy(update={"fingerprint": final["fingerprint"]})
+        run = tracker.find_run(name, final["fingerprint"], finished=True)
+        if run is None:
+            print(f"[mlflow] {name}: no run in {tracker.uri}; rebuilt from its checkpoint", flush=True)
+            out[name] = _adopt_completed(params, tracker, job, final, source, quiet=True)["run_id"]
+            if rebuilt is not None:
+                rebuilt.add(name)
+        else:
+            out[name] = run.info.run_id
+    return out
 
 
 def _replace(ckpt_dir: Path, staging: Path) -> None:
@@ -155,7 +183,7 @@ def _replace(ckpt_dir: Path, staging: Path) -> None:
 
 
 def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob], cluster: fanout.Cluster,
-                  commit: str) -> dict[str, dict]:
+                  source: dict[str, str]) -> dict[str, dict]:
     """Train `jobs` (each resumed from its checkpoint when current); {run: result}."""
     from ray.util.queue import Queue
 
@@ -172,7 +200,7 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
             latest = None
         started[job.run] = latest["step"] if latest else 0
         run_ids[job.run] = tracker.open_run(job.run, job.fingerprint, _mlflow_params(params, job),
-                                            _mlflow_tags(job, commit))
+                                            _mlflow_tags(job, source))
         if latest:
             tracker.log_records(run_ids[job.run], latest["history"])
     queue = Queue()
@@ -230,11 +258,11 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, me
                 if stale.is_dir() and stale.name.removesuffix(STAGING) not in jobs:
                     shutil.rmtree(stale)
         tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
-        commit = tracking.git_commit(root)
-        results = {name: _adopt_completed(params, tracker, jobs[name], final, commit)
+        source = tracking.source_tags(root)
+        results = {name: _adopt_completed(params, tracker, jobs[name], final, source)
                    for name, final in complete.items()}
         if todo:
-            results.update(_train_on_ray(params, tracker, todo, cluster, commit))
+            results.update(_train_on_ray(params, tracker, todo, cluster, source))
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(metrics_path, {
         "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id},

@@ -12,8 +12,8 @@ def main() -> None:
     from pipeline.export import run_export
     from pipeline.tracking import repo_root
 
-    run_stage(args.params, lambda: run_export(params, repo_root(), Path("checkpoints"), Path("exports"),
-                                              Path("metrics/train.json"), Path("metrics/export.json")))
+    run_stage(args.params, lambda: run_export(params, repo_root(), Path("data"), Path("checkpoints"),
+                                              Path("exports"), Path("metrics/export.json")))
 
 
 if __name__ == "__main__":

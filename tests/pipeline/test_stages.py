@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -100,3 +101,36 @@ def _lr_name(key: str) -> str:
     """`swa.window4.seed1` -> `swa.window4.lr0.01.seed1`: the same point and seed at the second rate."""
     point, _, seed = key.partition(".seed")
     return f"{point}.lr0.01" + (f".seed{seed}" if seed else "")
+
+
+def test_a_deleted_mlflow_store_is_rebuilt(tiny_project):
+    """mlflow.db lost after a full study: `make repro`'s last step (stages.mlflow_sync) rebuilds
+    every run from its checkpoint's history, with its export, evaluation metrics and a report
+    run; export alone, on a store lost after training, rebuilds the runs it logs to."""
+    root = tiny_project
+    _set(root, "eval", **EVAL)
+    for stage in ("train", "export", "evaluate", "report"):
+        _ok(run_stage(root, stage, timeout=600))
+    before = json.loads((root / "metrics" / "train.json").read_text())["variants"]
+    logged = json.loads((root / "metrics" / "eval.json").read_text())["variants"]
+    (root / "mlflow.db").unlink()
+    out = _ok(run_stage(root, "mlflow_sync")).stdout
+    assert "store rebuilt for 2 run(s)" in out
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    for name, trained in before.items():
+        (run,) = client.search_runs([experiment], f"tags.`kvf.run` = '{name}'")
+        assert run.info.run_id != trained["run_id"] and run.info.status == "FINISHED"
+        assert run.data.metrics["val/bpb"] == pytest.approx(trained["val/bpb"])
+        assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 3  # the whole history
+        assert run.data.metrics["eval/bpb_64"] == logged[name]["eval/bpb_64"]
+        assert run.data.tags["kvf.selected"] == "true"
+        assert client.search_model_versions(f"name = 'kvf-{name}'")[0].run_id == run.info.run_id
+    (report,) = client.search_runs([experiment], "tags.`kvf.report` = 'frontier'")
+    assert {a.path for a in client.list_artifacts(report.info.run_id, "report")} == {
+        "report/frontier.png", "report/frontier.md", "report/frontier.csv"}
+    assert "store complete" in _ok(run_stage(root, "mlflow_sync")).stdout  # a whole store: nothing done
+
+    (root / "mlflow.db").unlink()
+    out = _ok(run_stage(root, "export")).stdout
+    assert out.count("rebuilt from its checkpoint") == 2

@@ -1,0 +1,51 @@
+"""Bring a missing or emptied MLflow store back from what is on disk (`make repro` runs it after
+`dvc repro`, which does not see the store): every completed run whose MLflow run is gone is
+rebuilt from its checkpoint's history, then given back its export (logged and registered), its
+evaluation metrics and, when anything was rebuilt, a new report run. A store that is whole is
+left as it is."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline import checkpoint
+from pipeline.params import Params
+
+
+def sync_store(params: Params, root: Path, data_dir: Path, ckpt_root: Path, export_root: Path,
+               results_dir: Path, report_dir: Path) -> list[str]:
+    """The names of the runs rebuilt (empty when the store was whole or nothing is trained)."""
+    from pipeline import tracking
+    from pipeline.evaluate import _log_to_mlflow, flat_metrics
+    from pipeline.export import EXPORT_META, log_export
+    from pipeline.report import log_report
+    from pipeline.train_stage import mlflow_run_ids
+
+    names = [run.name for run in params.runs() if (ckpt_root / run.name).is_dir()]
+    if not names or not (data_dir / "manifest.json").exists():
+        return []
+    rebuilt: set[str] = set()
+    run_ids = mlflow_run_ids(params, root, data_dir, ckpt_root, names, rebuilt)
+    if not rebuilt:
+        return []
+    uri = tracking.tracking_uri(params.tracking.uri, root)
+    tracker = tracking.Tracker(uri, params.tracking.experiment)
+    results = []
+    for key in dict.fromkeys(run.key for run in params.runs()):
+        path = results_dir / f"{key}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+    winners = {r["run"] for r in results}
+    for name in sorted(rebuilt):
+        card = export_root / name / EXPORT_META
+        if card.exists():
+            log_export(uri, run_ids[name], name, (export_root / name).resolve(), checkpoint.read_json(card))
+        tracker.client.set_tag(run_ids[name], "kvf.selected", str(name in winners).lower())
+    for r in results:
+        if r["run"] in rebuilt:
+            _log_to_mlflow(tracker, run_ids[r["run"]],
+                           flat_metrics(r, params.eval.report_context, params.train.seq_len), r)
+    paths = {k: report_dir / f"frontier.{k}" for k in ("png", "md", "csv")}
+    if all(p.exists() for p in paths.values()) and len(results) == len(dict.fromkeys(r.key for r in params.runs())):
+        log_report(params, root, results, paths)
+    return sorted(rebuilt)

@@ -156,7 +156,13 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
         if r["run_id"] is not None:
             _log_to_mlflow(tracker, r["run_id"], flat[name], r)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    variants = {n: {"run": r["run"], "run_id": r.get("run_id"), **flat[n]} for n, r in results.items()}
+    old = checkpoint.read_json(metrics_path).get("variants", {}) if metrics_path.exists() else {}
+    for name in failures:  # a failed evaluation keeps its last good numbers, marked as such
+        if name in old:
+            variants[name] = {**old[name], "stale": True}
+            print(f"[evaluate] {name}: kept its last good metrics in {metrics_path} (marked stale)",
+                  file=sys.stderr, flush=True)
     checkpoint.write_json(metrics_path, {"reach": reaches(params), "report_context": context,
-                                         "variants": {n: {"run": r["run"], "run_id": r.get("run_id"), **flat[n]}
-                                                      for n, r in results.items()}})
+                                         "variants": {n: variants[n] for n in jobs if n in variants}})
     return 1 if failures else 0

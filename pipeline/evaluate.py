@@ -34,6 +34,11 @@ def reaches(params: Params) -> tuple[int, int] | None:
     return n_layers * (min(windows) - 1), n_layers * (max(windows) - 1)
 
 
+def min_window(params: Params) -> int | None:
+    windows = [p.attention["window"] for p in params.points.values() if p.attention.get("window")]
+    return min(windows) if windows else None
+
+
 def task_metadata(params: Params) -> dict:
     """The lm-eval tasks draw their haystacks from the same held-out plays as the pipeline."""
     retrieval = params.data.retrieval
@@ -58,7 +63,7 @@ def eval_jobs(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expor
             run=run.name, variant=run.variant, seed=run.seed, family=run.family, lr=run.lr,
             lr_candidates={str(lr): v for lr, v in candidates.items()},
             eval=params.eval, mqar=params.data.mqar,
-            fingerprint=fingerprint, reach=reach, task_metadata=tasks,
+            fingerprint=fingerprint, reach=reach, task_metadata=tasks, min_window=min_window(params),
             threads=params.compute.cpus_per_job, ckpt_dir=str((ckpt_root / run.name).resolve()),
             export_dir=str((export_root / run.name).resolve()), data_dir=str(data_dir.resolve()),
             hf_home=os.environ.get("HF_HOME", str(root / "runs" / "hf_home")))

@@ -47,6 +47,7 @@ class EvalJob(_Job):
     mqar: MQARConfig
     fingerprint: str  # of (checkpoint, eval config, task settings, evaluation code)
     reach: Optional[tuple[int, int]]  # the study's shortest and longest window reach (MQAR split)
+    min_window: Optional[int] = None  # the study's smallest window (bits per byte by distance)
     task_metadata: dict
     ckpt_dir: str
     export_dir: str

@@ -45,7 +45,7 @@ def sync_store(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expo
         if r["run"] in rebuilt:
             _log_to_mlflow(tracker, run_ids[r["run"]],
                            flat_metrics(r, params.eval.report_context, params.train.seq_len), r)
-    paths = {k: report_dir / f"frontier.{k}" for k in ("png", "md", "csv")}
+    paths = {k: report_dir / f"frontier.{k}" for k in ("png", "md", "csv")} | {"capacity": report_dir / "capacity.png"}
     if all(p.exists() for p in paths.values()) and len(results) == len(dict.fromkeys(r.key for r in params.runs())):
         log_report(params, root, results, paths)
     return sorted(rebuilt)

@@ -210,6 +210,8 @@ class EvalConfig(_Block):
     bpb_tokens: int = Field(8192, ge=1, description="held-out tokens scored per context length")
     mqar_pairs: list[int] = Field(default_factory=lambda: [2, 4], description="MQAR pair counts")
     mqar_examples: int = Field(128, ge=1, description="MQAR sequences per (pairs, gap bucket)")
+    capacity_pairs: list[int] = Field(default_factory=list, description="stored-pair counts of the "
+                                      "memory-capacity curve (recall beyond every window, far bucket)")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="pipeline/tasks names")
     task_context_lengths: list[int] = Field(default_factory=lambda: [512, 1024],
                                             description="lm-eval task context lengths (bytes)")
@@ -448,12 +450,21 @@ def parse_params(raw: Any) -> Params:
         field, msg = _split_path(e["msg"].removeprefix("Value error, "))
         raise ParamsError(f"{_join(_fmt_loc(tuple(e['loc'])), field)}: {msg}") from None
     _check_variants(params)
-    width = params.data.mqar.pair_tokens
-    for i, pairs in enumerate(params.eval.mqar_pairs):
-        for bucket, (lo, hi) in params.data.mqar.eval_gaps.items():
-            if hi < _min_last_gap(pairs, width) or pairs > min(params.data.mqar.num_keys, params.data.mqar.num_values):
-                raise ParamsError(f"eval.mqar_pairs.{i}: {pairs} pairs do not fit data.mqar.eval_gaps.{bucket} "
-                                  f"[{lo}, {hi}] (the last query needs a gap >= {_min_last_gap(pairs, width)})")
+    mqar = params.data.mqar
+    far = max(mqar.eval_gaps, key=lambda b: mqar.eval_gaps[b][0])
+    checks = [(f"eval.mqar_pairs.{i}", p, list(mqar.eval_gaps)) for i, p in enumerate(params.eval.mqar_pairs)]
+    checks += [(f"eval.capacity_pairs.{i}", p, [far]) for i, p in enumerate(params.eval.capacity_pairs)]
+    for field, pairs, buckets in checks:
+        for bucket in buckets:
+            lo, hi = mqar.eval_gaps[bucket]
+            max_gap = mqar.seq_len - 2 * pairs - 1
+            if not (_min_last_gap(pairs, mqar.pair_tokens) <= hi <= max_gap and pairs >= 1
+                    and pairs <= min(mqar.num_keys, mqar.num_values)
+                    and hi - lo + 1 >= mqar.pair_tokens * pairs):
+                raise ParamsError(f"{field}: {pairs} pairs do not fit data.mqar.eval_gaps.{bucket} [{lo}, {hi}] "
+                                  f"in data.mqar.seq_len={mqar.seq_len} (gaps must reach "
+                                  f"{_min_last_gap(pairs, mqar.pair_tokens)} and stay <= {max_gap}; "
+                                  f"at most {min(mqar.num_keys, mqar.num_values)} pairs)")
     if params.train.seq_len not in params.eval.context_lengths:
         raise ParamsError(f"eval.context_lengths: must include train.seq_len={params.train.seq_len} "
                           "(bits per byte at the trained length is the frontier's quality axis)")

@@ -8,6 +8,7 @@
   intervals), the front per measure, the budget table (`eval.byte_budgets`) and the seeds' claims
   with the interval of each difference and a verdict (`pipeline.claims`).
 - report/frontier.csv: one row per evaluated run (the `dvc plots` data).
+- report/capacity.png: recall beyond every window as the stored pairs grow (`eval.capacity_pairs`).
 Logged to a parent MLflow run that points to the runs it summarises.
 """
 from __future__ import annotations
@@ -88,6 +89,8 @@ def row(result: dict, report_context: int, trained_len: int) -> dict:
         "peak_rss_mib": longest["peak_rss_bytes"] / 2**20 if longest else None,
         "measured_context": longest["tokens_held"] if longest else None,
         "_examples": examples, "_attention": result.get("attention", {}),
+        "_capacity": {int(k): v.get("acc_beyond_window") for k, v in result.get("capacity", {}).items()},
+        "_by_distance": result.get("bpb_by_distance"),
         "_lr_candidates": result.get("lr_candidates", {}),
     }
 
@@ -138,6 +141,21 @@ def points(rows: list[dict]) -> list[Point]:
     return sorted(out, key=lambda p: (p.cache_bytes, p.name))
 
 
+def capacity(p: Point) -> dict[int, float]:
+    """Mean over seeds of recall beyond every window, per number of stored pairs."""
+    pairs = sorted({k for r in p.rows for k, v in r["_capacity"].items() if v is not None})
+    return {k: float(np.mean([r["_capacity"][k] for r in p.rows if r["_capacity"].get(k) is not None]))
+            for k in pairs}
+
+
+def by_distance(p: Point) -> dict[str, float] | None:
+    parts = [r["_by_distance"] for r in p.rows if r.get("_by_distance")]
+    if not parts:
+        return None
+    return {k: float(np.mean([d[k] for d in parts])) for k in ("lt_W", "ge_W", "ge_4W")
+            if all(d.get(k) is not None for d in parts)} | {"window": parts[0]["window"], "context": parts[0]["context"]}
+
+
 def front(pts: list[Point], measure: Measure) -> list[Point]:
     have = [p for p in pts if p.mean(measure.column) is not None]
     idx = stats.pareto_front([p.cache_bytes for p in have], [p.mean(measure.column) for p in have],
@@ -186,6 +204,46 @@ def plot_frontier(pts: list[Point], report_context: int, path: Path) -> None:
     axes.flat[0].legend(fontsize=7, ncol=2, loc="best")
     bars = "95 % interval over seeds" if seeds > 1 else "95 % bootstrap interval over evaluation examples (1 seed)"
     fig.suptitle(f"kv-frontier: memory-quality frontier\nmean over up to {seeds} seed(s); bars: {bars}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_capacity(pts: list[Point], path: Path) -> None:
+    """Recall beyond every window's reach as the number of stored pairs grows, one line per
+    point: where each bounded state saturates (a figure that says so when there is no curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {p.name: capacity(p) for p in pts}
+    curves = {k: v for k, v in curves.items() if len(v) > 1}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if not curves:
+        ax.text(0.5, 0.5, "no memory-capacity curve: set eval.capacity_pairs (two counts or more)",
+                ha="center", va="center")
+        ax.set_axis_off()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return
+    families = list(dict.fromkeys(p.family for p in pts))
+    styles = ["-", "--", ":", "-."]
+    for p in pts:
+        if p.name not in curves:
+            continue
+        i = families.index(p.family)
+        rank = [q.name for q in pts if q.family == p.family].index(p.name)
+        xs = list(curves[p.name])
+        ax.plot(xs, [curves[p.name][x] for x in xs], styles[rank % 4], marker="o", ms=3,
+                color=f"C{i % 10}", label=p.name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("stored (key, value) pairs")
+    ax.set_ylabel("MQAR recall, keys beyond every window's reach")
+    ax.set_ylim(-0.03, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=3)
+    ax.set_title("memory capacity (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -288,6 +346,23 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
         lines += ["## Budgets\n", "The best point whose cache fits each budget, the best point of any "
                   "other family within it, and their difference (bootstrap over seeds and examples).\n",
                   *budget_table(pts, budgets), ""]
+    dist = {p.name: by_distance(p) for p in pts}
+    if any(dist.values()):
+        d0 = next(d for d in dist.values() if d)
+        lines += ["## Bits per byte by distance into the context\n",
+                  f"Held-out text at {d0['context']:,} bytes, split by the byte's position t in its window, "
+                  f"W = {d0['window']} (the study's smallest window).\n",
+                  "| point | t < W | t >= W | t >= 4W |", "|---|---:|---:|---:|"]
+        lines += [f"| {n} | {_fmt(d.get('lt_W'))} | {_fmt(d.get('ge_W'))} | {_fmt(d.get('ge_4W'))} |"
+                  for n, d in dist.items() if d] + [""]
+    curves = {p.name: capacity(p) for p in pts}
+    pairs = sorted({k for c in curves.values() for k in c})
+    if pairs:
+        lines += ["## Memory capacity\n", "MQAR recall beyond every window's reach as the number of "
+                  "stored pairs grows (report/capacity.png).\n",
+                  "| point | " + " | ".join(f"{k} pairs" for k in pairs) + " |", "|---|" + "---:|" * len(pairs)]
+        lines += [f"| {n} | " + " | ".join(_fmt(c.get(k)) for k in pairs) + " |" for n, c in curves.items() if c]
+        lines += [""]
     from pipeline.claims import claims_table
 
     lines += ["## The seeds' claims\n", *claims_table(claims, seeds), ""]
@@ -306,8 +381,10 @@ def write_report(results: list[dict], report_context: int, trained_len: int, out
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = rows_from_results(results, report_context, trained_len)
     pts = points(rows)
-    paths = {"png": out_dir / "frontier.png", "md": out_dir / "frontier.md", "csv": out_dir / "frontier.csv"}
+    paths = {"png": out_dir / "frontier.png", "md": out_dir / "frontier.md", "csv": out_dir / "frontier.csv",
+             "capacity": out_dir / "capacity.png"}
     plot_frontier(pts, report_context, paths["png"])
+    plot_capacity(pts, paths["capacity"])
     paths["md"].write_text(markdown(pts, report_context, list(budgets), evaluate_claims(pts)))
     with paths["csv"].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")

@@ -19,7 +19,7 @@ def evaluate_run(job: EvalJob) -> dict:
     memory and speed probes always run on CPU, in their own process)."""
     from pipeline.evaluation.harness import run_lm_eval
     from pipeline.evaluation.probe import probe_subprocess
-    from pipeline.evaluation.quality import heldout_bpb, mqar_accuracy
+    from pipeline.evaluation.quality import bits_by_distance, heldout_bits, mqar_accuracy
 
     torch.set_num_threads(job.threads)
     os.environ.setdefault("HF_HOME", job.hf_home)
@@ -36,13 +36,22 @@ def evaluate_run(job: EvalJob) -> dict:
               "cache_bytes_per_token_analytic": model.cache_nbytes(cfg.report_context) / cfg.report_context,
               "bpb": {}, "bpb_windows": {}, "mqar": {}, "lm_eval": {}, "decode": []}
     for length in cfg.context_lengths:
-        windows = heldout_bpb(model, text, length, max(1, cfg.bpb_tokens // length))
+        bits = heldout_bits(model, text, length, max(1, cfg.bpb_tokens // length))
+        windows = bits.mean(axis=1).tolist()
         result["bpb"][str(length)], result["bpb_windows"][str(length)] = float(np.mean(windows)), windows
+        if length == max(cfg.context_lengths) and job.reach is not None:
+            result["bpb_by_distance"] = {"context": length, "window": job.min_window,
+                                         **bits_by_distance(bits, job.min_window)}
     for pairs in cfg.mqar_pairs:
         for bucket, gaps in mqar_cfg.eval_gaps.items():
             result["mqar"][f"p{pairs}_{bucket}"] = {
                 "num_pairs": pairs, "bucket": bucket, "gaps": list(gaps),
                 **mqar_accuracy(model, mqar_cfg, pairs, gaps, cfg.mqar_examples, cfg.seed, job.reach)}
+    for pairs in cfg.capacity_pairs:  # recall beyond every window as the stored pairs grow
+        far = max(mqar_cfg.eval_gaps.values(), key=lambda g: g[0])
+        r = mqar_accuracy(model, mqar_cfg, pairs, far, cfg.mqar_examples, cfg.seed + 1, job.reach, decode=False)
+        result.setdefault("capacity", {})[str(pairs)] = {"gaps": list(far), **{
+            k: r[k] for k in ("acc", "acc_beyond_window", "n_beyond_window") if k in r}}
     result["time_quality_s"] = time.perf_counter() - t0
     if cfg.lm_eval_tasks:
         t0 = time.perf_counter()

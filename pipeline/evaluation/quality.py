@@ -15,17 +15,27 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def heldout_bpb(model, text: np.ndarray, context_len: int, n_windows: int) -> list[float]:
-    """Cross-entropy in bits per byte of each of `n_windows` evenly spaced held-out windows (the
-    same windows for every model: the report's intervals resample them, paired)."""
+def heldout_bits(model, text: np.ndarray, context_len: int, n_windows: int) -> np.ndarray:
+    """Cross-entropy in bits of every predicted byte, (n_windows, context_len), over evenly spaced
+    held-out windows (the same windows for every model: the report's intervals resample them,
+    paired). A window's mean is its bits per byte; column t is the byte at distance t into it."""
     starts = np.linspace(0, len(text) - context_len - 1, n_windows).astype(np.int64)
-    bits = []
+    rows = []
     for s in starts:
         ids = torch.from_numpy(tokenizer.bytes_to_ids(np.asarray(text[s : s + context_len + 1])))[None]
         ids = ids.to(_device(model))
         logits = model(ids[:, :-1])
-        bits.append(torch.nn.functional.cross_entropy(logits[0].float(), ids[0, 1:]).item() / math.log(2))
-    return bits
+        nats = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, 1:], reduction="none")
+        rows.append(nats.cpu().numpy() / math.log(2))
+    return np.stack(rows)
+
+
+def bits_by_distance(bits: np.ndarray, window: int) -> dict[str, float | None]:
+    """Bits per byte split by the byte's distance into its context: `t < W`, `t >= W`, `t >= 4W`
+    (Tensor Cache's measure: what a model does once the window no longer holds the start)."""
+    t = np.arange(bits.shape[1])
+    parts = {"lt_W": t < window, "ge_W": t >= window, "ge_4W": t >= 4 * window}
+    return {name: (float(bits[:, mask].mean()) if mask.any() else None) for name, mask in parts.items()}
 
 
 @torch.no_grad()

@@ -26,6 +26,8 @@ def _result(point, family, kind, per_token, p_far, seed=0, bpb=3.0, rng=None, at
             "bpb_windows": {"128": windows.tolist(), "1024": [3.5] * 4},
             "mqar": {"p4_all": {"acc": float(hits.mean()), "n": n, "hits": hits.tolist(), "gaps": gaps.tolist(),
                                 "decode": {"acc_beyond_window": float(hits[n // 2:].mean())}}},
+            "capacity": {str(k): {"acc_beyond_window": float(p_far ** (k / 4))} for k in (1, 2, 4)},
+            "bpb_by_distance": {"context": 1024, "window": 16, "lt_W": bpb + 0.5, "ge_W": bpb, "ge_4W": bpb - 0.1},
             "lm_eval": {"scores": {"kvf_passkey_mc": {"acc": 0.5}}},
             "decode": [{"mode": "prefill", "context_len": 1024, "tokens_held": 1056, "cache_bytes": 1,
                         "peak_rss_bytes": 300 * 2**20, "decode_tokens_per_s": 250.0,
@@ -93,6 +95,15 @@ def test_claims_budgets_and_files(tmp_path):
     # the front for recall: the cheapest swa point, then the tensor caches, then MHA-family points
     front = next(line for line in md.splitlines() if line.startswith("| mqar_far | "))
     assert front.index("swa.window16") < front.index("window16 (") < front.index("mha")
+    # the paper's measures: capacity per stored pairs and bits by distance, means over seeds
+    def section(title):
+        return md.split(f"## {title}")[1].split("\n## ")[0].splitlines()
+
+    cap = next(line for line in section("Memory capacity") if line.startswith("| swa.window16 |"))
+    assert cap.split("|")[2:5] == [f" {0.06 ** (k / 4):.3f} " for k in (1, 2, 4)]
+    dist = next(line for line in section("Bits per byte by distance") if line.startswith("| mha |"))
+    assert [float(x) for x in dist.split("|")[2:5]] == [3.5, 3.0, 2.9]
+    assert paths["capacity"].read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader(paths["csv"].open()))
     assert len(rows) == len(results) and rows[0]["point"] == "mha"
     png = paths["png"].read_bytes()

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from .conftest import run_stage
 
 EVAL = {"context_lengths": [32, 64], "bpb_tokens": 128, "mqar_pairs": [2], "mqar_examples": 16,
+        "capacity_pairs": [1, 2],
         "lm_eval_tasks": ["kvf_passkey_mc"], "task_context_lengths": [256], "limit": 1,
         "decode_lengths": [64], "decode_new_tokens": 4, "generate_lengths": [], "report_context": 1024}
 
@@ -77,6 +78,7 @@ def test_seeds_from_train_to_report(tiny_project):
             assert bucket["decode"]["acc"] == bucket["acc"]
             assert np.mean(bucket["hits"]) == bucket["acc"] and len(bucket["gaps"]) == bucket["n"]
         assert np.mean(r["bpb_windows"]["64"]) == r["bpb"]["64"]
+        assert set(r["capacity"]) == {"1", "2"} and r["bpb_by_distance"]["window"] == 4
     swa = runs[winners["swa.window6.seed1"]]["run_id"]
     logged = client.get_run(swa).data
     assert logged.metrics["eval/bpb_64"] == results["swa.window6.seed1"]["bpb"]["64"]

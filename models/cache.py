@@ -3,8 +3,10 @@
 - `AppendCache`: grows by exactly the new tokens (full attention's k, v; MLA's latents; TPA's
   factors): no slack capacity, so what it holds is what the variant costs.
 - `RingCache`: the W most recent (k, v) pairs in fixed storage; an update hands back the pairs
-  that left the window (a Tensor Cache writes them into its L2 memory).
+  that left the window (a Tensor Cache writes them into its L2 memory). With attention sinks it
+  also keeps the first n pairs of the sequence in a second fixed buffer.
 - `StateCache`: fixed-size state tensors updated in place (linear attention's S, the L2 matrix).
+- `SegmentCache`: Infini-attention's memory (M, z) plus the open segment's pairs (fewer than N).
 A layer whose cache has two parts (Tensor Cache: ring + L2) holds a `TwoLevelCache`. Every cache
 counts its own bytes (`nbytes`): the memory the tests and the report measure.
 """
@@ -59,12 +61,22 @@ class RingUpdate(NamedTuple):
 
 class RingCache(LayerCache):
     """The W most recent (k, v) pairs, oldest first, in storage allocated once: (B, g, W, d).
-    Slots not yet filled hold zeros (their positions, pos - W .. -1, are negative)."""
+    Slots not yet filled hold zeros (their positions, pos - W .. -1, are negative).
 
-    def __init__(self, batch_size: int, heads: int, window: int, dim: int, device, dtype):
+    With `sinks` = n > 0, also the pairs of positions 0 .. n-1 (attention sinks), (B, g, n, d),
+    filled as those positions pass; `sinks_held` of them are filled. A sink still inside the
+    window is in both buffers: the reader drops it from one.
+    """
+
+    def __init__(self, batch_size: int, heads: int, window: int, dim: int, device, dtype,
+                 sinks: int = 0):
         shape = (batch_size, heads, window, dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        sink_shape = (batch_size, heads, sinks, dim)
+        self.sink_k = torch.zeros(sink_shape, device=device, dtype=dtype)
+        self.sink_v = torch.zeros(sink_shape, device=device, dtype=dtype)
+        self.sinks_held = 0
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> RingUpdate:
         """Shift T new pairs in (in place); hand back [ring; new] and the T pairs pushed out."""
@@ -72,13 +84,21 @@ class RingCache(LayerCache):
         keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
         self.k.copy_(keys[:, :, -W:])
         self.v.copy_(values[:, :, -W:])
+        new_sinks = min(T, self.sink_k.shape[2] - self.sinks_held)
+        if new_sinks > 0:
+            held = slice(self.sinks_held, self.sinks_held + new_sinks)
+            self.sink_k[:, :, held].copy_(k[:, :, :new_sinks])
+            self.sink_v[:, :, held].copy_(v[:, :, :new_sinks])
+            self.sinks_held += new_sinks
         return RingUpdate(keys, values, keys[:, :, :T], values[:, :, :T])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"k": self.k, "v": self.v}
+        sinks = {"sink_k": self.sink_k, "sink_v": self.sink_v} if self.sink_k.shape[2] else {}
+        return {"k": self.k, "v": self.v, **sinks}
 
     def map_(self, fn) -> None:
         self.k, self.v = fn(self.k), fn(self.v)
+        self.sink_k, self.sink_v = fn(self.sink_k), fn(self.sink_v)
 
 
 class StateCache(LayerCache):
@@ -110,6 +130,32 @@ class TwoLevelCache(LayerCache):
     def map_(self, fn) -> None:
         self.ring.map_(fn)
         self.memory.map_(fn)
+
+
+class SegmentCache(LayerCache):
+    """Infini-attention's state: the memory of every completed segment, `M` (B, g, d, d) and its
+    normaliser `z` (B, g, d), in storage allocated once and updated in place; and the open
+    segment's (k, v) pairs, (B, g, n, d) with n < N, which grow with each call and are dropped
+    once their segment is complete and written into M, z."""
+
+    def __init__(self, batch_size: int, heads: int, dim: int, device, dtype):
+        self.M = torch.zeros((batch_size, heads, dim, dim), device=device, dtype=dtype)
+        self.z = torch.zeros((batch_size, heads, dim), device=device, dtype=dtype)
+        self.k = torch.zeros((batch_size, heads, 0, dim), device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, M: torch.Tensor, z: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep the memory after a call and the pairs of the segment still open (copied, so no
+        view keeps a whole prefill alive)."""
+        self.M.copy_(M)
+        self.z.copy_(z)
+        self.k, self.v = k.clone(), v.clone()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"M": self.M, "z": self.z, "k": self.k, "v": self.v}
+
+    def map_(self, fn) -> None:
+        self.M, self.z, self.k, self.v = fn(self.M), fn(self.z), fn(self.k), fn(self.v)
 
 
 class ModelCache:

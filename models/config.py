@@ -35,6 +35,7 @@ class SWAConfig(_AttentionBase):
     kind: Literal["swa"] = "swa"
     window: int = Field(64, ge=1, description="W: positions [t-W+1, t] are attended")
     n_kv_heads: Optional[int] = Field(None, ge=1)
+    sinks: int = Field(0, ge=0, description="n: positions i < n stay attended (attention sinks)")
 
 
 class LinearConfig(_AttentionBase):
@@ -58,10 +59,23 @@ class TensorCacheConfig(_AttentionBase):
     n_kv_heads: Optional[int] = Field(None, ge=1)
     gate_init: float = -2.0
     normalize_k: bool = Field(True, description="L2-normalise the keys written to L2")
+    sinks: int = Field(0, ge=0, description="n: positions i < n stay in L1 and never enter L2")
+
+
+class InfiniConfig(_AttentionBase):
+    """Infini-attention: softmax inside segments of N tokens plus a compressive memory of the
+    completed segments, mixed per head by sigmoid(beta_h)."""
+
+    kind: Literal["infini"] = "infini"
+    segment: int = Field(64, ge=1, description="N: tokens per segment (local attention span)")
+    update: Literal["linear", "delta"] = Field(
+        "linear", description="memory write: M += s(K)^T V, or the delta rule")
+    n_kv_heads: Optional[int] = Field(None, ge=1)
 
 
 AttentionConfig = Annotated[
-    Union[FullAttentionConfig, MLAConfig, TPAConfig, SWAConfig, LinearConfig, TensorCacheConfig],
+    Union[FullAttentionConfig, MLAConfig, TPAConfig, SWAConfig, LinearConfig, TensorCacheConfig,
+          InfiniConfig],
     Field(discriminator="kind"),
 ]
 
@@ -107,7 +121,7 @@ class ModelConfig(BaseModel):
                 raise ValueError(
                     f"attention.n_kv_heads: kind '{att.kind}' needs {wanted}, got {att.n_kv_heads}"
                 )
-        if isinstance(att, (SWAConfig, TensorCacheConfig)) and att.n_kv_heads is None:
+        if isinstance(att, (SWAConfig, TensorCacheConfig, InfiniConfig)) and att.n_kv_heads is None:
             att.n_kv_heads = self.n_heads
         g = getattr(att, "n_kv_heads", None)
         if g is not None and (g > self.n_heads or self.n_heads % g):

@@ -21,6 +21,11 @@ ATTENTION = {
                          "gate_init": 2.0},
     "tensor_cache_delta": {"kind": "tensor_cache", "window": 5, "chunk_size": 4, "gate_init": 2.0,
                            "write": "delta"},
+    "swa_sinks": {"kind": "swa", "window": 3, "sinks": 4},
+    "tensor_cache_sinks": {"kind": "tensor_cache", "window": 3, "chunk_size": 4, "gate_init": 2.0,
+                           "sinks": 4},
+    "infini": {"kind": "infini", "segment": 5},
+    "infini_delta": {"kind": "infini", "segment": 5, "update": "delta"},
 }
 
 

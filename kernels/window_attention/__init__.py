@@ -1,9 +1,10 @@
 """Sliding-window attention at O(T W): one entry point, the fast path picked by device.
 
     o_t = softmax_j(q_t k_j^T * scale) v_j   over the W most recent keys j <= t (its own included)
+                                             and the first `sinks` keys j <= t (attention sinks)
 
-window_attention(q, k, v, window, scale=None) -> o (B, H, T, dv): q (B, H, T, d), k and v
-(B, G, L, .) with L >= T, the queries being the last T keys (reference.py has the contract).
+window_attention(q, k, v, window, scale=None, sinks=0) -> o (B, H, T, dv): q (B, H, T, d), k and
+v (B, G, L, .) with L >= T, the queries being the last T keys (reference.py has the contract).
 CUDA tensors in bf16 / fp16 go to the Triton kernel (forward and backward; when triton
 imports, one head dim for q, k, v); everything else to the blocked torch form (one SDPA over
 query blocks, each against its W - 1 + n keys). Both equal the masked T x L reference.
@@ -24,11 +25,11 @@ __all__ = ["window_attention", "window_attention_blocked", "window_attention_mas
            "window_attention_triton", "band_mask"]
 
 
-def window_attention(q, k, v, window: int, scale: float | None = None):
-    if window < 1 or k.shape[2] < q.shape[2] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"need window >= 1, L >= T and G | H; got W={window}, "
-                         f"q {tuple(q.shape)}, k {tuple(k.shape)}")
+def window_attention(q, k, v, window: int, scale: float | None = None, sinks: int = 0):
+    if window < 1 or sinks < 0 or k.shape[2] < q.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"need window >= 1, sinks >= 0, L >= T and G | H; got W={window}, "
+                         f"sinks={sinks}, q {tuple(q.shape)}, k {tuple(k.shape)}")
     same_dim = q.shape[-1] == k.shape[-1] == v.shape[-1]  # the kernel's one head dim
     if same_dim and use_triton(window_attention_triton, q, k, v, dtypes=HALF, backward=True):
-        return window_attention_triton(q, k, v, window, scale)
-    return window_attention_blocked(q, k, v, window, scale)
+        return window_attention_triton(q, k, v, window, scale, sinks=sinks)
+    return window_attention_blocked(q, k, v, window, scale, sinks=sinks)

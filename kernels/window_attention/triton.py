@@ -3,6 +3,9 @@
 Flash-attention with the band 0 <= t + P - j <= W - 1 deciding which key blocks a query block
 visits (P = L - T, the prefix of earlier keys): query block [t0, t0 + BM) reads key blocks that
 cover [t0 + P - W + 1, t0 + BM + P), online softmax in fp32, and stores the row log-sum-exp.
+With S attention sinks (keys j < S, seen by every query at or after them) it first visits the key
+blocks of [0, S) that lie before that range, and the key blocks holding sinks meet every query
+in the backward.
 The backward recomputes p = exp(s - lse) tile by tile (delta = rowsum(dO * O)):
 
     dV += p^T dO,   dS = p (dO V^T - delta),   dK += dS^T Q scale,   dQ += dS K scale
@@ -24,14 +27,29 @@ def _tile(ptr, rows, n_rows, cols, n_cols):
 
 
 @triton.jit
-def _band(rows, cols, P, W, T, L):
-    """Which (query t, key j) pairs attend: 0 <= t + P - j < W, both in range."""
+def _band(rows, cols, P, W, T, L, S):
+    """Which (query t, key j) pairs attend: 0 <= t + P - j < W or a sink j < S at or before
+    t + P, both in range."""
     lag = (rows + P)[:, None] - cols[None, :]
-    return (lag >= 0) & (lag < W) & (rows[:, None] < T) & (cols[None, :] < L)
+    seen = (lag >= 0) & ((lag < W) | (cols[None, :] < S))
+    return seen & (rows[:, None] < T) & (cols[None, :] < L)
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, scale, T, L, W, H, N_REP, D: tl.constexpr, BD: tl.constexpr,
+def _key_block(it, lo, S, BN: tl.constexpr):
+    """Start of the it-th key block a query block visits: first the sink blocks before `lo`,
+    then the band's blocks from `lo` on (lo is a multiple of BN)."""
+    sink_hi = tl.minimum((S + BN - 1) // BN * BN, lo)
+    return it * BN + tl.where(it * BN < sink_hi, 0, lo - sink_hi)
+
+
+@triton.jit
+def _n_key_blocks(lo, hi, S, BN: tl.constexpr):
+    return tl.minimum((S + BN - 1) // BN * BN, lo) // BN + (hi - lo + BN - 1) // BN
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, scale, T, L, W, S, H, N_REP, D: tl.constexpr, BD: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     kv = i_bh // H * (H // N_REP) + i_bh % H // N_REP  # (batch, KV head), flattened
@@ -44,11 +62,11 @@ def _fwd_kernel(Q, K, V, O, LSE, scale, T, L, W, H, N_REP, D: tl.constexpr, BD: 
     acc = tl.zeros((BM, BD), tl.float32)
     lo = tl.maximum(i_m * BM + P - W + 1, 0) // BN * BN
     hi = tl.minimum(i_m * BM + BM + P, L)
-    for j0 in range(lo, hi, BN):
-        cols = j0 + tl.arange(0, BN)
+    for it in range(0, _n_key_blocks(lo, hi, S, BN)):
+        cols = _key_block(it, lo, S, BN) + tl.arange(0, BN)
         k = _tile(K + kv * L * D, cols, L, cd, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        s = tl.where(_band(rows, cols, P, W, T, L), s, float("-inf"))
+        s = tl.where(_band(rows, cols, P, W, T, L, S), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -64,7 +82,7 @@ def _fwd_kernel(Q, K, V, O, LSE, scale, T, L, W, H, N_REP, D: tl.constexpr, BD: 
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, T, L, W, H, N_REP,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, T, L, W, S, H, N_REP,
                      D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      PRECISION: tl.constexpr):
     i_n, i_bg = tl.program_id(0), tl.program_id(1).to(tl.int64)  # key block, (batch, KV head)
@@ -78,6 +96,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, T, L, W, H, N_REP,
     dv = tl.zeros((BN, BD), tl.float32)
     lo = tl.maximum(i_n * BN - P, 0) // BM * BM  # queries t with t + P in [j, j + W - 1]
     hi = tl.minimum(i_n * BN + BN - 1 + W - P, T)
+    hi = tl.where(i_n * BN < S, T, hi)  # a block holding sinks is seen by every later query
     for r in range(N_REP):
         i_bh = i_bg // G * H + i_bg % G * N_REP + r
         for t0 in range(lo, hi, BM):
@@ -87,7 +106,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, T, L, W, H, N_REP,
             lse = tl.load(LSE + i_bh * T + rows, mask=rows < T, other=0.0)
             delta = tl.load(DELTA + i_bh * T + rows, mask=rows < T, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            p = tl.where(_band(rows, cols, P, W, T, L), tl.exp(s - lse[:, None]), 0.0)
+            p = tl.where(_band(rows, cols, P, W, T, L, S), tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -99,7 +118,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, scale, T, L, W, H, N_REP,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, T, L, W, H, N_REP, D: tl.constexpr,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, T, L, W, S, H, N_REP, D: tl.constexpr,
                    BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
     i_m, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     kv = i_bh // H * (H // N_REP) + i_bh % H // N_REP
@@ -113,12 +132,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, T, L, W, H, N_REP, D: tl.
     dq = tl.zeros((BM, BD), tl.float32)
     lo = tl.maximum(i_m * BM + P - W + 1, 0) // BN * BN
     hi = tl.minimum(i_m * BM + BM + P, L)
-    for j0 in range(lo, hi, BN):
-        cols = j0 + tl.arange(0, BN)
+    for it in range(0, _n_key_blocks(lo, hi, S, BN)):
+        cols = _key_block(it, lo, S, BN) + tl.arange(0, BN)
         k = _tile(K + kv * L * D, cols, L, cd, D)
         v = _tile(V + kv * L * D, cols, L, cd, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        p = tl.where(_band(rows, cols, P, W, T, L), tl.exp(s - lse[:, None]), 0.0)
+        p = tl.where(_band(rows, cols, P, W, T, L, S), tl.exp(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + i_bh * T * D + rows[:, None] * D + cd[None, :],
@@ -127,7 +146,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, scale, T, L, W, H, N_REP, D: tl.
 
 class WindowAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, window, scale, block_m, block_n):
+    def forward(ctx, q, k, v, window, scale, block_m, block_n, sinks):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, T, D = q.shape
         G, L = k.shape[1], k.shape[2]
@@ -135,10 +154,10 @@ class WindowAttentionFunction(torch.autograd.Function):
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
         meta = dict(D=D, BD=max(16, triton.next_power_of_2(D)), BM=block_m, BN=block_n,
                     PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-        _fwd_kernel[(triton.cdiv(T, block_m), B * H)](q, k, v, o, lse, scale, T, L, window, H,
-                                                      H // G, **meta)
+        _fwd_kernel[(triton.cdiv(T, block_m), B * H)](q, k, v, o, lse, scale, T, L, window, sinks,
+                                                      H, H // G, **meta)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.window, ctx.scale, ctx.meta = window, scale, meta
+        ctx.window, ctx.sinks, ctx.scale, ctx.meta = window, sinks, scale, meta
         return o
 
     @staticmethod
@@ -150,14 +169,14 @@ class WindowAttentionFunction(torch.autograd.Function):
         delta = (do.float() * o.float()).sum(-1)  # (B, H, T)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         args = (q, k, v, do, lse, delta)
-        sizes = (ctx.scale, T, L, ctx.window, H, H // G)
+        sizes = (ctx.scale, T, L, ctx.window, ctx.sinks, H, H // G)
         _bwd_dkdv_kernel[(triton.cdiv(L, ctx.meta["BN"]), B * G)](*args, dk, dv, *sizes, **ctx.meta)
         _bwd_dq_kernel[(triton.cdiv(T, ctx.meta["BM"]), B * H)](*args, dq, *sizes, **ctx.meta)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def window_attention_triton(q, k, v, window: int, scale: float | None = None,
-                            block_m: int = 64, block_n: int = 64):
+                            block_m: int = 64, block_n: int = 64, sinks: int = 0):
     """Same contract as reference.window_attention_masked; q, k, v share one head dim."""
     B, H, T, D = q.shape
     G, L = k.shape[1], k.shape[2]
@@ -165,4 +184,4 @@ def window_attention_triton(q, k, v, window: int, scale: float | None = None,
         raise ValueError(f"need one head dim, G | H, L >= T, W >= 1; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}, W={window}")
     scale = D ** -0.5 if scale is None else scale
-    return WindowAttentionFunction.apply(q, k, v, window, scale, block_m, block_n)
+    return WindowAttentionFunction.apply(q, k, v, window, scale, block_m, block_n, min(sinks, L))

@@ -1,5 +1,6 @@
 """Attention variants, one file each, looked up by the config's `kind`."""
 from .full import FullAttention
+from .infini import InfiniAttention
 from .linear import DecayedLinearAttention
 from .mla import MultiHeadLatentAttention
 from .swa import SlidingWindowAttention
@@ -15,6 +16,7 @@ ATTENTION = {
     "swa": SlidingWindowAttention,
     "linear": DecayedLinearAttention,
     "tensor_cache": TensorCacheAttention,
+    "infini": InfiniAttention,
 }
 
 

@@ -8,16 +8,17 @@ from torch import nn
 from kernels.window_attention import band_mask, window_attention
 
 
-def attend(q, k, v, window: int | None = None, scale: float | None = None):
+def attend(q, k, v, window: int | None = None, scale: float | None = None, sinks: int = 0):
     """softmax(q k^T * scale + mask) v where the queries are the LAST T of the L keys (a cache
-    prefix comes first): query t sees every key up to its own, or only the `window` most recent.
+    prefix comes first): query t sees every key up to its own, or only the `window` most recent
+    and the first `sinks` keys (attention sinks; with a window only).
 
     q: (B, H, T, d); k: (B, G, L, d); v: (B, G, L, dv) with G dividing H: query head j reads
     KV head j // (H / G) (as `repeat_kv`). The caller drops keys that must never be seen (e.g.
     empty ring-buffer slots) before the call.
     """
     if window is not None:  # O(T W): no T x L score matrix (kernels/window_attention)
-        return window_attention(q, k, v, window, scale)
+        return window_attention(q, k, v, window, scale, sinks)
     B, H, T, d = q.shape
     G, L = k.shape[1], k.shape[2]
     if T == 1 and G != H:

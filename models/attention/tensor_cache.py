@@ -9,7 +9,10 @@ Training uses the chunked scan of the write (`exact` or `delta`) or the chunked-
 (`write: chunk_mean`); decode is always the per-token write, exact or delta (one token at a time
 through the fused step of kernels.tc_decode; a prefill through the scan with the delay made
 explicit).
-State per layer: ring 2 * g * d_h * W + L2 h * d_h * d_h elements, constant in T.
+With `sinks: n`, positions i < n stay in L1 for good and are never written to L2 (zeroed in the
+stream L2 sees); decode then takes the unfused path (window attention over [sinks; ring; new],
+the scan with delay 0 on the evicted pair).
+State per layer: ring 2 * g * d_h * (n + W) + L2 h * d_h * d_h elements, constant in T.
 """
 from __future__ import annotations
 
@@ -35,8 +38,12 @@ class TensorCacheAttention(SlidingWindowAttention):
         self.serve_mode = "delta" if self.write == "delta" else "exact"  # chunk_mean serves exact
         self.gate = nn.Parameter(torch.full((self.h,), a.gate_init))
 
-    def l2_pairs(self, k, v):
-        """(B, g, T, d_h) un-rotated pairs -> per query head, keys normalised."""
+    def l2_pairs(self, k, v, first: int):
+        """(B, g, T, d_h) un-rotated pairs at positions first, first+1, ... -> per query head,
+        keys normalised; sinks (positions < n) zeroed: a sink never enters L2."""
+        sinks = min(max(self.sinks - first, 0), k.shape[2])
+        if sinks:
+            k, v = (F.pad(x[:, :, sinks:], (0, 0, sinks, 0)) for x in (k, v))
         if self.normalize_k:
             k = F.normalize(k, dim=-1)
         n_rep = self.h // self.g
@@ -58,16 +65,16 @@ class TensorCacheAttention(SlidingWindowAttention):
     def forward(self, x, pos: int, cache: TwoLevelCache | None = None):
         T = x.shape[1]
         q, k, v = self.project(x)
-        if cache is not None and T == 1:
+        if cache is not None and T == 1 and not self.sinks:
             return self.o_proj(merge_heads(self.decode_step(q, k, v, pos, cache)))
         o1, evicted = self.window_attention(q, k, v, pos, cache.ring if cache is not None else None)
         lam, eta = self.memory()
         if cache is None:  # training: the scan applies the W-step delay itself
-            k2, v2 = self.l2_pairs(k, v)
+            k2, v2 = self.l2_pairs(k, v, pos)
             o2, _ = evicted_scan(q, k2, v2, lam, eta, window=self.W, chunk_size=self.C,
                                  mode=self.write)
         else:  # the pairs the ring handed back left the window at steps pos..pos+T-1
-            k2, v2 = self.l2_pairs(*evicted)
+            k2, v2 = self.l2_pairs(*evicted, pos - self.W)
             o2, A = evicted_scan(q, k2, v2, lam, eta, window=0, chunk_size=self.C,
                                  mode=self.serve_mode, initial_state=cache.memory.state,
                                  output_final_state=True)

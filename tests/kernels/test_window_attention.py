@@ -25,14 +25,16 @@ SHAPES = [
 ]
 
 
-def reference(q, k, v, W, scale=None):
-    """softmax over the band, in float64, keys repeated per query head."""
+def reference(q, k, v, W, scale=None, sinks=0):
+    """softmax over the band (and the first `sinks` keys at or before the query), in float64,
+    keys repeated per query head."""
     q, k, v = q.double(), k.double(), v.double()
     H, G, T, L = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
     k, v = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     lag = (torch.arange(T)[:, None] + L - T) - torch.arange(L)[None, :]
-    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~((lag >= 0) & (lag < W)), float("-inf"))
+    seen = (lag >= 0) & ((lag < W) | (torch.arange(L)[None, :] < sinks))
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))
     return scores.softmax(-1) @ v
 
 
@@ -111,3 +113,38 @@ def test_gpu_paths(fn, dtype, tol):
                       *(x.cpu().double() for x in (q, k, v, w)))
     got = with_grads(lambda q, k, v: fn(q, k, v, 100), q, k, v, w)
     assert_close([x.cpu() for x in got], want, tol)
+
+
+# Attention sinks: (B, H, G, T, L, W, S, d). The first S keys stay seen beyond the band; sinks
+# inside the band count once; S > L; a prefix (sinks then a ring, as a cache hands them over).
+SINK_SHAPES = [
+    (2, 4, 2, 37, 37, 5, 4, 16),   # GQA, training shape
+    (1, 2, 2, 40, 40, 1, 1, 16),   # W = 1, one sink
+    (1, 2, 2, 50, 50, 20, 40, 16), # sinks spanning several key blocks and the band
+    (2, 2, 1, 13, 20, 3, 8, 16),   # a prefix: 8 sinks and partly the band, MQA
+    (1, 4, 2, 1, 9, 3, 2, 16),     # one decode query
+    (1, 2, 2, 10, 10, 24, 3, 16),  # W > T: the sinks add nothing
+    (1, 2, 2, 6, 6, 2, 30, 16),    # S > L: plain causal
+]
+
+
+@pytest.mark.parametrize("B,H,G,T,L,W,S,d", SINK_SHAPES)
+def test_sinks_equal_reference(B, H, G, T, L, W, S, d):
+    q, k, v, w = make(B, H, G, T, L, d, torch.float64, seed=T + W + S)
+    want = with_grads(lambda q, k, v: reference(q, k, v, W, sinks=S), q, k, v, w)
+    for fn in (lambda q, k, v: window_attention_blocked(q, k, v, W, sinks=S),
+               lambda q, k, v: window_attention_blocked(q, k, v, W, block=3, sinks=S),
+               lambda q, k, v: window_attention_masked(q, k, v, W, sinks=S),
+               lambda q, k, v: window_attention(q, k, v, W, sinks=S)):
+        assert_close(with_grads(fn, q, k, v, w), want, 1e-12)
+    if window_attention_triton is not None:  # TRITON_INTERPRET=1 on CPU
+        q, k, v, w = (x.float() for x in (q, k, v, w))
+        got = with_grads(lambda q, k, v: window_attention_triton(q, k, v, W, block_m=16,
+                                                                 block_n=16, sinks=S), q, k, v, w)
+        assert_close(got, want, 1e-5)
+
+
+def test_zero_sinks_is_the_band():
+    q, k, v, _ = make(2, 4, 2, 37, 40, 16, torch.float32, seed=9)
+    assert torch.equal(window_attention_blocked(q, k, v, 5, sinks=0),
+                       window_attention_blocked(q, k, v, 5))

@@ -3,7 +3,10 @@ collect results as they finish, and turn any failure into a result that names it
 
 - Address: `compute.ray_address`, else $RAY_ADDRESS (set inside a `ray job submit` job), else a
   private local Ray that lives as long as the stage (CPUs from `compute.num_cpus`, temp dir in
-  the project, no dashboard, no auth token written to ~/.ray).
+  the project, no dashboard). A cluster we are given keeps its own auth settings.
+- The private local Ray is closed: every process of it listens on 127.0.0.1 only, and token
+  authentication is on with a fresh token per start, kept in `<compute.temp_dir>/auth/` (mode
+  0600, removed at shutdown; never ~/.ray), whatever RAY_AUTH_MODE the caller's shell exports.
 - GPUs: `gpus_per_job: auto` asks for one per job when the cluster has any; asking for more
   than the cluster has fails at once (Ray itself would wait forever, silently).
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import traceback
 from contextlib import contextmanager
@@ -33,14 +37,20 @@ class ComputeError(RuntimeError):
     """The cluster cannot run the jobs as configured (the message names the compute.* field)."""
 
 
+def project_temp_dir(compute, root: Path) -> Path:
+    """`compute.temp_dir` (default `runs/ray`, relative to the project), resolved and created."""
+    temp_dir = Path(compute.temp_dir)
+    temp_dir = (temp_dir if temp_dir.is_absolute() else root / temp_dir).resolve()
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    return temp_dir
+
+
 def ray_temp_dir(compute, root: Path) -> str:
     """The local Ray's temp dir, as Ray should be given it: `compute.temp_dir` (default
     `runs/ray`, inside the project). When that path is too deep for Ray's socket names, Ray gets
     a short per-project symlink to it (`/tmp/kvf-ray-<hash of the path>`): the session state
     still lives in the project, whatever its depth, and never in $HOME or the shared /tmp/ray."""
-    temp_dir = Path(compute.temp_dir)
-    temp_dir = (temp_dir if temp_dir.is_absolute() else root / temp_dir).resolve()
-    temp_dir.mkdir(parents=True, exist_ok=True)
+    temp_dir = project_temp_dir(compute, root)
     if len(str(temp_dir)) + _RAY_SOCKET_SUFFIX <= _AF_UNIX_MAX:
         return str(temp_dir)
     link = Path("/tmp") / f"kvf-ray-{hashlib.sha256(str(temp_dir).encode()).hexdigest()[:12]}"
@@ -83,21 +93,95 @@ def cluster(compute, root: Path) -> Iterator[Cluster]:
     import ray
 
     address = compute.ray_address or os.environ.get("RAY_ADDRESS")
-    temp_dir = None
-    if address:
+    if address:  # the user's cluster: its auth (token or not) is the user's to set
         ray.init(address=address, log_to_driver=True)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        temp_dir = ray_temp_dir(compute, root)
-        ray.init(num_cpus=compute.num_cpus or os.cpu_count(), include_dashboard=False,
-                 _temp_dir=temp_dir, log_to_driver=True)
+        try:
+            gpus = resolve_gpus(compute, ray.cluster_resources(), address)
+            yield Cluster(where=address, gpus_per_job=gpus)
+        finally:
+            ray.shutdown()
+        return
+    temp_dir = ray_temp_dir(compute, root)
     try:
-        where = address or "local"
-        yield Cluster(where=where, gpus_per_job=resolve_gpus(compute, ray.cluster_resources(), where))
+        with _closed_local_ray(project_temp_dir(compute, root) / "auth"):
+            ray.init(num_cpus=compute.num_cpus or os.cpu_count(), include_dashboard=False,
+                     _node_ip_address=LOOPBACK, _temp_dir=temp_dir, log_to_driver=True)
+            try:
+                gpus = resolve_gpus(compute, ray.cluster_resources(), "local")
+                yield Cluster(where="local", gpus_per_job=gpus)
+            finally:
+                ray.shutdown()
     finally:
-        ray.shutdown()
-        if temp_dir is not None:
-            _prune_sessions(Path(temp_dir))
+        _prune_sessions(Path(temp_dir))
+
+
+LOOPBACK = "127.0.0.1"
+# What the private local Ray reads from the environment (its children inherit it at spawn).
+_LOCAL_RAY_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+                  "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+
+
+@contextmanager
+def _closed_local_ray(auth_dir: Path) -> Iterator[Path]:
+    """Environment of a private local Ray, restored (and the token removed) on the way out.
+
+    Token auth (Ray 2.60): RAY_AUTH_MODE=token; the token is read by the C++
+    AuthenticationTokenLoader from $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH, else
+    ~/.ray/auth_token (written by ray.init when none is found). A fresh token goes to a 0600 file
+    under `auth_dir` and RAY_AUTH_TOKEN_PATH names it; a caller's RAY_AUTH_TOKEN (meant for some
+    other cluster, and first in that order) is set aside. GCS, raylet and workers inherit this.
+
+    Loopback (Ray 2.60): the GCS, raylet (node manager, object manager), core workers, driver
+    and agents bind 127.0.0.1 when the node IP is a localhost address, and all interfaces
+    otherwise (measured for the C++ servers; the agents: ray/dashboard/agent.py:165,
+    ray/dashboard/modules/reporter/reporter_agent.py:534). But ray.init(_node_ip_address=
+    "127.0.0.1") passes it through `services.resolve_ip_for_localhost`
+    (ray/_private/worker.py:1844), which swaps a localhost address for the machine's routable
+    IP unless `ray_constants.ENABLE_RAY_CLUSTER` is false (ray/_private/services.py:799, :815);
+    that flag is read from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when Ray is imported, so it is set
+    both ways here (the attribute for this process, the variable for Ray's children)."""
+    import ray._private.ray_constants as ray_constants
+
+    saved_env = {var: os.environ.get(var) for var in _LOCAL_RAY_ENV}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    token = _write_token(auth_dir)
+    try:
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+                          RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        _reload_ray_auth()
+        yield token
+    finally:
+        for var, value in saved_env.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        _reload_ray_auth()  # config first, then the cached token, then the file (as Ray's tests do)
+        token.unlink(missing_ok=True)
+
+
+def _write_token(auth_dir: Path) -> Path:
+    """A fresh 256-bit token (Ray's own format) in `auth_dir/token.<pid>`, mode 0600."""
+    auth_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(auth_dir, 0o700)
+    path = auth_dir / f"token.{os.getpid()}"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(secrets.token_hex(32))
+    return path
+
+
+def _reload_ray_auth() -> None:
+    """Make this process see the auth environment now (RayConfig and the token are cached)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _prune_sessions(temp_dir: Path) -> None:

@@ -68,7 +68,7 @@ def write_params(root: Path, overrides: dict | None = None) -> dict:
 
 def stage_env(**extra: str) -> dict:
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0",
-           "DVC_NO_ANALYTICS": "1", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO),
+           "DVC_NO_ANALYTICS": "1", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO),  # test_ray_job's cluster (a stage's Ray: token)
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **extra}
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)

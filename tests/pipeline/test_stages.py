@@ -130,7 +130,7 @@ def test_a_deleted_mlflow_store_is_rebuilt(tiny_project):
         assert client.search_model_versions(f"name = 'kvf-{name}'")[0].run_id == run.info.run_id
     (report,) = client.search_runs([experiment], "tags.`kvf.report` = 'frontier'")
     assert {a.path for a in client.list_artifacts(report.info.run_id, "report")} == {
-        "report/frontier.png", "report/frontier.md", "report/frontier.csv"}
+        "report/frontier.png", "report/frontier.md", "report/frontier.csv", "report/capacity.png"}
     assert "store complete" in _ok(run_stage(root, "mlflow_sync")).stdout  # a whole store: nothing done
 
     (root / "mlflow.db").unlink()

@@ -126,3 +126,14 @@ def test_gpu_config_is_valid():
     windows = [p.attention["window"] for p in params.points.values() if "window" in p.attention]
     assert far_lo > params.model["n_layers"] * max(windows)
     assert len(params.lrs) >= 2 and len(params.train.seeds) == 3 and params.match_params is not None
+
+
+def test_seeds_config_is_valid():
+    """configs/seeds-cpu.yaml: every new kind (delta write, sinks, Infini) swept, not run here."""
+    params = load_params(REPO / "configs" / "seeds-cpu.yaml")
+    kinds = {(p.attention["kind"], p.attention.get("write"), p.attention.get("sinks"), p.attention.get("update"))
+             for p in params.points.values()}
+    assert ("tensor_cache", "delta", None, None) in kinds and ("swa", None, 4, None) in kinds
+    assert ("tensor_cache", "exact", 4, None) in kinds and ("infini", None, None, "delta") in kinds
+    for name in params.points:
+        params.model_config_for(name)  # builds

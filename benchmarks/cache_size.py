@@ -30,6 +30,11 @@ DEFAULT_VARIANTS = {
     "swa": {"kind": "swa", "window": 64},
     "linear": {"kind": "linear"},
     "tensor_cache": {"kind": "tensor_cache", "window": 64},
+    "tensor_cache_delta": {"kind": "tensor_cache", "window": 64, "write": "delta"},
+    "swa + 4 sinks": {"kind": "swa", "window": 64, "sinks": 4},
+    "tensor_cache + 4 sinks": {"kind": "tensor_cache", "window": 64, "sinks": 4},
+    "infini (N 64)": {"kind": "infini", "segment": 64},
+    "infini_delta (N 64)": {"kind": "infini", "segment": 64, "update": "delta"},
 }
 # T6 paper's small shapes: d_model 768, d_head 64 (12 layers; one layer is shown per token).
 PAPER = dict(vocab_size=259, d_model=768, n_layers=12, d_head=64)

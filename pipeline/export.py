@@ -177,6 +177,11 @@ def _registered_version(client, name: str, run_id: str, card: dict):
     return None
 
 
+def _logged_model_name(name: str) -> str:
+    """MLflow's logged-model names may not hold / : . % " ' (run names do: `swa.window16`)."""
+    return "".join("-" if c in "/:.%\"'" else c for c in name)
+
+
 def log_export(tracking_uri: str, run_id: str, variant: str, out_dir: Path, card: dict) -> tuple[str, bool]:
     """Log the directory to the variant's run and register it; returns ('name/version', new?).
     An export whose checkpoint and bundled code are already registered from this run is not
@@ -192,7 +197,7 @@ def log_export(tracking_uri: str, run_id: str, variant: str, out_dir: Path, card
         return f"{name}/{existing}", False
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name=name, python_model=_pyfunc_model(), artifacts={"export_dir": str(out_dir)},
+            name=_logged_model_name(name), python_model=_pyfunc_model(), artifacts={"export_dir": str(out_dir)},
             pip_requirements=["torch", "transformers", "safetensors"],  # no slow inference
             registered_model_name=name,
             metadata={k: v for k, v in card.items() if k != "attention"},

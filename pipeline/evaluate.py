@@ -119,7 +119,6 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
 
     verify_prepared(data_dir)
     jobs = eval_jobs(params, root, data_dir, ckpt_root, export_root)
-    results_dir.mkdir(parents=True, exist_ok=True)
     results, todo = {}, {}
     for name, job in jobs.items():
         cached = results_dir / f"{name}.json"
@@ -128,6 +127,12 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
             print(f"[evaluate] {name}: unchanged (checkpoint, eval config), kept", flush=True)
         else:
             todo[name] = job
+    if params.eval.lm_eval_tasks and todo:  # lm-eval reads the exports: trust no changed byte
+        from pipeline.export import verify_export
+
+        for job in todo.values():
+            verify_export(Path(job.export_dir))
+    results_dir.mkdir(parents=True, exist_ok=True)
     failures = []
     if todo:
         with fanout.cluster(params.compute, root) as cluster:

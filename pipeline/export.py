@@ -28,6 +28,32 @@ BUNDLED_PACKAGES = ("models", "kernels")
 EXPORT_META = "kvf_export.json"
 
 
+class CorruptExport(RuntimeError):
+    """An export file that is missing or not the bytes the export stage wrote (the message names it)."""
+
+
+def export_digests(out_dir: Path) -> dict[str, str]:
+    """sha256 of every file of an export but its card (which records them)."""
+    return {p.relative_to(out_dir).as_posix(): checkpoint.file_sha256(p)
+            for p in sorted(Path(out_dir).rglob("*")) if p.is_file() and p.name != EXPORT_META}
+
+
+def verify_export(out_dir: Path) -> dict:
+    """The export's card, after checking every file against the digests it recorded."""
+    out_dir = Path(out_dir)
+    card_path = out_dir / EXPORT_META
+    if not card_path.exists():
+        raise CorruptExport(f"{card_path}: missing")
+    card = checkpoint.read_json(card_path)
+    for rel, sha in card.get("files", {}).items():
+        path = out_dir / rel
+        if not path.is_file():
+            raise CorruptExport(f"{path}: missing")
+        if checkpoint.file_sha256(path) != sha:
+            raise CorruptExport(f"{path}: not the bytes the export stage wrote (sha256 differs)")
+    return card
+
+
 def bundle_sources(repo: Path = SOURCE_ROOT) -> dict[str, str]:
     """The source an export carries: every .py of models/ and kernels/ except models/__init__.py
     (it imports pydantic-typed configs the export does not need)."""
@@ -130,6 +156,7 @@ def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOU
     card = model_card(variant, model, meta)
     card["code_sha256"] = digest(sources)
     (out_dir / "README.md").write_text(_card_markdown(card))
+    card["files"] = export_digests(out_dir)  # checked by the evaluate stage before it reads any
     checkpoint.write_json(out_dir / EXPORT_META, card)
     return card
 
@@ -238,7 +265,7 @@ def run_export(params, root: Path, data_dir: Path, ckpt_root: Path, export_root:
         registered, new = log_export(uri, run_id, run.name, out_dir.resolve(), card) if run_id else (None, False)
         if run_id is None:
             failed.append(run.name)
-        results[run.name] = {**{k: v for k, v in card.items() if k != "attention"},
+        results[run.name] = {**{k: v for k, v in card.items() if k not in ("attention", "files")},
                             "variant": run.variant, "run_id": run_id, "registered_model": registered}
         note = (f"registered {registered}" if new else f"already registered as {registered}") \
             if registered else "no MLflow run: not logged"

@@ -45,6 +45,7 @@ def run_stage(params_path: str, job: Callable[[], int]) -> None:
     written (data, checkpoint), exits 2 with one line that names it and what to do."""
     from pipeline.checkpoint import CorruptCheckpoint
     from pipeline.data import DataCorrupt
+    from pipeline.export import CorruptExport
     from pipeline.fanout import ComputeError
 
     try:
@@ -54,6 +55,10 @@ def run_stage(params_path: str, job: Callable[[], int]) -> None:
         raise SystemExit(2) from None
     except CorruptCheckpoint as err:
         print(f"{err}: run the train stage (make repro) to train it again", file=sys.stderr)
+        raise SystemExit(2) from None
+    except CorruptExport as err:
+        print(f"{err}: export it again (make repro re-runs the export stage when its outputs changed)",
+              file=sys.stderr)
         raise SystemExit(2) from None
     except DataCorrupt as err:
         print(str(err), file=sys.stderr)

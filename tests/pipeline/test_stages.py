@@ -136,3 +136,24 @@ def test_a_deleted_mlflow_store_is_rebuilt(tiny_project):
     (root / "mlflow.db").unlink()
     out = _ok(run_stage(root, "export")).stdout
     assert out.count("rebuilt from its checkpoint") == 2
+
+
+def test_a_damaged_export_stops_evaluate_before_any_work(tiny_project):
+    """One changed byte in an export: evaluate names the file and exits 2 before evaluating
+    anything; exporting again restores it."""
+    root = tiny_project
+    _set(root, "eval", **EVAL)
+    _ok(run_stage(root, "train"))
+    _ok(run_stage(root, "export"))
+    weights = root / "exports" / "swa" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    result = run_stage(root, "evaluate")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"{weights}: not the bytes the export stage wrote")
+    assert not (root / "results").exists() and not (root / "metrics" / "eval.json").exists()
+    _ok(run_stage(root, "export"))
+    from pipeline.export import verify_export
+
+    assert verify_export(root / "exports" / "swa")["variant"] == "swa"

@@ -46,6 +46,23 @@ def evicted_scan_loop(q, k, v, decay, write_rate, window, initial_state=None,
     return o, (A if output_final_state else None)
 
 
+def _flat_heads(q, k, v, decay, write_rate, window, initial_state):
+    """The chunked scans' inputs as (B*H, ...) views, so each step is one bmm / baddbmm_ over
+    all heads: q, the delayed k' and v', log lam and eta per row, and the starting state S. The
+    compute dtype promotes the activations with the decay's (e.g. bf16 q, fp32 decay)."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    dtype = torch.promote_types(q.dtype, decay.dtype)
+    q = q.to(dtype).reshape(B * H, T, Dk)
+    k = delay(k.to(dtype), window).reshape(B * H, T, Dk)
+    v = delay(v.to(dtype), window).reshape(B * H, T, Dv)
+    log_lam = torch.log(decay).to(dtype).repeat(B).view(B * H, 1, 1)
+    eta = write_rate.to(dtype).repeat(B).view(B * H, 1, 1)
+    S = (q.new_zeros(B * H, Dk, Dv) if initial_state is None
+         else initial_state.to(dtype).reshape(B * H, Dk, Dv))
+    return q, k, v, log_lam, eta, S
+
+
 def evicted_scan_chunked(q, k, v, decay, write_rate, window, chunk_size=64, initial_state=None,
                          output_final_state=False):
     """Exact chunked form (the parallel weighted-sum scan), a loop over chunks of batched matmuls.
@@ -64,21 +81,13 @@ def evicted_scan_chunked(q, k, v, decay, write_rate, window, chunk_size=64, init
     B, H, T, Dk = q.shape
     Dv, C = v.shape[-1], chunk_size
     out_dtype = v.dtype
-    dtype = torch.promote_types(q.dtype, decay.dtype)  # e.g. bf16 activations, fp32 decay
-    # (B*H, ...) views so each step is one bmm / baddbmm_ (fused add) over all heads.
-    q = q.to(dtype).reshape(B * H, T, Dk)
-    k = delay(k.to(dtype), window).reshape(B * H, T, Dk)
-    v = delay(v.to(dtype), window).reshape(B * H, T, Dv)
-    log_lam = torch.log(decay).to(dtype).repeat(B).view(B * H, 1, 1)
-    eta = write_rate.to(dtype).repeat(B).view(B * H, 1, 1)
+    q, k, v, log_lam, eta, S = _flat_heads(q, k, v, decay, write_rate, window, initial_state)
     j = torch.arange(C, device=q.device, dtype=q.dtype)
     lag = j[:, None] - j[None, :]
     intra = eta * torch.where(lag >= 0, torch.exp(lag.clamp(min=0) * log_lam), 0.0)  # (BH,C,C)
     read = torch.exp((j + 1).view(C, 1) * log_lam)  # lam^(j+1), (BH,C,1)
     decay_C = torch.exp(C * log_lam)  # lam^C
     write_C = eta * torch.exp((C - 1 - j).view(C, 1) * log_lam)  # eta lam^(C-1-i), (BH,C,1)
-    S = (q.new_zeros(B * H, Dk, Dv) if initial_state is None
-         else initial_state.to(dtype).reshape(B * H, Dk, Dv))
     outs = []
     chunks = zip(q.split(C, dim=1), k.split(C, dim=1), v.split(C, dim=1)) if T else ()
     for n, (q_n, k_n, v_n) in enumerate(chunks):
@@ -199,19 +208,12 @@ def delta_scan_chunked(q, k, v, decay, write_rate, window, chunk_size=64, initia
     B, H, T, Dk = q.shape
     Dv, C = v.shape[-1], chunk_size
     out_dtype = v.dtype
-    dtype = torch.promote_types(q.dtype, decay.dtype)
-    q = q.to(dtype).reshape(B * H, T, Dk)
-    k = delay(k.to(dtype), window).reshape(B * H, T, Dk)
-    v = delay(v.to(dtype), window).reshape(B * H, T, Dv)
-    log_lam = torch.log(decay).to(dtype).repeat(B).view(B * H, 1, 1)
-    eta = write_rate.to(dtype).repeat(B).view(B * H, 1, 1)
+    q, k, v, log_lam, eta, S = _flat_heads(q, k, v, decay, write_rate, window, initial_state)
     j = torch.arange(C, device=q.device, dtype=q.dtype)
     lag = j[:, None] - j[None, :]
     D = torch.where(lag >= 1, torch.exp((lag - 1).clamp(min=0) * log_lam), 0.0)  # (BH,C,C)
     G = torch.where(lag >= 0, torch.exp(lag.clamp(min=0) * log_lam), 0.0)
     eye = torch.eye(C, device=q.device, dtype=q.dtype)
-    S = (q.new_zeros(B * H, Dk, Dv) if initial_state is None
-         else initial_state.to(dtype).reshape(B * H, Dk, Dv))
     outs = []
     chunks = zip(q.split(C, dim=1), k.split(C, dim=1), v.split(C, dim=1)) if T else ()
     for q_n, k_n, v_n in chunks:

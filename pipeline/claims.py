@@ -31,12 +31,12 @@ def _is_tc(p: "Point", write: str) -> bool:
 
 
 def _claim(text: str, a: "Point", b: "Point", column: str, higher_supports: bool) -> dict | None:
-    ea, eb = a.examples(column), b.examples(column)
-    if ea is None or eb is None or len(ea[0]) != len(eb[0]):
+    found = a.difference(b, column)
+    if found is None:
         return None
-    interval = stats.difference_interval(ea, eb)
+    difference, interval = found
     return {"claim": text, "a": a.name, "b": b.name, "measure": column,
-            "a_mean": a.mean(column), "b_mean": b.mean(column), "difference": a.mean(column) - b.mean(column),
+            "a_mean": a.mean(column), "b_mean": b.mean(column), "difference": difference,
             "interval": interval, "verdict": stats.verdict(interval, higher_supports),
             "cache_ratio": a.cache_bytes / b.cache_bytes if b.cache_bytes else None}
 

@@ -27,16 +27,20 @@ def reaches(params: Params) -> tuple[int, int] | None:
     n_layers * (W - 1) positions back. An MQAR query counts as inside the window when its gap is
     within the shortest reach (every window sees it) and as beyond it when its gap exceeds the
     longest (no window sees it), so that both measures mean the same for every point."""
-    windows = [p.attention["window"] for p in params.points.values() if p.attention.get("window")]
+    windows = _windows(params)
     if not windows:
         return None
     n_layers = params.model_config_for(next(iter(params.points))).n_layers
     return n_layers * (min(windows) - 1), n_layers * (max(windows) - 1)
 
 
+def _windows(params: Params) -> list[int]:
+    return [p.attention["window"] for p in params.points.values() if p.attention.get("window")]
+
+
 def min_window(params: Params) -> int | None:
-    windows = [p.attention["window"] for p in params.points.values() if p.attention.get("window")]
-    return min(windows) if windows else None
+    """The study's smallest window: the W of the bits-per-byte-by-distance split."""
+    return min(_windows(params), default=None)
 
 
 def task_metadata(params: Params) -> dict:

@@ -18,7 +18,7 @@ def sync_store(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expo
     from pipeline import tracking
     from pipeline.evaluate import _log_to_mlflow, flat_metrics
     from pipeline.export import EXPORT_META, log_export
-    from pipeline.report import log_report
+    from pipeline.report import log_report, report_paths
     from pipeline.train_stage import mlflow_run_ids
 
     names = [run.name for run in params.runs() if (ckpt_root / run.name).is_dir()]
@@ -45,7 +45,7 @@ def sync_store(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expo
         if r["run"] in rebuilt:
             _log_to_mlflow(tracker, run_ids[r["run"]],
                            flat_metrics(r, params.eval.report_context, params.train.seq_len), r)
-    paths = {k: report_dir / f"frontier.{k}" for k in ("png", "md", "csv")} | {"capacity": report_dir / "capacity.png"}
+    paths = report_paths(report_dir)
     if all(p.exists() for p in paths.values()) and len(results) == len(dict.fromkeys(r.key for r in params.runs())):
         log_report(params, root, results, paths)
     return sorted(rebuilt)

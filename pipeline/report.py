@@ -126,6 +126,14 @@ class Point(NamedTuple):
         ex = self.examples(col)
         return stats.example_interval(ex) if ex else None
 
+    def difference(self, other: "Point", col: str) -> tuple[float, stats.Interval] | None:
+        """mean(self) - mean(other) and its bootstrap interval over both points' seeds and the
+        shared examples; None when the two were not scored on the same examples."""
+        ea, eb = self.examples(col), other.examples(col)
+        if ea is None or eb is None or len(ea[0]) != len(eb[0]):
+            return None
+        return self.mean(col) - other.mean(col), stats.difference_interval(ea, eb)
+
     def interval(self, col: str) -> stats.Interval | None:
         """What the plot's bars show: over seeds when there are several, else over examples."""
         return self.seed_interval(col) or self.example_interval(col)
@@ -276,7 +284,7 @@ def _lrs(p: Point) -> str:
 
 
 def points_table(pts: list[Point], report_context: int) -> list[str]:
-    cols = [m for m in MEASURES]
+    cols = MEASURES
     lines = ["| point | family | kind | params | cache bytes | seeds | lr (won) | "
              + " | ".join(f"{m.column}: mean, seeds CI, examples CI" for m in cols) + " |",
              "|---|---|---|---:|---:|---:|---|" + "---|" * len(cols)]
@@ -295,13 +303,6 @@ def front_table(pts: list[Point]) -> list[str]:
             lines.append(f"| {m.column} | " + " -> ".join(
                 f"{p.name} ({_bytes(p.cache_bytes)}, {_fmt(p.mean(m.column))})" for p in front(pts, m)) + " |")
     return lines
-
-
-def _diff(a: Point, b: Point, col: str) -> tuple[float, stats.Interval] | None:
-    ea, eb = a.examples(col), b.examples(col)
-    if ea is None or eb is None or len(ea[0]) != len(eb[0]):
-        return None
-    return a.mean(col) - b.mean(col), stats.difference_interval(ea, eb)
 
 
 def budget_table(pts: list[Point], budgets: list[int]) -> list[str]:
@@ -323,7 +324,7 @@ def budget_table(pts: list[Point], budgets: list[int]) -> list[str]:
                 lines.append(f"| {_bytes(budget)} | {m.column} | {best.name} ({_fmt(best.mean(m.column))}) | - | - |")
                 continue
             other = max(others, key=lambda p: sign * p.mean(m.column))
-            d = _diff(best, other, m.column)
+            d = best.difference(other, m.column)
             lines.append(f"| {_bytes(budget)} | {m.column} | {best.name} ({_fmt(best.mean(m.column))}) | "
                          f"{other.name} ({_fmt(other.mean(m.column))}) | "
                          + ("-" if d is None else f"{d[0]:+.3f} {_iv(d[1])}") + " |")
@@ -374,6 +375,12 @@ CSV_FIELDS = ["key", "run", "point", "family", "kind", "seed", "lr", "params", "
               "peak_rss_mib", "measured_context"]
 
 
+def report_paths(out_dir: Path) -> dict[str, Path]:
+    """The files the report stage writes (dvc.yaml lists the same)."""
+    return {"png": out_dir / "frontier.png", "md": out_dir / "frontier.md", "csv": out_dir / "frontier.csv",
+            "capacity": out_dir / "capacity.png"}
+
+
 def write_report(results: list[dict], report_context: int, trained_len: int, out_dir: Path,
                  budgets: list[int] = ()) -> dict[str, Path]:
     from pipeline.claims import evaluate_claims
@@ -381,8 +388,7 @@ def write_report(results: list[dict], report_context: int, trained_len: int, out
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = rows_from_results(results, report_context, trained_len)
     pts = points(rows)
-    paths = {"png": out_dir / "frontier.png", "md": out_dir / "frontier.md", "csv": out_dir / "frontier.csv",
-             "capacity": out_dir / "capacity.png"}
+    paths = report_paths(out_dir)
     plot_frontier(pts, report_context, paths["png"])
     plot_capacity(pts, paths["capacity"])
     paths["md"].write_text(markdown(pts, report_context, list(budgets), evaluate_claims(pts)))

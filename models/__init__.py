@@ -1,6 +1,7 @@
 """kv-frontier models: attention variants that shrink the KV cache, and the LM around them."""
-from .cache import AppendCache, LayerCache, ModelCache, RingCache, StateCache, TwoLevelCache
+from .cache import AppendCache, LayerCache, ModelCache, PolicyCache, RingCache, StateCache, TwoLevelCache
 from .config import (
+    CachePolicy,
     FullAttentionConfig,
     LinearConfig,
     MLAConfig,
@@ -14,5 +15,5 @@ from .lm import LanguageModel, build_model
 __all__ = [
     "ModelConfig", "FullAttentionConfig", "MLAConfig", "TPAConfig", "SWAConfig", "LinearConfig",
     "TensorCacheConfig", "LanguageModel", "build_model", "ModelCache", "LayerCache", "AppendCache",
-    "RingCache", "StateCache", "TwoLevelCache",
+    "RingCache", "StateCache", "TwoLevelCache", "CachePolicy", "PolicyCache",
 ]

@@ -7,6 +7,7 @@
   also keeps the first n pairs of the sequence in a second fixed buffer.
 - `StateCache`: fixed-size state tensors updated in place (linear attention's S, the L2 matrix).
 - `SegmentCache`: Infini-attention's memory (M, z) plus the open segment's pairs (fewer than N).
+- `PolicyCache`: a full-attention cache cut at inference time (window KV, StreamingLLM).
 A layer whose cache has two parts (Tensor Cache: ring + L2) holds a `TwoLevelCache`. Every cache
 counts its own bytes (`nbytes`): the memory the tests and the report measure.
 """
@@ -156,6 +157,40 @@ class SegmentCache(LayerCache):
 
     def map_(self, fn) -> None:
         self.M, self.z, self.k, self.v = fn(self.M), fn(self.z), fn(self.k), fn(self.v)
+
+
+class PolicyCache(LayerCache):
+    """A full-attention layer's cache cut down at inference time (`CachePolicy`): the first
+    `sinks` pairs and the `window` most recent, keys stored BEFORE RoPE with their positions in
+    the text, so the reader can rotate them by text position (window KV) or by cache index
+    (StreamingLLM). Holds at most sinks + window pairs, (B, g, L, d) each."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.k = self.v = None
+        self.positions: list[int] = []  # text position of each held pair (bookkeeping, not bytes)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, position: int):
+        """Add one token's pair (B, g, 1, d) at text `position`, drop the oldest non-sink pair when
+        over budget; return (keys, values, key positions, query position) for RoPE."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        self.positions.append(position)
+        n, keep = self.policy.sinks, self.policy.sinks + self.policy.window
+        if len(self.positions) > keep:
+            drop = torch.arange(self.k.shape[2], device=k.device) != n
+            self.k, self.v = self.k[:, :, drop], self.v[:, :, drop]
+            del self.positions[n]
+        if self.policy.policy == "streaming":  # positions within the cache
+            return self.k, self.v, list(range(len(self.positions))), len(self.positions) - 1
+        return self.k, self.v, list(self.positions), position
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self.k is None else {"k": self.k, "v": self.v}
+
+    def map_(self, fn) -> None:
+        if self.k is not None:
+            self.k, self.v = fn(self.k), fn(self.v)
 
 
 class ModelCache:

@@ -73,6 +73,34 @@ class InfiniConfig(_AttentionBase):
     n_kv_heads: Optional[int] = Field(None, ge=1)
 
 
+class CachePolicy(_AttentionBase):
+    """An inference-time cut of a full-attention cache, no retraining (SPEC "Inference-time cache
+    policies"): the first `sinks` pairs and the `window` most recent. `window` (window KV) keeps
+    each key at its position in the text; `streaming` (StreamingLLM) stores keys before RoPE and
+    rotates each by its index in the cache, the query by its own."""
+
+    policy: Literal["window", "streaming"]
+    window: int = Field(ge=1, description="W: the most recent pairs kept (the query's own included)")
+    sinks: int = Field(0, ge=0, description="n: the first pairs kept for good (StreamingLLM: 4)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CachePolicy":
+        if self.policy == "window" and self.sinks:
+            raise ValueError("sinks: the window policy keeps none (use policy: streaming)")
+        if self.policy == "streaming" and not self.sinks:
+            raise ValueError("sinks: the streaming policy needs at least 1 (the paper keeps 4)")
+        return self
+
+    @property
+    def name(self) -> str:
+        """`window16`, `streaming.sinks4.window12`: the `<point>+<name>` of its frontier point."""
+        return f"window{self.window}" if self.policy == "window" else f"streaming.sinks{self.sinks}.window{self.window}"
+
+    def held(self, context_len: int) -> int:
+        """Pairs in the cache after `context_len` tokens."""
+        return min(context_len, self.sinks + self.window)
+
+
 AttentionConfig = Annotated[
     Union[FullAttentionConfig, MLAConfig, TPAConfig, SWAConfig, LinearConfig, TensorCacheConfig,
           InfiniConfig],

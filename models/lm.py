@@ -11,6 +11,8 @@ from .attention import build_attention
 from .cache import ModelCache
 from .config import ModelConfig
 
+FULL_KINDS = ("mha", "gqa", "mqa")  # the kinds an inference-time cache policy applies to
+
 
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int):
@@ -68,15 +70,23 @@ class LanguageModel(nn.Module):
             cache.seq_len += input_ids.shape[1]
         return self.lm_head(self.norm(x))
 
-    def init_cache(self, batch_size: int = 1, device=None, dtype=None) -> ModelCache:
+    def init_cache(self, batch_size: int = 1, device=None, dtype=None, policy=None) -> ModelCache:
+        """An empty cache; `policy` (a `CachePolicy`) cuts a full-attention cache at inference time."""
         p = self.embed.weight
         device, dtype = device or p.device, dtype or p.dtype
+        if policy is not None:
+            if self.config.attention.kind not in FULL_KINDS:
+                raise ValueError(f"cache policy {policy.name}: applies to full attention "
+                                 f"({', '.join(FULL_KINDS)}), not {self.config.attention.kind}")
+            return ModelCache([b.attn.init_cache(batch_size, device, dtype, policy) for b in self.blocks])
         return ModelCache([b.attn.init_cache(batch_size, device, dtype) for b in self.blocks])
 
-    def cache_nbytes(self, context_len: int, batch_size: int = 1) -> int:
-        """Analytic cache size (docs/design.md, each variant's "Cache size") after `context_len` tokens."""
+    def cache_nbytes(self, context_len: int, batch_size: int = 1, policy=None) -> int:
+        """Analytic cache size (docs/design.md, each variant's "Cache size") after `context_len`
+        tokens; under a cache policy, that of the pairs it keeps."""
         elem = self.embed.weight.element_size()
-        return batch_size * elem * sum(b.attn.cache_elements(context_len) for b in self.blocks)
+        held = policy.held(context_len) if policy is not None else context_len
+        return batch_size * elem * sum(b.attn.cache_elements(held) for b in self.blocks)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

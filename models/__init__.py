@@ -10,10 +10,10 @@ from .config import (
     TensorCacheConfig,
     TPAConfig,
 )
-from .lm import LanguageModel, build_model
+from .lm import FULL_KINDS, LanguageModel, build_model
 
 __all__ = [
     "ModelConfig", "FullAttentionConfig", "MLAConfig", "TPAConfig", "SWAConfig", "LinearConfig",
     "TensorCacheConfig", "LanguageModel", "build_model", "ModelCache", "LayerCache", "AppendCache",
-    "RingCache", "StateCache", "TwoLevelCache", "CachePolicy", "PolicyCache",
+    "RingCache", "StateCache", "TwoLevelCache", "CachePolicy", "PolicyCache", "FULL_KINDS",
 ]

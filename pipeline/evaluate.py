@@ -35,7 +35,9 @@ def reaches(params: Params) -> tuple[int, int] | None:
 
 
 def _windows(params: Params) -> list[int]:
-    return [p.attention["window"] for p in params.points.values() if p.attention.get("window")]
+    """Every trained window and every inference-time cache policy's window."""
+    return ([p.attention["window"] for p in params.points.values() if p.attention.get("window")]
+            + [policy.window for _, policy in params.policy_points()])
 
 
 def min_window(params: Params) -> int | None:
@@ -71,6 +73,13 @@ def eval_jobs(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expor
             threads=params.compute.cpus_per_job, ckpt_dir=str((ckpt_root / run.name).resolve()),
             export_dir=str((export_root / run.name).resolve()), data_dir=str(data_dir.resolve()),
             hf_home=os.environ.get("HF_HOME", str(root / "runs" / "hf_home")))
+    for point, policy in params.policy_points():  # `<point>+<policy>[.seed<k>]`: the same checkpoint, cut
+        for key, job in list(jobs.items()):
+            if job.variant == point and job.policy is None:
+                jobs[point + "+" + policy.name + key[len(point):]] = job.model_copy(update={
+                    "run": f"{job.run}+{policy.name}", "checkpoint_run": job.run, "policy": policy,
+                    "variant": f"{point}+{policy.name}", "family": f"{point}+{policy.policy}",
+                    "fingerprint": digest({"eval": job.fingerprint, "policy": policy.model_dump()})})
     return jobs
 
 
@@ -104,6 +113,37 @@ def flat_metrics(r: dict, report_context: int, trained_len: int) -> dict[str, fl
     return {**out, **headline(r, report_context, trained_len)}
 
 
+def policy_run_id(tracker: tracking.Tracker, r: dict, parent_id: str) -> str:
+    """The MLflow run of a cache-policy result (`<run>+<policy>`), nested under its checkpoint's
+    run: found by name and evaluation fingerprint, else created (finished: it trains nothing)."""
+    from mlflow.entities import Param
+
+    found = tracker.find_run(r["run"], r["eval_fingerprint"])
+    if found is not None:
+        return found.info.run_id
+    run_id = tracker.client.create_run(tracker.experiment_id, run_name=r["run"], tags={
+        tracking.TAG_RUN: r["run"], tracking.TAG_FINGERPRINT: r["eval_fingerprint"],
+        tracking.TAG_VARIANT: r["variant"], tracking.TAG_SEED: str(r["seed"]), tracking.TAG_KIND: r["kind"],
+        "family": r["family"], "kvf.policy": r["policy"]["policy"], "mlflow.parentRunId": parent_id}).info.run_id
+    tracker.client.log_batch(run_id, params=[Param(f"policy.{k}", str(v)) for k, v in sorted(r["policy"].items())]
+                             + [Param("checkpoint_run", r["checkpoint_run"])])
+    tracker.client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def result_run_ids(tracker: tracking.Tracker, results: dict[str, dict], run_ids: dict[str, str]) -> dict[str, str]:
+    """Result key -> the MLflow run its metrics go to: the trained run's own, or for a cache
+    policy a run nested under it."""
+    out = {}
+    for key, r in results.items():
+        if r.get("policy") is None:
+            if r["run"] in run_ids:
+                out[key] = run_ids[r["run"]]
+        elif r["checkpoint_run"] in run_ids:
+            out[key] = policy_run_id(tracker, r, run_ids[r["checkpoint_run"]])
+    return out
+
+
 def _log_to_mlflow(tracker: tracking.Tracker, run_id: str, metrics: dict[str, float], r: dict) -> None:
     from mlflow.entities import Metric
 
@@ -119,6 +159,7 @@ def _log_to_mlflow(tracker: tracking.Tracker, run_id: str, metrics: dict[str, fl
 def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, export_root: Path,
                  results_dir: Path, metrics_path: Path) -> int:
     from pipeline.evaluation import evaluate_run
+    from pipeline.evaluation.policy import evaluate_policy
     from pipeline.train_stage import mlflow_run_ids
 
     verify_prepared(data_dir)
@@ -135,14 +176,19 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
         from pipeline.export import verify_export
 
         for job in todo.values():
-            verify_export(Path(job.export_dir))
+            if job.policy is None:
+                verify_export(Path(job.export_dir))
     results_dir.mkdir(parents=True, exist_ok=True)
     failures = []
     if todo:
         with fanout.cluster(params.compute, root) as cluster:
             device = "cuda" if cluster.gpus_per_job else "cpu"
-            refs = fanout.submit(evaluate_run, {n: j.model_copy(update={"device": device}) for n, j in todo.items()},
-                                 "evaluate", params.compute.cpus_per_job, cluster.gpus_per_job)
+            refs = {}
+            for fn, policy in ((evaluate_run, False), (evaluate_policy, True)):
+                mine = {n: j.model_copy(update={"device": device}) for n, j in todo.items()
+                        if (j.policy is not None) == policy}
+                if mine:
+                    refs |= fanout.submit(fn, mine, "evaluate", params.compute.cpus_per_job, cluster.gpus_per_job)
             print(f"[evaluate] {len(todo)} run(s) on Ray ({cluster.where}), {cluster.gpus_per_job} GPU(s) per job",
                   flush=True)
             for name, r in fanout.as_completed(refs):
@@ -165,8 +211,9 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
     for run in params.runs():  # the UI can filter on the runs the report uses
         if run.name in run_ids:
             tracker.client.set_tag(run_ids[run.name], "kvf.selected", str(run.name in winners).lower())
+    logged = result_run_ids(tracker, results, run_ids)
     for name, r in results.items():
-        r["run_id"] = run_ids.get(r["run"])
+        r["run_id"] = logged.get(name)
         if r["run_id"] is not None:
             _log_to_mlflow(tracker, r["run_id"], flat[name], r)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)

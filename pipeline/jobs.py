@@ -12,7 +12,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from models import ModelConfig
+from models import CachePolicy, ModelConfig
 from pipeline.params import EvalConfig, MQARConfig, TrainConfig
 
 
@@ -53,3 +53,5 @@ class EvalJob(_Job):
     export_dir: str
     data_dir: str
     hf_home: str
+    policy: Optional[CachePolicy] = None  # measure the checkpoint under this inference-time cache policy
+    checkpoint_run: Optional[str] = None  # with a policy: the trained run it cuts (`run` is `<it>+<policy>`)

@@ -16,7 +16,7 @@ def sync_store(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expo
                results_dir: Path, report_dir: Path) -> list[str]:
     """The names of the runs rebuilt (empty when the store was whole or nothing is trained)."""
     from pipeline import tracking
-    from pipeline.evaluate import _log_to_mlflow, flat_metrics
+    from pipeline.evaluate import _log_to_mlflow, flat_metrics, result_run_ids
     from pipeline.export import EXPORT_META, log_export
     from pipeline.report import log_report, report_paths
     from pipeline.train_stage import mlflow_run_ids
@@ -30,22 +30,22 @@ def sync_store(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expo
         return []
     uri = tracking.tracking_uri(params.tracking.uri, root)
     tracker = tracking.Tracker(uri, params.tracking.experiment)
-    results = []
-    for key in dict.fromkeys(run.key for run in params.runs()):
+    results = {}
+    for key in params.result_keys():
         path = results_dir / f"{key}.json"
         if path.exists():
-            results.append(json.loads(path.read_text()))
-    winners = {r["run"] for r in results}
+            results[key] = json.loads(path.read_text())
+    winners = {r["run"] for r in results.values()}
     for name in sorted(rebuilt):
         card = export_root / name / EXPORT_META
         if card.exists():
             log_export(uri, run_ids[name], name, (export_root / name).resolve(), checkpoint.read_json(card))
         tracker.client.set_tag(run_ids[name], "kvf.selected", str(name in winners).lower())
-    for r in results:
-        if r["run"] in rebuilt:
-            _log_to_mlflow(tracker, run_ids[r["run"]],
-                           flat_metrics(r, params.eval.report_context, params.train.seq_len), r)
+    redo = {key: r for key, r in results.items() if r.get("checkpoint_run", r["run"]) in rebuilt}
+    for key, run_id in result_run_ids(tracker, redo, run_ids).items():  # a policy's run comes back nested
+        _log_to_mlflow(tracker, run_id, flat_metrics(redo[key], params.eval.report_context, params.train.seq_len),
+                       redo[key])
     paths = report_paths(report_dir)
-    if all(p.exists() for p in paths.values()) and len(results) == len(dict.fromkeys(r.key for r in params.runs())):
-        log_report(params, root, results, paths)
+    if all(p.exists() for p in paths.values()) and len(results) == len(params.result_keys()):
+        log_report(params, root, list(results.values()), paths)
     return sorted(rebuilt)

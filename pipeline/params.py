@@ -199,6 +199,25 @@ class TrainConfig(_Block):
 REPORT_CONTEXT = 32768
 
 
+class PolicySpec(_Block):
+    """An `eval.cache_policies` entry: an inference-time cut of the cache (`models.CachePolicy`),
+    applied to full-attention checkpoints without retraining; `window` may be a list (one
+    frontier point per value)."""
+
+    policy: Literal["window", "streaming"]
+    window: Union[int, list[int]]
+    sinks: int = Field(0, ge=0, description="streaming: the first pairs kept (the paper: 4)")
+    points: Optional[list[str]] = Field(None, description="the full-attention points it applies to "
+                                        "(None: every mha / gqa / mqa point); `on` would read as a YAML boolean")
+
+    def expand(self):
+        """One `models.CachePolicy` per window."""
+        from models import CachePolicy
+
+        windows = self.window if isinstance(self.window, list) else [self.window]
+        return [CachePolicy(policy=self.policy, window=w, sinks=self.sinks) for w in windows]
+
+
 class EvalConfig(_Block):
     """Read by the evaluate stage (pipeline/evaluate.py)."""
 
@@ -226,6 +245,8 @@ class EvalConfig(_Block):
     report_context: int = Field(REPORT_CONTEXT, ge=1, description="context of the frontier's cache bytes")
     byte_budgets: list[int] = Field(default_factory=list, description="cache-byte budgets (at "
                                     "report_context) of the report's budget table")
+    cache_policies: list[PolicySpec] = Field(default_factory=list, description="inference-time "
+                                             "cache policies on full-attention checkpoints")
 
     @field_validator("lm_eval_tasks")
     @classmethod
@@ -321,6 +342,25 @@ class Params(_Block):
 
         extra = {"mlp_hidden": self._mlp_hidden[point]} if point in self._mlp_hidden else {}
         return ModelConfig(**self.model, **extra, attention=self._points[point].attention)
+
+    def policy_points(self) -> list[tuple[str, Any]]:
+        """(point, `models.CachePolicy`) of every `eval.cache_policies` entry and window, in file order."""
+        from models import FULL_KINDS
+
+        out = []
+        for spec in self.eval.cache_policies:
+            on = spec.points if spec.points is not None else [p.name for p in self._points.values()
+                                                     if p.attention["kind"] in FULL_KINDS]
+            out += [(point, policy) for point in on for policy in spec.expand()]
+        return out
+
+    def result_keys(self) -> list[str]:
+        """Every evaluation result: `<point>[.seed<k>]` per trained key, and `<point>+<policy>
+        [.seed<k>]` per cache policy on each of its point's keys."""
+        keys = list(dict.fromkeys(run.key for run in self.runs()))
+        by_point = {run.key: run.variant for run in self.runs()}
+        return keys + [point + "+" + policy.name + key[len(point):] for point, policy in self.policy_points()
+                       for key in keys if by_point[key] == point]
 
     def runs(self) -> list[Run]:
         """Every (point, lr, seed) of the study: points in file order, then rates, then seeds."""
@@ -439,6 +479,33 @@ def _match(params: Params) -> None:
         params._mlp_hidden[point.name] = hidden
 
 
+def _check_policies(params: Params) -> None:
+    """Each cache policy names full-attention points and builds a valid `models.CachePolicy`."""
+    from models import FULL_KINDS
+
+    for i, spec in enumerate(params.eval.cache_policies):
+        where = f"eval.cache_policies.{i}"
+        try:
+            spec.expand()
+        except ValidationError as err:
+            loc, msg = _first_error(err)
+            field, msg = _split_path(msg)
+            raise ParamsError(f"{_join(where, loc, field)}: {msg}") from None
+        for j, name in enumerate(spec.points or []):
+            point = params.points.get(name)
+            if point is None:
+                raise ParamsError(f"{where}.points.{j}: unknown point {name!r} (points: {', '.join(params.points)})")
+            if point.attention["kind"] not in FULL_KINDS:
+                raise ParamsError(f"{where}.points.{j}: {name} is {point.attention['kind']}; cache policies "
+                                  f"apply to full attention ({', '.join(FULL_KINDS)})")
+        if not any(p.attention["kind"] in FULL_KINDS for p in params.points.values()):
+            raise ParamsError(f"{where}: the study has no full-attention point to apply it to")
+    names = [f"{point}+{policy.name}" for point, policy in params.policy_points()]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice:
+        raise ParamsError(f"eval.cache_policies: {twice} is listed twice")
+
+
 def parse_params(raw: Any) -> Params:
     """A loaded YAML document -> Params, or ParamsError naming the first bad field."""
     if not isinstance(raw, dict):
@@ -465,6 +532,7 @@ def parse_params(raw: Any) -> Params:
                                   f"in data.mqar.seq_len={mqar.seq_len} (gaps must reach "
                                   f"{_min_last_gap(pairs, mqar.pair_tokens)} and stay <= {max_gap}; "
                                   f"at most {min(mqar.num_keys, mqar.num_values)} pairs)")
+    _check_policies(params)
     if params.train.seq_len not in params.eval.context_lengths:
         raise ParamsError(f"eval.context_lengths: must include train.seq_len={params.train.seq_len} "
                           "(bits per byte at the trained length is the frontier's quality axis)")

@@ -425,7 +425,7 @@ def _family_run(tracker, family: str, frontier_id: str) -> str:
 
 
 def run_report(params, root: Path, results_dir: Path, out_dir: Path) -> int:
-    keys = list(dict.fromkeys(run.key for run in params.runs()))
+    keys = params.result_keys()
     missing = [key for key in keys if not (results_dir / f"{key}.json").exists()]
     if missing:
         raise FileNotFoundError(f"{results_dir}: no evaluation results for {', '.join(missing)}; "

@@ -15,19 +15,20 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def heldout_bits(model, text: np.ndarray, context_len: int, n_windows: int) -> np.ndarray:
+def heldout_bits(model, text: np.ndarray, context_len: int, n_windows: int, policy=None) -> np.ndarray:
     """Cross-entropy in bits of every predicted byte, (n_windows, context_len), over evenly spaced
     held-out windows (the same windows for every model: the report's intervals resample them,
-    paired). A window's mean is its bits per byte; column t is the byte at distance t into it."""
+    paired). A window's mean is its bits per byte; column t is the byte at distance t into it.
+    With a cache `policy`, every window is decoded token by token through it (all at once)."""
     starts = np.linspace(0, len(text) - context_len - 1, n_windows).astype(np.int64)
-    rows = []
-    for s in starts:
-        ids = torch.from_numpy(tokenizer.bytes_to_ids(np.asarray(text[s : s + context_len + 1])))[None]
-        ids = ids.to(_device(model))
-        logits = model(ids[:, :-1])
-        nats = torch.nn.functional.cross_entropy(logits[0].float(), ids[0, 1:], reduction="none")
-        rows.append(nats.cpu().numpy() / math.log(2))
-    return np.stack(rows)
+    ids = torch.stack([torch.from_numpy(tokenizer.bytes_to_ids(np.asarray(text[s : s + context_len + 1])))
+                       for s in starts]).to(_device(model))
+    bits = lambda logits, i: (torch.nn.functional.cross_entropy(  # noqa: E731 -- one window's row
+        logits.float(), ids[i, 1:], reduction="none") / math.log(2)).cpu().numpy()
+    if policy is not None:
+        logits = decode_logits(model, ids[:, :-1], policy)
+        return np.stack([bits(logits[i], i) for i in range(len(starts))])
+    return np.stack([bits(model(ids[i : i + 1, :-1])[0], i) for i in range(len(starts))])
 
 
 def bits_by_distance(bits: np.ndarray, window: int) -> dict[str, float | None]:
@@ -39,10 +40,11 @@ def bits_by_distance(bits: np.ndarray, window: int) -> dict[str, float | None]:
 
 
 @torch.no_grad()
-def decode_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of `ids` computed one token at a time through the variant's own cache: what a
-    deployed model computes (for chunk_mean this differs from its parallel training forward)."""
-    cache = model.init_cache(ids.shape[0])
+def decode_logits(model, ids: torch.Tensor, policy=None) -> torch.Tensor:
+    """Logits of `ids` computed one token at a time through the variant's own cache (or a full-
+    attention cache cut by `policy`): what a deployed model computes (for chunk_mean this differs
+    from its parallel training forward)."""
+    cache = model.init_cache(ids.shape[0], policy=policy)
     return torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])], dim=1)
 
 
@@ -59,10 +61,11 @@ def _split(hit: np.ndarray, gap: np.ndarray, reach: tuple[int, int] | None) -> d
 
 @torch.no_grad()
 def mqar_accuracy(model, mqar_cfg, num_pairs: int, gaps: tuple[int, int], n: int, seed: int,
-                  reach: tuple[int, int] | None, decode: bool = True) -> dict:
+                  reach: tuple[int, int] | None, decode: bool = True, policy=None) -> dict:
     """Accuracy on `n` fresh MQAR sequences, also split by each query's gap against the study's
     reach (`_split`); "hits" and "gaps" keep every query (0/1, gap) for the report's intervals.
-    With `decode`, the same queries are also scored through the decode cache ("decode": {...})."""
+    With `decode`, the same queries are also scored through the decode cache ("decode": {...}).
+    With a cache `policy`, they are scored through the decode path only (it is the model)."""
     from pipeline.data import make_mqar
 
     cfg = mqar_cfg.model_copy(update={"num_pairs": num_pairs})
@@ -71,8 +74,8 @@ def mqar_accuracy(model, mqar_cfg, num_pairs: int, gaps: tuple[int, int], n: int
     mask = torch.from_numpy(data["answer_mask"][:, 1:]).to(tokens.device)
     gap = data["gaps"].reshape(-1)
     hits = lambda logits: (logits.argmax(-1) == tokens[:, 1:])[mask].cpu().numpy()  # noqa: E731 -- row order
-    hit = hits(model(tokens[:, :-1]))
+    hit = hits(model(tokens[:, :-1]) if policy is None else decode_logits(model, tokens[:, :-1], policy))
     out = {**_split(hit, gap, reach), "hits": hit.astype(int).tolist(), "gaps": gap.astype(int).tolist()}
-    if decode:
+    if decode and policy is None:
         out["decode"] = _split(hits(decode_logits(model, tokens[:, :-1])), gap, reach)
     return out

@@ -14,7 +14,9 @@ DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
 def test_default_params_are_valid_and_typed():
     params = load_params(REPO / "params.yaml")
     assert set(params.variants) == {"mha", "gqa", "mla", "tpa", "swa", "linear", "tensor_cache",
-                                    "tensor_cache_chunk_mean"}
+                                    "tensor_cache_chunk_mean", "tensor_cache_delta", "swa_sinks"}
+    assert params.model_config_for("tensor_cache_delta").attention.write == "delta"
+    assert params.model_config_for("swa_sinks").attention.sinks == 4
     assert params.model_config_for("tensor_cache_chunk_mean.window10").attention.write == "chunk_mean"
     assert params.compute.gpus_per_job == "auto" and params.tracking.uri is None
     assert [run.name for run in params.runs()] == list(params.points)  # one seed, one rate
@@ -27,6 +29,19 @@ def test_default_params_are_valid_and_typed():
     for family in ("gqa", "mla", "tpa"):
         assert len(families[family]) >= 2
     assert params.match_params.reference == "mha"
+    # inference-time cache policies on the mha checkpoint: one result key each, after the trained ones
+    assert params.result_keys()[len(params.points):] == [
+        "mha+window6", "mha+window10", "mha+window16", "mha+streaming.sinks4.window6",
+        "mha+streaming.sinks4.window12"]
+
+
+def test_cache_policies_default_to_every_full_attention_point():
+    raw = copy.deepcopy(DEFAULT)
+    raw["eval"]["cache_policies"] = [{"policy": "streaming", "sinks": 2, "window": 8}]
+    raw["train"]["seeds"] = [0, 1]
+    keys = parse_params(raw).result_keys()
+    full = ["mha", "gqa.n_kv_heads1", "gqa.n_kv_heads2"]
+    assert keys[-6:] == [f"{p}+streaming.sinks2.window8{s}" for p in full for s in ("", ".seed1")]
 
 
 def test_runs_name_the_first_seed_by_its_variant():
@@ -78,6 +93,15 @@ def _set(path: str, value):
     (_set("data.mqar.eval_gaps.far", [90, 500]), "data.mqar.eval_gaps.far"),
     (_set("data.heldout_plays", ["hamlet", "no_such_play"]), "data.heldout_plays.1"),
     (_set("trian", {}), "trian"),
+    (_set("eval.cache_policies", [{"policy": "window", "window": 8, "sinks": 4}]), "eval.cache_policies.0.sinks"),
+    (_set("eval.cache_policies", [{"policy": "streaming", "window": [8, 0], "sinks": 4}]),
+     "eval.cache_policies.0.window"),
+    (_set("eval.cache_policies", [{"policy": "window", "window": 8, "points": ["swa.window6"]}]),
+     "eval.cache_policies.0.points.0"),
+    (_set("eval.cache_policies", [{"policy": "window", "window": 8, "points": ["mhaa"]}]),
+     "eval.cache_policies.0.points.0"),
+    (_set("eval.cache_policies", [{"policy": "window", "window": [8, 8]}]), "eval.cache_policies"),
+    (_set("eval.cache_policies", [{"policy": "evict", "window": 8}]), "eval.cache_policies.0.policy"),
 ])
 def test_error_names_the_field(mutate, field):
     raw = copy.deepcopy(DEFAULT)

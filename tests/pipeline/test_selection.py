@@ -25,6 +25,7 @@ def test_choose_takes_the_lowest_finite_objective_and_the_first_of_ties():
 def test_select_reads_only_validation_metrics(monkeypatch, tmp_path):
     raw = copy.deepcopy(DEFAULT)
     raw["variants"] = {"swa": {"kind": "swa", "window": [4, 8]}}
+    raw["eval"].pop("cache_policies")  # they name the mha point
     raw.pop("match_params")
     raw["train"].update(lr=[1e-3, 3e-3, 1e-2], seeds=[0, 1])
     params = parse_params(raw)

@@ -11,7 +11,11 @@ from .conftest import run_stage
 EVAL = {"context_lengths": [32, 64], "bpb_tokens": 128, "mqar_pairs": [2], "mqar_examples": 16,
         "capacity_pairs": [1, 2],
         "lm_eval_tasks": ["kvf_passkey_mc"], "task_context_lengths": [256], "limit": 1,
-        "decode_lengths": [64], "decode_new_tokens": 4, "generate_lengths": [], "report_context": 1024}
+        "decode_lengths": [64], "decode_new_tokens": 4, "generate_lengths": [], "report_context": 1024,
+        # inference-time cache policies on the mha checkpoints, at the swa windows' bytes
+        "cache_policies": [{"policy": "window", "window": 4, "points": ["mha"]},
+                           {"policy": "streaming", "sinks": 1, "window": 5}]}
+POLICIES = ["mha+window4", "mha+streaming.sinks1.window5"]
 
 
 def _set(root, block, **values):
@@ -65,10 +69,28 @@ def test_seeds_from_train_to_report(tiny_project):
     again = _ok(run_stage(root, "export")).stdout
     assert again.count("already registered") == len(keys)
 
-    # evaluate: one result per point and seed, for the selected run
+    # evaluate: one result per point and seed, for the selected run; and per cache policy on
+    # each mha key, the same checkpoint measured through the policy's cache
     _ok(run_stage(root, "evaluate", timeout=600))
     results = {p.stem: json.loads(p.read_text()) for p in (root / "results" / "eval").glob("*.json")}
-    assert set(results) == set(keys)
+    policy_keys = [point + seed for point in POLICIES for seed in ("", ".seed1")]
+    assert set(results) == set(keys) | set(policy_keys)
+    for key in policy_keys:
+        seed = ".seed1" if key.endswith(".seed1") else ""
+        r, base = results.pop(key), results["mha" + seed]
+        policy = r["policy"]
+        assert r["checkpoint_run"] == base["run"] and r["run"] == f"{base['run']}+{key.split('+')[1].removesuffix(seed)}"
+        assert r["kind"] == f"mha+{policy['policy']}" and r["family"] == f"mha+{policy['policy']}"
+        held = policy["sinks"] + policy["window"]
+        assert r["cache_bytes_per_token_analytic"] * 1024 == base["cache_bytes_per_token_analytic"] * held
+        assert r["cache_bytes_measured"]["cache_bytes"] == r["cache_bytes_measured"]["cache_bytes_analytic"]
+        assert r["cache_bytes_measured"]["cache_bytes"] == base["cache_bytes_per_token_analytic"] * held
+        assert r["bpb"]["64"] != base["bpb"]["64"] and "decode" not in r["mqar"]["p2_far"]
+        assert r["lr"] == base["lr"] and set(r["capacity"]) == {"1", "2"}
+        logged_policy = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                                           f"tags.`kvf.run` = '{r['run']}'")
+        assert len(logged_policy) == 1 and logged_policy[0].data.metrics["eval/bpb_64"] == r["bpb"]["64"]
+        assert logged_policy[0].data.tags["mlflow.parentRunId"] == runs[base["run"]]["run_id"]
     for key, r in results.items():
         assert r["run"] == winners[key] and r["variant"] == key.split(".seed")[0]
         assert r["seed"] == int(key.endswith("seed1")) and r["family"] == key.split(".")[0]
@@ -95,7 +117,8 @@ def test_seeds_from_train_to_report(tiny_project):
         assert f"| {np.mean(bpb):.3f} [" in line
         assert line.split("|")[6].strip() == "2"  # seeds column
     assert "## The seeds' claims" in table and "## Pareto front" in table
-    assert len((root / "report" / "frontier.csv").read_text().splitlines()) == 1 + len(keys)
+    assert "| mha+window4 | mha+window | mha+window |" in table
+    assert len((root / "report" / "frontier.csv").read_text().splitlines()) == 1 + len(keys) + len(policy_keys)
     assert (root / "report" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -128,6 +151,9 @@ def test_a_deleted_mlflow_store_is_rebuilt(tiny_project):
         assert run.data.metrics["eval/bpb_64"] == logged[name]["eval/bpb_64"]
         assert run.data.tags["kvf.selected"] == "true"
         assert client.search_model_versions(f"name = 'kvf-{name}'")[0].run_id == run.info.run_id
+    for point in POLICIES:  # a cache policy's run comes back too, with its evaluation metrics
+        (run,) = client.search_runs([experiment], f"tags.`kvf.run` = '{logged['mha']['run']}+{point.split('+')[1]}'")
+        assert run.data.metrics["eval/bpb_64"] == logged[point]["eval/bpb_64"]
     (report,) = client.search_runs([experiment], "tags.`kvf.report` = 'frontier'")
     assert {a.path for a in client.list_artifacts(report.info.run_id, "report")} == {
         "report/frontier.png", "report/frontier.md", "report/frontier.csv", "report/capacity.png"}

@@ -17,6 +17,7 @@ DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
 def _study(variants, **train):
     raw = copy.deepcopy(DEFAULT)
     raw["variants"] = variants
+    raw["eval"].pop("cache_policies")  # they name the mha point
     raw.pop("match_params")
     raw["train"].update(train)
     return parse_params(raw)

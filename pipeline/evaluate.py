@@ -182,7 +182,7 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
     failures = []
     if todo:
         with fanout.cluster(params.compute, root) as cluster:
-            device = "cuda" if cluster.gpus_per_job else "cpu"
+            device = cluster.device
             refs = {}
             for fn, policy in ((evaluate_run, False), (evaluate_policy, True)):
                 mine = {n: j.model_copy(update={"device": device}) for n, j in todo.items()

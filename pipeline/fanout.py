@@ -8,7 +8,9 @@ collect results as they finish, and turn any failure into a result that names it
   authentication is on with a fresh token per start, kept in `<compute.temp_dir>/auth/` (mode
   0600, removed at shutdown; never ~/.ray), whatever RAY_AUTH_MODE the caller's shell exports.
 - GPUs: `gpus_per_job: auto` asks for one per job when the cluster has any; asking for more
-  than the cluster has fails at once (Ray itself would wait forever, silently).
+  than the cluster has fails at once (Ray itself would wait forever, silently). A job holding a
+  GPU computes on CUDA unless `compute.device` is cpu (how the tests exercise GPU scheduling on
+  a local Ray that declares GPUs, `compute.num_gpus`, on a machine without any).
 """
 from __future__ import annotations
 
@@ -81,10 +83,16 @@ def resolve_gpus(compute, resources: dict, where: str) -> int:
 
 
 class Cluster(BaseModel):
-    """Where the jobs run: `where` ("local" or the address) and the GPUs each job gets."""
+    """Where the jobs run: `where` ("local" or the address), the GPUs each job gets and the
+    torch device its work uses ("cuda" when it holds a GPU, unless `compute.device` is cpu)."""
 
     where: str
     gpus_per_job: int
+    device: str = "cpu"
+
+    @classmethod
+    def of(cls, compute, where: str, gpus: int) -> "Cluster":
+        return cls(where=where, gpus_per_job=gpus, device="cuda" if gpus and compute.device == "auto" else "cpu")
 
 
 @contextmanager
@@ -97,18 +105,19 @@ def cluster(compute, root: Path) -> Iterator[Cluster]:
         ray.init(address=address, log_to_driver=True)
         try:
             gpus = resolve_gpus(compute, ray.cluster_resources(), address)
-            yield Cluster(where=address, gpus_per_job=gpus)
+            yield Cluster.of(compute, address, gpus)
         finally:
             ray.shutdown()
         return
     temp_dir = ray_temp_dir(compute, root)
     try:
         with _closed_local_ray(project_temp_dir(compute, root) / "auth"):
-            ray.init(num_cpus=compute.num_cpus or os.cpu_count(), include_dashboard=False,
-                     _node_ip_address=LOOPBACK, _temp_dir=temp_dir, log_to_driver=True)
+            ray.init(num_cpus=compute.num_cpus or os.cpu_count(), num_gpus=compute.num_gpus,
+                     include_dashboard=False, _node_ip_address=LOOPBACK, _temp_dir=temp_dir,
+                     log_to_driver=True)
             try:
                 gpus = resolve_gpus(compute, ray.cluster_resources(), "local")
-                yield Cluster(where="local", gpus_per_job=gpus)
+                yield Cluster.of(compute, "local", gpus)
             finally:
                 ray.shutdown()
     finally:

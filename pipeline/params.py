@@ -266,6 +266,10 @@ class ComputeConfig(_Block):
         None, description="None: a local Ray (or the cluster of a `ray job submit` job)"
     )
     num_cpus: Optional[int] = Field(None, ge=1, description="local Ray only; None = all cores")
+    num_gpus: Optional[int] = Field(None, ge=0, description="local Ray only; None = the GPUs Ray "
+                                    "detects (declaring more exercises GPU scheduling: device cpu)")
+    device: Literal["auto", "cpu"] = Field("auto", description="auto: CUDA for a job that holds a "
+                                           "GPU, else CPU; cpu: always CPU, whatever is scheduled")
     cpus_per_job: int = Field(1, ge=1, description="CPUs (and torch threads) per variant job")
     gpus_per_job: Union[Literal["auto"], int] = Field(
         "auto", description="auto: 1 when the cluster has GPUs, else 0"

@@ -204,7 +204,7 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
         if latest:
             tracker.log_records(run_ids[job.run], latest["history"])
     queue = Queue()
-    refs = fanout.submit(train_task, {job.run: job.model_copy(update={"device": "cuda" if cluster.gpus_per_job else "cpu"})
+    refs = fanout.submit(train_task, {job.run: job.model_copy(update={"device": cluster.device})
                                       for job in jobs}, "train", params.compute.cpus_per_job,
                          cluster.gpus_per_job, queue)
     print(f"[train] {len(jobs)} run(s) on Ray ({cluster.where}), {cluster.gpus_per_job} GPU(s) per job; "

@@ -184,6 +184,9 @@ def test_a_project_at_a_deep_path_trains(tmp_path, tiny_data):
     shutil.copytree(tiny_data, root / "data")
     params = write_params(root, {"variants": {"swa": {"kind": "swa", "window": 4}}})
     del params["compute"]["temp_dir"]  # the default, runs/ray
+    # and a GPU declared to the local Ray, the work forced to CPU: the stage schedules the job on
+    # it (test_gpu_scheduling.py checks the packing) and trains on the CPU
+    params["compute"].update(num_gpus=1, device="cpu")
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     state = (root / "runs" / "ray").resolve()
     link = f"/tmp/kvf-ray-{hashlib.sha256(str(state).encode()).hexdigest()[:12]}"
@@ -194,6 +197,7 @@ def test_a_project_at_a_deep_path_trains(tmp_path, tiny_data):
         result = run_stage(root, "train")
         assert result.returncode == 0, result.stderr[-3000:]
         assert _metrics(root)["variants"]["swa"]["status"] == "ok"
+        assert "2 run(s) on Ray (local), 1 GPU(s) per job" in result.stdout  # one after the other
         sessions = sorted(p.name for p in state.glob("session_2*"))
         assert len(sessions) == 2 and sessions[0] == old[-1].name, sessions  # the newest two kept
         assert sessions[1] > old[-1].name, "Ray's session state is not in the project"

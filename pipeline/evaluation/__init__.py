@@ -16,7 +16,10 @@ from pipeline.jobs import EvalJob
 
 def evaluate_run(job: EvalJob) -> dict:
     """Everything measured for one run (in a Ray worker, on its GPU when it has one; the
-    memory and speed probes always run on CPU, in their own process)."""
+    memory and speed probes always run on CPU, in their own process). Test hook:
+    $KVF_FAULT_EVALUATE=<run> (inherited by the local Ray's workers) fails that run at once."""
+    if os.environ.get("KVF_FAULT_EVALUATE") == job.run:
+        raise RuntimeError(f"injected failure (KVF_FAULT_EVALUATE={job.run})")
     from pipeline.evaluation.harness import run_lm_eval
     from pipeline.evaluation.probe import probe_subprocess
     from pipeline.evaluation.quality import bits_by_distance, heldout_bits, mqar_accuracy

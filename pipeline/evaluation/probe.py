@@ -66,10 +66,21 @@ def probe(ckpt_dir: str, context_len: int, new_tokens: int, mode: str, threads: 
             "decode_tokens_per_s": steps / max(t2 - t1, 1e-9)}
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGKILL when the worker that started it dies, so a
+    killed evaluate leaves no probe measuring on its own."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def probe_subprocess(ckpt_dir: Path, context_len: int, new_tokens: int, mode: str, threads: int) -> dict:
     cmd = [sys.executable, "-m", "pipeline.evaluation.probe", str(ckpt_dir), str(context_len),
            str(new_tokens), mode, str(threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                          preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

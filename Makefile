@@ -21,7 +21,7 @@ export TRITON_CACHE_DIR := $(CURDIR)/runs/triton_cache
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv test repro bench lock
+.PHONY: venv test repro bench lock mlflow-server
 
 venv: $(VENV)/.installed
 
@@ -41,6 +41,13 @@ repro: venv
 	$(PY) -m pipeline.dvc_setup
 	cd $(CURDIR) && dvc repro
 	$(PY) -m stages.mlflow_sync
+
+# A shared MLflow tracking server on this machine (loopback only, one worker, sqlite, artifacts in
+# runs/mlflow-server): point a study at it with `tracking.uri: http://127.0.0.1:5000`; its train
+# workers then log their curves live. Ctrl-C stops it (pipeline/mlflow_server.py).
+MLFLOW_PORT ?= 5000
+mlflow-server: venv
+	$(PY) -m pipeline.mlflow_server --port $(MLFLOW_PORT)
 
 bench: venv
 	$(PY) benchmarks/l2_scan.py

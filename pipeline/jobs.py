@@ -35,6 +35,8 @@ class TrainJob(_Job):
     data_dir: str
     ckpt_dir: str
     fault: Optional[str] = None  # test hook, from $KVF_FAULT: "<run>:<step>:nan|raise"
+    tracking_uri: Optional[str] = None  # set with a tracking server: the worker logs its own curve
+    mlflow_run_id: Optional[str] = None
 
 
 class EvalJob(_Job):

@@ -1,4 +1,7 @@
-"""MLflow: one run per variant in one experiment, written by the driver alone (sqlite wants one writer).
+"""MLflow: one run per variant in one experiment, written by the driver alone (sqlite wants one
+writer); with a tracking server (`http://...`) each train worker logs its own run's curve live
+(`WorkerLog`) and the driver logs everything else once (params, final metrics, exports, registry,
+evaluation, report).
 
 Metric names are shared by every variant so the Compare view lines them up:
 train/loss, train/lm_loss, train/mqar_loss, train/lr, train/grad_norm, train/tokens_per_s (per
@@ -74,6 +77,31 @@ def source_tags(root: Path) -> dict[str, str]:
     commit = git_commit(root)
     return {TAG_COMMIT: commit, "mlflow.source.git.commit": commit.removesuffix("-dirty"),
             "mlflow.source.type": "PROJECT", "mlflow.source.name": str(root.resolve())}
+
+
+def is_server(uri: str) -> bool:
+    """A tracking server takes writers in parallel (sqlite wants one): workers may log."""
+    return uri.startswith(("http://", "https://"))
+
+
+class WorkerLog:
+    """A train worker's history records, with a tracking server: logged to the run by the worker
+    as they are made (the UI's curves move while it trains), then passed on (`forward`, the
+    driver's progress display)."""
+
+    def __init__(self, uri: str, run_id: str, forward):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id, self.forward = MlflowClient(tracking_uri=uri), run_id, forward
+        self.client.set_tag(run_id, "kvf.logged_by", "worker")
+
+    def __call__(self, record: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, int(record["step"]))
+                                                    for k, v in record.items() if k not in ("step", "run")])
+        self.forward(record)
 
 
 class Tracker:

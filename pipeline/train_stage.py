@@ -6,8 +6,9 @@
   A completed checkpoint of another fingerprint (a changed config) is kept while the new one
   trains beside it, in `<run>.next/`, and is replaced only when that run succeeds: a failed
   experiment loses nothing, and reverting params.yaml retrains nothing.
-- Workers put each history record on a Ray queue; the driver alone writes MLflow (sqlite wants
-  one writer) and draws the progress.
+- Workers put each history record on a Ray queue; the driver draws the progress and alone
+  writes MLflow (sqlite wants one writer), except with a tracking server (`http://`), where each
+  worker logs its own run's curve live and the driver the rest.
 - A run that raises or goes NaN/inf is reported by name and step; the others finish.
 Multi-node clusters need `data/` and `checkpoints/` on a filesystem every node sees at the same
 path; a single-node cluster (or `ray job submit` to one) needs nothing more.
@@ -51,9 +52,12 @@ def train_job(params: Params, run: Run, code: str, data_dir: Path, ckpt_root: Pa
 
 
 def train_task(job: TrainJob, queue) -> dict:
-    """In a Ray worker: train, putting each history record on the driver's queue."""
+    """In a Ray worker: train, putting each history record on the driver's queue (and, with a
+    tracking server, logging it to the run first)."""
     from pipeline.train import train_run
 
+    if job.mlflow_run_id is not None:
+        return train_run(job, tracking.WorkerLog(job.tracking_uri, job.mlflow_run_id, queue.put))
     return train_run(job, queue.put)
 
 
@@ -91,10 +95,13 @@ class Progress:
 
 
 class LiveLog:
-    """Drains the workers' queue into the progress display and each run's MLflow history."""
+    """Drains the workers' queue into the progress display and, unless the workers log
+    themselves (a tracking server), each run's MLflow history."""
 
-    def __init__(self, queue, tracker: tracking.Tracker, run_ids: dict[str, str], progress: Progress):
+    def __init__(self, queue, tracker: tracking.Tracker, run_ids: dict[str, str], progress: Progress,
+                 workers_log: bool = False):
         self.queue, self.tracker, self.run_ids, self.progress = queue, tracker, run_ids, progress
+        self.workers_log = workers_log
 
     def drain(self) -> None:
         pending: dict[str, list] = {}
@@ -103,7 +110,8 @@ class LiveLog:
                 pending.setdefault(record["run"], []).append(record)
                 self.progress.update(record)
         for name, records in pending.items():
-            self.tracker.log_records(self.run_ids[name], records)
+            if not self.workers_log:
+                self.tracker.log_records(self.run_ids[name], records)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -203,14 +211,15 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
                                             _mlflow_tags(job, source))
         if latest:
             tracker.log_records(run_ids[job.run], latest["history"])
-    queue = Queue()
-    refs = fanout.submit(train_task, {job.run: job.model_copy(update={"device": cluster.device})
+    queue, workers_log = Queue(), tracking.is_server(tracker.uri)
+    live_fields = lambda job: {"tracking_uri": tracker.uri, "mlflow_run_id": run_ids[job.run]} if workers_log else {}  # noqa: E731
+    refs = fanout.submit(train_task, {job.run: job.model_copy(update={"device": cluster.device, **live_fields(job)})
                                       for job in jobs}, "train", params.compute.cpus_per_job,
                          cluster.gpus_per_job, queue)
     print(f"[train] {len(jobs)} run(s) on Ray ({cluster.where}), {cluster.gpus_per_job} GPU(s) per job; "
-          f"MLflow: {tracker.uri}", flush=True)
+          f"MLflow: {tracker.uri}" + (" (the workers log their curves live)" if workers_log else ""), flush=True)
     progress = Progress([job.run for job in jobs], params.train.steps, started)
-    live = LiveLog(queue, tracker, run_ids, progress)
+    live = LiveLog(queue, tracker, run_ids, progress, workers_log)
     by_name = {job.run: job for job in jobs}
     results = {}
     try:

@@ -79,6 +79,12 @@ def resolve_gpus(compute, resources: dict, where: str) -> int:
             f"compute.cpus_per_job: asks for {compute.cpus_per_job} CPUs per job but the "
             f"Ray cluster ({where}) has {have_cpu:g}"
         )
+    workers = getattr(compute, "workers_per_run", 1)
+    for kind, per_worker, have in (("CPU", compute.cpus_per_job, have_cpu), ("GPU", gpus, have_gpu)):
+        if workers > 1 and workers * per_worker > have:
+            raise ComputeError(
+                f"compute.workers_per_run: {workers} workers x {per_worker} {kind}(s) per run but the "
+                f"Ray cluster ({where}) has {have:g} {kind}(s); lower it or use a bigger cluster")
     return gpus
 
 

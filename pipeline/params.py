@@ -276,6 +276,12 @@ class ComputeConfig(_Block):
     )
     temp_dir: str = Field("runs/ray", description="local Ray temp dir, relative to the repo (Ray is "
                           "handed a short link to it when the path is too deep for its sockets)")
+    workers_per_run: int = Field(1, ge=1, description="> 1: each run trains data-parallel on this many "
+                                 "Ray Train workers (DDP); 1: one Ray task per run")
+    storage: str = Field("runs/train", description="where Ray Train keeps a data-parallel run's "
+                         "checkpoints, relative to the repo")
+    max_failures: int = Field(2, ge=0, description="data-parallel runs: worker-group restarts "
+                              "(from the last checkpoint) before the run fails")
 
     @field_validator("gpus_per_job", mode="before")
     @classmethod
@@ -537,6 +543,11 @@ def parse_params(raw: Any) -> Params:
                                   f"{_min_last_gap(pairs, mqar.pair_tokens)} and stay <= {max_gap}; "
                                   f"at most {min(mqar.num_keys, mqar.num_values)} pairs)")
     _check_policies(params)
+    workers = params.compute.workers_per_run
+    for field in ("batch_size", "mqar_batch_size"):
+        if getattr(params.train, field) % workers:
+            raise ParamsError(f"train.{field}: {getattr(params.train, field)} is not divisible by "
+                              f"compute.workers_per_run={workers} (each worker takes an equal share)")
     if params.train.seq_len not in params.eval.context_lengths:
         raise ParamsError(f"eval.context_lengths: must include train.seq_len={params.train.seq_len} "
                           "(bits per byte at the trained length is the frontier's quality axis)")

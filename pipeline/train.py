@@ -91,6 +91,47 @@ def evaluate(model, data: TrainingData, cfg: TrainConfig, device) -> dict[str, f
     return out
 
 
+class OneProcess:
+    """How a run's steps are spread when one process trains it (a Ray task): it holds the whole
+    batch and writes its checkpoints to `job.ckpt_dir`. `pipeline.train_ddp.DataParallel` is the
+    same interface across Ray Train workers."""
+
+    rank, world = 0, 1
+
+    def __init__(self, job: TrainJob):
+        self.ckpt_dir = Path(job.ckpt_dir)
+
+    def wrap(self, model):
+        return model
+
+    def shard(self, rows: np.ndarray) -> np.ndarray:
+        return rows
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        return values
+
+    def resume(self, job: TrainJob, model, optimizer) -> tuple[int, list]:
+        """(step, history) of the checkpoint this run continues from, (0, []) when none."""
+        latest = checkpoint.load_latest(self.ckpt_dir)
+        if latest is None or latest.get("fingerprint") != job.fingerprint:
+            return 0, []
+        try:
+            meta = checkpoint.restore(self.ckpt_dir, model, optimizer)  # verified before anything loads
+            return meta["step"], meta["history"]
+        except checkpoint.CorruptCheckpoint as err:
+            print(f"[train] {job.run}: {err}: not resumed; the run starts again from step 0", flush=True)
+            checkpoint.discard_steps(self.ckpt_dir)
+            return 0, []
+
+    def save(self, step: int, model, optimizer, meta: dict, final: dict | None = None) -> None:
+        checkpoint.save(self.ckpt_dir, step, model, optimizer, meta)
+        if final is not None:
+            checkpoint.save_final(self.ckpt_dir, model, final)
+
+    def kill(self) -> None:
+        raise RunFailed(0, "a kill fault needs workers_per_run > 1 (Ray Train restarts the worker)")
+
+
 def _fault(job: TrainJob, step: int) -> Optional[str]:
     """Test hook: job.fault = "<run>:<step>:nan|raise" (from $KVF_FAULT in the driver)."""
     if not job.fault:
@@ -99,18 +140,21 @@ def _fault(job: TrainJob, step: int) -> Optional[str]:
     return kind if name == job.run and int(at) == step else None
 
 
-def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: None) -> dict:
+def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: None,
+              parallel: OneProcess | None = None) -> dict:
     """Train one run to `train.steps`, resuming from its checkpoint when there is one.
 
-    `report` receives each history record ({"run", "step", metric: value}) as it is made.
-    Returns {"step", "metrics", "history"} or raises RunFailed.
+    `report` receives each history record ({"run", "step", metric: value}) as it is made (by
+    rank 0 alone when `parallel` spreads the run over workers: each takes its share of every
+    step's batch, and logged losses are averaged over them). Returns {"step", "metrics",
+    "history"} or raises RunFailed.
     """
     from models import build_model
 
+    parallel = parallel or OneProcess(job)
     torch.set_num_threads(job.threads)
     cfg, model_cfg, seed = job.train, job.model, job.seed
     device = torch.device(job.device)
-    ckpt_dir = Path(job.ckpt_dir)
     data = TrainingData(job.data_dir)
 
     torch.manual_seed(seed)
@@ -122,15 +166,8 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
         "model/cache_bytes_per_token_at_32k": model.cache_nbytes(REPORT_CONTEXT) / REPORT_CONTEXT,
         "model/state_bytes_32k": float(model.cache_nbytes(REPORT_CONTEXT)),
     }
-    start, history = 0, []
-    latest = checkpoint.load_latest(ckpt_dir)
-    if latest is not None and latest.get("fingerprint") == job.fingerprint:
-        try:
-            meta = checkpoint.restore(ckpt_dir, model, optimizer)  # verified before anything loads
-            start, history = meta["step"], meta["history"]
-        except checkpoint.CorruptCheckpoint as err:
-            print(f"[train] {job.run}: {err}: not resumed; the run starts again from step 0", flush=True)
-            checkpoint.discard_steps(ckpt_dir)
+    start, history = parallel.resume(job, model, optimizer)
+    net = parallel.wrap(model)  # what the steps run through (DDP across workers); `model` is saved
     meta_base = {"run": job.run, "variant": job.variant, "fingerprint": job.fingerprint,
                  "seed": seed,
                  "model_config": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
@@ -148,17 +185,19 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
         parts = {}
         with amp:
             if w_lm > 0:
-                parts["train/lm_loss"] = _loss(model, *data.lm_batch(seed, step, cfg.batch_size,
-                                                                     cfg.seq_len), device)
+                rows = data.lm_batch(seed, step, cfg.batch_size, cfg.seq_len)
+                parts["train/lm_loss"] = _loss(net, *map(parallel.shard, rows), device)
             if w_mq > 0:
-                parts["train/mqar_loss"] = _loss(model, *data.mqar_batch("train", seed, step,
-                                                                         cfg.mqar_batch_size), device)
+                rows = data.mqar_batch("train", seed, step, cfg.mqar_batch_size)
+                parts["train/mqar_loss"] = _loss(net, *map(parallel.shard, rows), device)
         loss = w_lm * parts.get("train/lm_loss", 0.0) + w_mq * parts.get("train/mqar_loss", 0.0)
         fault = _fault(job, step + 1)
         if fault == "raise":
             raise RunFailed(step + 1, "injected failure (KVF_FAULT)")
         if fault == "nan":
             loss = loss * float("nan")
+        if fault == "kill":
+            parallel.kill()
         if not torch.isfinite(loss):
             raise RunFailed(step + 1, f"loss became {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
@@ -177,25 +216,25 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
         if done % cfg.log_every == 0 or done == cfg.steps:
             elapsed = time.perf_counter() - window_t
             n = running.pop("n")
-            record.update({k: v / n for k, v in running.items()})
+            record.update(parallel.mean({k: v / n for k, v in running.items()}))
             record["train/lr"] = lr_at(step, cfg)
             record["train/tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
             running, window_tokens, window_t = {}, 0, time.perf_counter()
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+        if (done % cfg.eval_every == 0 or done == cfg.steps) and parallel.rank == 0:
             record.update(evaluate(model, data, cfg, device))
         if record:
             record["step"] = done
             history.append(record)
-            report({"run": job.run, **record})
+            if parallel.rank == 0:
+                report({"run": job.run, **record})
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            checkpoint.save(ckpt_dir, done, model, optimizer, {**meta_base, "history": history})
+            parallel.save(done, model, optimizer, {**meta_base, "history": history})
 
     final = {k: v for k, v in history[-1].items() if k.startswith("val/")} if history else {}
     speeds = [r["train/tokens_per_s"] for r in history if "train/tokens_per_s" in r]
     metrics = {**final, **static,
                "train/loss": next(r["train/loss"] for r in reversed(history) if "train/loss" in r),
                "train/tokens_per_s": float(np.median(speeds)) if speeds else 0.0}
-    checkpoint.save(ckpt_dir, cfg.steps, model, optimizer, {**meta_base, "history": history})
-    checkpoint.save_final(ckpt_dir, model, {**meta_base, "step": cfg.steps, "metrics": metrics,
-                                            "static": static, "history": history})
+    parallel.save(cfg.steps, model, optimizer, {**meta_base, "history": history},
+                  final={**meta_base, "step": cfg.steps, "metrics": metrics, "static": static, "history": history})
     return {"step": cfg.steps, "metrics": metrics, "history": history}

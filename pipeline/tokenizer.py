@@ -33,3 +33,27 @@ def decode(ids) -> str:
 def bytes_to_ids(data: np.ndarray) -> np.ndarray:
     """A uint8 byte array (e.g. a memory-mapped corpus) -> int64 token ids."""
     return data.astype(np.int64) + BYTE_OFFSET
+
+
+class ByteTokenizer:
+    """The corpus side of the tokenizer (prepare, `pipeline.corpus`): a document's text -> what a
+    split file stores. Bytes are stored as themselves (uint8; the model's ids are the stored values
+    plus BYTE_OFFSET, `bytes_to_ids`), so the split files stay readable text. Another tokenizer
+    plugs in by offering the same three members, with its ids as the stored values."""
+
+    name = "bytes"
+    dtype = np.dtype(np.uint8)
+
+    def encode_document(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=self.dtype)
+
+    @property
+    def separator(self) -> np.ndarray:
+        """Stored between two documents of a split (a blank line)."""
+        return self.encode_document("\n\n")
+
+
+def corpus_tokenizer(name: str = "bytes") -> ByteTokenizer:
+    if name != "bytes":
+        raise ValueError(f"unknown tokenizer {name!r} (known: bytes)")
+    return ByteTokenizer()

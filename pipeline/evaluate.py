@@ -45,17 +45,22 @@ def min_window(params: Params) -> int | None:
     return min(_windows(params), default=None)
 
 
-def task_metadata(params: Params) -> dict:
-    """The lm-eval tasks draw their haystacks from the same held-out plays as the pipeline."""
+def task_metadata(params: Params, data_dir: Path) -> dict:
+    """The lm-eval tasks draw their haystacks from the pipeline's held-out text: the held-out plays
+    by name, or the prepared held-out split of a local corpus (`heldout_path`; its bytes are in
+    the checkpoint's fingerprint already, so the path itself is left out of the result's)."""
     retrieval = params.data.retrieval
-    return {"seed": params.eval.seed, "context_lengths": params.eval.task_context_lengths,
-            "heldout_plays": params.data.heldout_plays, "distances": retrieval.distances,
-            "num_distractors": retrieval.num_distractors}
+    out = {"seed": params.eval.seed, "context_lengths": params.eval.task_context_lengths,
+           "heldout_plays": params.data.heldout_plays, "distances": retrieval.distances,
+           "num_distractors": retrieval.num_distractors}
+    if params.data.corpus.format != "shakespeare":
+        out["heldout_path"] = str((data_dir / "text" / "heldout.bin").resolve())
+    return out
 
 
 def eval_jobs(params: Params, root: Path, data_dir: Path, ckpt_root: Path, export_root: Path) -> dict[str, EvalJob]:
     """One job per selection key (`<point>[.seed<k>]`): its best-rate run."""
-    code, reach, tasks = source_hash(EVAL_CODE), reaches(params), task_metadata(params)
+    code, reach, tasks = source_hash(EVAL_CODE), reaches(params), task_metadata(params, data_dir)
     jobs = {}
     for key, (run, candidates) in select(params, ckpt_root).items():
         final = checkpoint.load_final_meta(ckpt_root / run.name)
@@ -63,7 +68,8 @@ def eval_jobs(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expor
             raise FileNotFoundError(f"{ckpt_root / run.name}: no completed checkpoint; run the train stage")
         fingerprint = digest({"ckpt": final["fingerprint"], "weights": final.get("weights_sha256"),
                               "eval": params.eval.model_dump(mode="json"),
-                              "mqar": params.data.mqar.model_dump(mode="json"), "tasks": tasks,
+                              "mqar": params.data.mqar.model_dump(mode="json"),
+                              "tasks": {k: v for k, v in tasks.items() if k != "heldout_path"},
                               "reach": reach, "code": code})
         jobs[key] = EvalJob(
             run=run.name, variant=run.variant, seed=run.seed, family=run.family, lr=run.lr,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from pathlib import Path
+
 import numpy as np
 
 from pipeline.data import WORD_ALPHABET
@@ -24,6 +26,7 @@ DEFAULTS = {
     "episodes_per_cell": 2,
     "num_distractors": 3,
     "heldout_plays": ["hamlet", "macbeth"],
+    "heldout_path": None,  # a prepared held-out split (a local corpus): used instead of the plays
     "passage_len": 96,  # bytes per passage in passage_retrieval / passage_count
 }
 NEEDLE_TASKS = ("passkey", "kv_retrieval", "multi_needle")
@@ -34,10 +37,13 @@ def _settings(metadata: dict) -> dict:
     return {**DEFAULTS, **{k: v for k, v in metadata.items() if k in DEFAULTS}}
 
 
-def _haystack(plays: list[str]) -> bytes:
+def _haystack(settings: dict) -> bytes:
+    """The held-out text: a prepared split's bytes when given, else the named plays'."""
     from pipeline.data import split_bytes
 
-    return split_bytes(list(plays))
+    if settings["heldout_path"]:
+        return Path(settings["heldout_path"]).read_bytes()
+    return split_bytes(list(settings["heldout_plays"]))
 
 
 # --------------------------------------------------------------------------- needle tasks
@@ -69,7 +75,7 @@ def needle_docs(task: str, settings: dict) -> list[dict]:
                           episodes_per_cell=settings["episodes_per_cell"],
                           num_distractors=settings["num_distractors"])
     seed = settings["seed"] + NEEDLE_TASKS.index(task)
-    episodes = make_retrieval(cfg, _haystack(settings["heldout_plays"]), seed)
+    episodes = make_retrieval(cfg, _haystack(settings), seed)
     rng = np.random.default_rng([seed, 11])
     docs = []
     for e in episodes:
@@ -86,7 +92,7 @@ def _passages(haystack: bytes, rng, n: int, length: int) -> list[str]:
     out = []
     while len(out) < n:
         start = int(rng.integers(0, len(haystack) - length))
-        text = " ".join(haystack[start : start + length].decode("ascii", "replace").split())
+        text = " ".join(haystack[start : start + length].decode("utf-8", "ignore").split())
         if len(text) > length // 2 and text not in out:
             out.append(text)
     return out
@@ -95,7 +101,7 @@ def _passages(haystack: bytes, rng, n: int, length: int) -> list[str]:
 def passage_docs(task: str, settings: dict) -> list[dict]:
     """passage_retrieval: which numbered passage holds a quoted fragment (target placed so its end
     sits `distance` before the question). passage_count: how many unique passages (with repeats)."""
-    haystack = _haystack(settings["heldout_plays"])
+    haystack = _haystack(settings)
     seed = settings["seed"] + 10 + PASSAGE_TASKS.index(task)
     rng = np.random.default_rng([seed, 13])
     plen = settings["passage_len"]

@@ -300,9 +300,10 @@ def test_prepare_train_evaluate_on_a_local_corpus(tmp_path):
     block = _write("jsonl", tmp_path / "corpus", docs)
     _write_local_params(tmp_path, block, variants={"mha": {"kind": "mha"}},
                         eval={"context_lengths": [32, 64], "bpb_tokens": 128, "mqar_pairs": [2], "mqar_examples": 8,
-                              "decode_lengths": [64], "decode_new_tokens": 4, "lm_eval_tasks": []})
+                              "decode_lengths": [64], "decode_new_tokens": 4, "lm_eval_tasks": ["kvf_passkey_mc"],
+                              "task_context_lengths": [256], "limit": 1})
     _set(tmp_path, "train", steps=10)
-    for stage in ("prepare", "train", "evaluate"):
+    for stage in ("prepare", "train", "export", "evaluate"):  # export: lm-eval reads it
         result = run_stage(tmp_path, stage, timeout=400)
         assert result.returncode == 0, f"{stage}: " + result.stdout[-2000:] + result.stderr[-3000:]
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
@@ -312,6 +313,14 @@ def test_prepare_train_evaluate_on_a_local_corpus(tmp_path):
     assert any(heldout == docs[i].encode() + SEP + docs[j].encode() for i in range(14) for j in range(i + 1, 14))
     result = json.loads((tmp_path / "results" / "eval" / "mha.json").read_text())
     assert np.isfinite(result["bpb"]["64"]) and 0 < result["bpb"]["64"] < 9
+    assert result["lm_eval"]["scores"]["kvf_passkey_mc"]  # the lm-eval task ran on this corpus
+    # ... with its haystack the prepared held-out split (the plays' names are empty here)
+    from pipeline.evaluate import task_metadata
+    from pipeline.params import load_params
+    from pipeline.tasks.utils import _haystack, _settings
+
+    metadata = task_metadata(load_params(tmp_path / "params.yaml"), tmp_path / "data")
+    assert metadata["heldout_plays"] == [] and _haystack(_settings(metadata)) == heldout
 
 
 def test_example_study_over_local_books_parses():

@@ -445,6 +445,9 @@ def log_report(params, root: Path, results: list[dict], paths: dict[str, Path]) 
     from pipeline import tracking
 
     tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
+    for stale in tracker.client.search_runs([tracker.experiment_id], "tags.`kvf.report` = 'frontier' and "
+                                            "attributes.status = 'RUNNING'"):
+        tracker.client.set_terminated(stale.info.run_id, "KILLED")  # a report killed mid-way: not current
     run = tracker.client.create_run(tracker.experiment_id, run_name="frontier",
                                     tags={"kvf.report": "frontier", **tracking.source_tags(root)})
     ids = {}

@@ -265,14 +265,18 @@ def test_kill_9_in_report_then_rerun(study, tmp_path):
     shutil.rmtree(root / "report")  # as `dvc repro` does before it runs the stage
     _kill_mid_work(root, "report", _file("report/frontier.png"))
     _kept(study, root)
+    # a kill after the report's MLflow run was created leaves it RUNNING: the rerun closes it
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    orphan = client.create_run(experiment, run_name="frontier", tags={"kvf.report": "frontier"}).info.run_id
 
     out = _ok(run_stage(root, "report")).stdout
+    assert client.get_run(orphan).info.status == "KILLED"
     line = next(line for line in out.splitlines() if line.startswith("[report] "))
     assert line.startswith("[report] 2 run(s), 2 point(s) -> report/frontier.png, report/frontier.md "
                            "(MLflow run "), out
     for name in REPORT_FILES:
         assert (root / "report" / name).read_bytes() == study.report[name], name
-    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     run_id = line.removesuffix(")").rsplit(" ", 1)[1]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(run_id, "report")} == {f"report/{n}" for n in REPORT_FILES}

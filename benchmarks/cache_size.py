@@ -1,9 +1,12 @@
 """Cache bytes per variant: measured from the cache object next to the analytic formula.
 
 For each variant and context length T, a real forward fills a real cache and we read
-`cache.nbytes()`. Filling a 128k full-attention cache on a CPU would cost an O(T^2) prefill, so
-large T run the same model code on torch's "meta" device: every tensor has its true shape and
-dtype, nothing is computed. `--check` re-measures the small T on real tensors to show both agree.
+`cache.nbytes()`; the inference-time cache policies (window KV, StreamingLLM) fill the MHA
+model's cache made with `init_cache(policy=...)`. Filling a 128k full-attention cache on a CPU
+would cost an O(T^2) prefill, so large T run the same model code on torch's "meta" device: every
+tensor has its true shape and dtype, nothing is computed. `--check` re-measures the small T on
+real tensors to show both agree. The policy rows run on real tensors (their per-token loop is
+far slower on meta than on the CPU), measured up to 8k tokens, where they are long full.
 
     python benchmarks/cache_size.py            # markdown tables for BENCHMARKS.md
 """
@@ -15,7 +18,7 @@ import sys
 
 import torch
 
-from models import ModelConfig, build_model
+from models import CachePolicy, ModelConfig, build_model
 
 CONTEXTS = (1024, 8192, 32768, 131072)
 
@@ -36,6 +39,15 @@ DEFAULT_VARIANTS = {
     "infini (N 64)": {"kind": "infini", "segment": 64},
     "infini_delta (N 64)": {"kind": "infini", "segment": 64, "update": "delta"},
 }
+# A policy cache is filled one token at a time on real tensors (~2.5 ms a token here): measured up
+# to 8k, where it has long been full (sinks + window pairs); beyond, the formula alone ("-").
+POLICY_MAX_T = 8192
+# Inference-time cache policies on the MHA model above (no retraining): `<variant>+<policy>`, as
+# the frontier names them; each holds 2 g d_h min(T, sinks + window) elements per layer.
+DEFAULT_POLICIES = {f"mha+{p.name}": ("mha", p) for p in (
+    CachePolicy(policy="window", window=64),                 # window KV
+    CachePolicy(policy="streaming", sinks=4, window=60),     # StreamingLLM: 4 sinks + 60 recent
+)}
 # T6 paper's small shapes: d_model 768, d_head 64 (12 layers; one layer is shown per token).
 PAPER = dict(vocab_size=259, d_model=768, n_layers=12, d_head=64)
 PAPER_VARIANTS = {
@@ -48,8 +60,8 @@ PAPER_VARIANTS = {
 }
 
 
-def measured_nbytes(model, T: int, device: str, piece: int = 4096) -> int:
-    cache = model.init_cache(1, device=device)
+def measured_nbytes(model, T: int, device: str, piece: int = 4096, policy=None) -> int:
+    cache = model.init_cache(1, device=device, policy=policy)
     with torch.no_grad():
         for start in range(0, T, piece):
             model(torch.zeros(1, min(piece, T - start), dtype=torch.long, device=device), cache=cache)
@@ -57,23 +69,31 @@ def measured_nbytes(model, T: int, device: str, piece: int = 4096) -> int:
     return cache.nbytes()
 
 
-def table(base: dict, variants: dict, check: bool) -> str:
+def table(base: dict, variants: dict, check: bool, policies: dict | None = None) -> str:
+    """One row per variant (`name: attention` or `name: (heads, attention)`), then one per cache
+    policy (`name: (variant, policy)`) on a variant's model."""
     rows = ["| variant | elements / token / layer | " + " | ".join(
         f"T={T // 1024}k measured / analytic (MiB)" for T in CONTEXTS) + " |",
         "|---|---|" + "---|" * len(CONTEXTS)]
-    for name, spec in variants.items():
+    specs = {name: (spec, None) for name, spec in variants.items()}
+    specs |= {name: (variants[on], policy) for name, (on, policy) in (policies or {}).items()}
+    for name, (spec, policy) in specs.items():
         heads, att = spec if isinstance(spec, tuple) else (base.get("n_heads", 4), spec)
         cfg = ModelConfig(**{**base, "n_heads": heads, "attention": att})
-        with torch.device("meta"):
+        device = "meta" if policy is None else "cpu"  # a policy evicts by a boolean mask: not on meta
+        with torch.device(device):
             model = build_model(cfg).eval()
-        per_tok = build_model_elements(model)
+        per_tok = elements_per_layer(model, policy)
         cells = []
         for T in CONTEXTS:
-            got, want = measured_nbytes(model, T, "meta"), model.cache_nbytes(T)
+            if policy is not None and T > POLICY_MAX_T:
+                cells.append(f"- / {model.cache_nbytes(T, policy=policy) / 2**20:.2f}")
+                continue
+            got, want = measured_nbytes(model, T, device, policy=policy), model.cache_nbytes(T, policy=policy)
             if got != want:
                 sys.exit(f"{name} T={T}: measured {got} != analytic {want}")
             cells.append(f"{got / 2**20:.2f} / {want / 2**20:.2f}")
-        if check:
+        if check and policy is None:
             real = build_model(cfg).eval()
             for T in (1024,):
                 assert measured_nbytes(real, T, "cpu", piece=512) == real.cache_nbytes(T), name
@@ -81,11 +101,17 @@ def table(base: dict, variants: dict, check: bool) -> str:
     return "\n".join(rows)
 
 
-def build_model_elements(model) -> str:
-    """Per-token elements of one layer for growing caches, 'constant' for bounded ones."""
-    attn = model.blocks[0].attn
-    a, b = attn.cache_elements(1000), attn.cache_elements(2000)
-    return f"{b - a and (b - a) // 1000}" if b != a else f"constant ({a} per layer)"
+def elements_per_layer(model, policy=None) -> str:
+    """Per-token elements of one layer for growing caches; for bounded ones the elements of one
+    layer, 'constant' or the range they cycle through (Infini's current segment)."""
+    per_layer = model.embed.weight.element_size() * len(model.blocks)
+    held = [model.cache_nbytes(T, policy=policy) // per_layer for T in range(4096, 8192)]
+    steps = {b - a for a, b in zip(held, held[1:])}
+    if steps == {0}:
+        return f"constant ({held[0]} per layer)"
+    if len(steps) == 1:
+        return str(steps.pop())
+    return f"bounded ({min(held)}-{max(held)} per layer)"
 
 
 def main():
@@ -96,7 +122,7 @@ def main():
           f"torch {torch.__version__}; command: python benchmarks/cache_size.py"
           + (" --check" if args.check else ""))
     print("\n### Default config (d_model 128, 4 heads, 2 layers, fp32, batch 1)\n")
-    print(table(DEFAULT, DEFAULT_VARIANTS, args.check))
+    print(table(DEFAULT, DEFAULT_VARIANTS, args.check, DEFAULT_POLICIES))
     print("\n### T6 paper small shapes (d_model 768, d_head 64, 12 layers, fp32, batch 1)\n")
     print(table(PAPER, PAPER_VARIANTS, False))
     mha = ModelConfig(**{**PAPER, "n_heads": 12, "attention": {"kind": "mha"}})

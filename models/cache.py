@@ -177,9 +177,9 @@ class PolicyCache(LayerCache):
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
         self.positions.append(position)
         n, keep = self.policy.sinks, self.policy.sinks + self.policy.window
-        if len(self.positions) > keep:
-            drop = torch.arange(self.k.shape[2], device=k.device) != n
-            self.k, self.v = self.k[:, :, drop], self.v[:, :, drop]
+        if len(self.positions) > keep:  # the oldest pair after the sinks leaves
+            self.k = torch.cat([self.k[:, :, :n], self.k[:, :, n + 1 :]], dim=2)
+            self.v = torch.cat([self.v[:, :, :n], self.v[:, :, n + 1 :]], dim=2)
             del self.positions[n]
         if self.policy.policy == "streaming":  # positions within the cache
             return self.k, self.v, list(range(len(self.positions))), len(self.positions) - 1

@@ -5,7 +5,8 @@
         config.json              KVFConfig, `auto_map` to the files below, standard HF names
         configuration_kvf.py  modeling_kvf.py  kvf_bundle.py   the code (models/ + kernels/ bundled)
         model.safetensors  generation_config.json
-        tokenizer_config.json    ByT5Tokenizer(extra_ids=0): vocab 259, the pipeline's byte layout
+        tokenizer_config.json  tokenization_kvf.py   KVFTokenizer: ByT5's byte layout (vocab 259, the
+                                 pipeline's), encoding a text as its bytes alone (no `</s>` appended)
         README.md  kvf_export.json   the model card (kind, parameters, cache bytes)
 
 The directory needs only torch + transformers: `AutoModelForCausalLM.from_pretrained(dir,
@@ -123,7 +124,7 @@ def _card_markdown(card: dict) -> str:
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(DIR)  # ByT5 bytes: pad 0, eos 1, unk 2, byte b -> b + 3",
+        "tokenizer = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)  # bytes: pad 0, eos 1, unk 2, byte b -> b + 3",
         "```",
         "",
         "`generate()` keeps the variant's own cache (batch size 1 for generation: no left padding).",
@@ -133,10 +134,11 @@ def _card_markdown(card: dict) -> str:
 
 def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOURCE_ROOT) -> dict:
     """Write the HF directory of one variant; returns its model card."""
-    from transformers import ByT5Tokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     from pipeline.hf.configuration_kvf import KVFConfig
     from pipeline.hf.modeling_kvf import KVFForCausalLM
+    from pipeline.hf.tokenization_kvf import KVFTokenizer
 
     model, meta = checkpoint.load_model(ckpt_dir)
     out_dir = Path(out_dir)
@@ -145,6 +147,7 @@ def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOU
     out_dir.mkdir(parents=True)
     KVFConfig.register_for_auto_class("AutoConfig")
     KVFForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    KVFTokenizer.register_for_auto_class("AutoTokenizer")
     config = KVFConfig(kvf=meta["model_config"], kvf_versions=made_with(), torch_dtype="float32")
     hf_model = KVFForCausalLM(config)
     hf_model.model.load_state_dict(model.state_dict())
@@ -152,7 +155,7 @@ def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOU
     hf_model.save_pretrained(out_dir)
     sources = bundle_sources(repo)
     _write_bundle(out_dir, sources)
-    ByT5Tokenizer(extra_ids=0).save_pretrained(out_dir)
+    KVFTokenizer(extra_ids=0).save_pretrained(out_dir)
     card = model_card(variant, model, meta)
     card["code_sha256"] = digest(sources)
     (out_dir / "README.md").write_text(_card_markdown(card))

@@ -30,10 +30,13 @@ ATTENTION = {
 
 
 # Every kind of cache, for the tests that need one model of each (the HF export): growing
-# (mha, gqa, mqa), latent (mla), factors (tpa, tpa_kvonly), bounded (swa, linear, tensor_cache)
-# and the chunk_mean ablation, whose training forward differs from its decode by design.
+# (mha, gqa, mqa), latent (mla), factors (tpa, tpa_kvonly), bounded (swa, linear, tensor_cache
+# with the exact and the delta write, swa and tensor_cache with sinks, infini with its linear and
+# delta updates) and the chunk_mean ablation, whose training forward differs from its decode by design.
 KINDS = {name: ATTENTION[name] for name in ("mha", "gqa", "mqa", "mla", "tpa", "tpa_kvonly", "swa",
-                                            "linear", "tensor_cache")}
+                                            "linear", "tensor_cache", "tensor_cache_delta",
+                                            "swa_sinks", "tensor_cache_sinks", "infini",
+                                            "infini_delta")}
 KINDS["tensor_cache_chunk_mean"] = dict(ATTENTION["tensor_cache"], write="chunk_mean")
 
 

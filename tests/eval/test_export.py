@@ -102,6 +102,8 @@ def test_generate_decodes_one_token_per_step_into_one_cache(exports, kind, promp
         assert fed == (prompt_len if step == 0 else 1), f"{kind}: step {step} fed {fed} tokens"
         assert seen == (0 if step == 0 else prompt_len + step - 1), f"{kind}: step {step} cache at {seen}"
     assert first_cache.seq_len == prompt_len + new_tokens - 1
+    # the variant's own cache, at its own size (a bounded one stays bounded)
+    assert first_cache.nbytes() == models[kind].cache_nbytes(first_cache.seq_len), kind
 
     if "chunk_mean" not in kind:  # the ablation's parallel forward differs from decode by design
         with torch.no_grad():
@@ -141,7 +143,7 @@ def test_export_files_and_card(exports):
     assert card["state_bytes_32k"] == 4 * 12 * 2 * 4 * 32768
 
 
-def test_byt5_tokenizer_matches_pipeline(exports):
+def test_tokenizer_matches_pipeline(exports):
     from transformers import AutoTokenizer
 
     root, _ = exports
@@ -149,5 +151,7 @@ def test_byt5_tokenizer_matches_pipeline(exports):
     text = "Thou art more lovely — and more temperate\n"
     ids = tok(text, add_special_tokens=False).input_ids
     assert ids == tokenizer.encode(text).tolist()
+    # with the defaults too, as lm-eval's HF model encodes: a text is its bytes, no `</s>` after them
+    assert tok(text).input_ids == tok.encode(text) == tok([text]).input_ids[0] == ids
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
     assert tok.decode(ids) == text == tokenizer.decode(ids)

@@ -22,11 +22,11 @@ def evaluate_run(job: EvalJob) -> dict:
         raise RuntimeError(f"injected failure (KVF_FAULT_EVALUATE={job.run})")
     from pipeline.evaluation.harness import run_lm_eval
     from pipeline.evaluation.probe import probe_subprocess
-    from pipeline.evaluation.quality import bits_by_distance, heldout_bits, mqar_accuracy
+    from pipeline.evaluation.quality import measure
 
     torch.set_num_threads(job.threads)
     os.environ.setdefault("HF_HOME", job.hf_home)
-    cfg, mqar_cfg = job.eval, job.mqar
+    cfg = job.eval
     model, meta = checkpoint.load_model(Path(job.ckpt_dir))
     model.to(job.device)
     text = np.memmap(Path(job.data_dir) / "text" / "heldout.bin", dtype=np.uint8, mode="r")
@@ -37,24 +37,8 @@ def evaluate_run(job: EvalJob) -> dict:
               "kind": attention["kind"], "window": attention.get("window"), "attention": attention,
               "params": model.num_parameters(),
               "cache_bytes_per_token_analytic": model.cache_nbytes(cfg.report_context) / cfg.report_context,
-              "bpb": {}, "bpb_windows": {}, "mqar": {}, "lm_eval": {}, "decode": []}
-    for length in cfg.context_lengths:
-        bits = heldout_bits(model, text, length, max(1, cfg.bpb_tokens // length))
-        windows = bits.mean(axis=1).tolist()
-        result["bpb"][str(length)], result["bpb_windows"][str(length)] = float(np.mean(windows)), windows
-        if length == max(cfg.context_lengths) and job.reach is not None:
-            result["bpb_by_distance"] = {"context": length, "window": job.min_window,
-                                         **bits_by_distance(bits, job.min_window)}
-    for pairs in cfg.mqar_pairs:
-        for bucket, gaps in mqar_cfg.eval_gaps.items():
-            result["mqar"][f"p{pairs}_{bucket}"] = {
-                "num_pairs": pairs, "bucket": bucket, "gaps": list(gaps),
-                **mqar_accuracy(model, mqar_cfg, pairs, gaps, cfg.mqar_examples, cfg.seed, job.reach)}
-    for pairs in cfg.capacity_pairs:  # recall beyond every window as the stored pairs grow
-        far = max(mqar_cfg.eval_gaps.values(), key=lambda g: g[0])
-        r = mqar_accuracy(model, mqar_cfg, pairs, far, cfg.mqar_examples, cfg.seed + 1, job.reach, decode=False)
-        result.setdefault("capacity", {})[str(pairs)] = {"gaps": list(far), **{
-            k: r[k] for k in ("acc", "acc_beyond_window", "n_beyond_window") if k in r}}
+              "lm_eval": {}, "decode": []}
+    result.update(measure(model, text, job))
     result["time_quality_s"] = time.perf_counter() - t0
     if cfg.lm_eval_tasks:
         t0 = time.perf_counter()

@@ -79,3 +79,31 @@ def mqar_accuracy(model, mqar_cfg, num_pairs: int, gaps: tuple[int, int], n: int
     if decode and policy is None:
         out["decode"] = _split(hits(decode_logits(model, tokens[:, :-1])), gap, reach)
     return out
+
+
+def measure(model, text: np.ndarray, job, policy=None) -> dict:
+    """The quality fields of one evaluation result (`job`: a `pipeline.jobs.EvalJob`): bits per
+    byte per context length (and by distance into the longest), MQAR per pair count and gap
+    bucket, and the capacity curve; through the cache `policy` when one is given."""
+    cfg, mqar_cfg = job.eval, job.mqar
+    out = {"bpb": {}, "bpb_windows": {}, "mqar": {}}
+    for length in cfg.context_lengths:
+        bits = heldout_bits(model, text, length, max(1, cfg.bpb_tokens // length), policy)
+        windows = bits.mean(axis=1).tolist()
+        out["bpb"][str(length)], out["bpb_windows"][str(length)] = float(np.mean(windows)), windows
+        if length == max(cfg.context_lengths) and job.reach is not None:
+            out["bpb_by_distance"] = {"context": length, "window": job.min_window,
+                                      **bits_by_distance(bits, job.min_window)}
+    for pairs in cfg.mqar_pairs:
+        for bucket, gaps in mqar_cfg.eval_gaps.items():
+            out["mqar"][f"p{pairs}_{bucket}"] = {
+                "num_pairs": pairs, "bucket": bucket, "gaps": list(gaps),
+                **mqar_accuracy(model, mqar_cfg, pairs, gaps, cfg.mqar_examples, cfg.seed, job.reach,
+                                policy=policy)}
+    for pairs in cfg.capacity_pairs:  # recall beyond every window as the stored pairs grow
+        far = max(mqar_cfg.eval_gaps.values(), key=lambda g: g[0])
+        r = mqar_accuracy(model, mqar_cfg, pairs, far, cfg.mqar_examples, cfg.seed + 1, job.reach,
+                          decode=False, policy=policy)
+        out.setdefault("capacity", {})[str(pairs)] = {"gaps": list(far), **{
+            k: r[k] for k in ("acc", "acc_beyond_window", "n_beyond_window") if k in r}}
+    return out

@@ -15,7 +15,7 @@ from pipeline import checkpoint, fanout, tracking
 from pipeline.data import verify_prepared
 from pipeline.fingerprint import digest, source_hash
 from pipeline.jobs import EvalJob
-from pipeline.params import Params
+from pipeline.params import Params, policy_key
 from pipeline.selection import select
 
 # The code a result depends on besides the checkpoint: changing any of it re-evaluates.
@@ -82,7 +82,7 @@ def eval_jobs(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expor
     for point, policy in params.policy_points():  # `<point>+<policy>[.seed<k>]`: the same checkpoint, cut
         for key, job in list(jobs.items()):
             if job.variant == point and job.policy is None:
-                jobs[point + "+" + policy.name + key[len(point):]] = job.model_copy(update={
+                jobs[policy_key(key, point, policy)] = job.model_copy(update={
                     "run": f"{job.run}+{policy.name}", "checkpoint_run": job.run, "policy": policy,
                     "variant": f"{point}+{policy.name}", "family": f"{point}+{policy.policy}",
                     "fingerprint": digest({"eval": job.fingerprint, "policy": policy.model_dump()})})

@@ -79,7 +79,7 @@ def resolve_gpus(compute, resources: dict, where: str) -> int:
             f"compute.cpus_per_job: asks for {compute.cpus_per_job} CPUs per job but the "
             f"Ray cluster ({where}) has {have_cpu:g}"
         )
-    workers = getattr(compute, "workers_per_run", 1)
+    workers = compute.workers_per_run
     for kind, per_worker, have in (("CPU", compute.cpus_per_job, have_cpu), ("GPU", gpus, have_gpu)):
         if workers > 1 and workers * per_worker > have:
             raise ComputeError(

@@ -466,7 +466,7 @@ class Params(_Block):
         [.seed<k>]` per cache policy on each of its point's keys."""
         keys = list(dict.fromkeys(run.key for run in self.runs()))
         by_point = {run.key: run.variant for run in self.runs()}
-        return keys + [point + "+" + policy.name + key[len(point):] for point, policy in self.policy_points()
+        return keys + [policy_key(key, point, policy) for point, policy in self.policy_points()
                        for key in keys if by_point[key] == point]
 
     def runs(self) -> list[Run]:
@@ -480,6 +480,11 @@ class Params(_Block):
                     name = point.name + (sweep.lr_suffix(lr) if lr != first_lr else "") + key[len(point.name):]
                     runs.append(Run(name, point.name, seed, float(lr), point.family, key))
         return runs
+
+
+def policy_key(key: str, point: str, policy) -> str:
+    """The result key of a cache policy on a trained key: `mha.seed1` -> `mha+window16.seed1`."""
+    return point + "+" + policy.name + key[len(point):]
 
 
 def _fmt_loc(loc: tuple) -> str:

@@ -104,6 +104,12 @@ class WorkerLog:
         self.forward(record)
 
 
+def record_sink(job, forward):
+    """Where a train worker's history records go: `forward` (the driver's queue), logged to the
+    run first when the job names a tracking server's run."""
+    return forward if job.mlflow_run_id is None else WorkerLog(job.tracking_uri, job.mlflow_run_id, forward)
+
+
 class Tracker:
     """The driver's MLflow client."""
 

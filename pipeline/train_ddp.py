@@ -96,10 +96,10 @@ def _worker(config: dict) -> None:
     job = TrainJob.model_validate(config["job"])
     job = job.model_copy(update={"device": str(ray.train.torch.get_device()) if job.device == "cuda" else "cpu"})
     parallel = DataParallel(job, Path(config["fault_marker"]))
-    report = config["queue"].put
-    if parallel.rank == 0 and job.mlflow_run_id is not None:
-        report = tracking.WorkerLog(job.tracking_uri, job.mlflow_run_id, report)
-    train_run(job, report, parallel)
+    if parallel.rank == 0:  # the one that reports
+        train_run(job, tracking.record_sink(job, config["queue"].put), parallel)
+    else:
+        train_run(job, parallel=parallel)
 
 
 def storage_name(job: TrainJob) -> str:

@@ -57,9 +57,7 @@ def train_task(job: TrainJob, queue) -> dict:
     tracking server, logging it to the run first)."""
     from pipeline.train import train_run
 
-    if job.mlflow_run_id is not None:
-        return train_run(job, tracking.WorkerLog(job.tracking_uri, job.mlflow_run_id, queue.put))
-    return train_run(job, queue.put)
+    return train_run(job, tracking.record_sink(job, queue.put))
 
 
 # --------------------------------------------------------------------------- progress

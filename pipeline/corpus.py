@@ -516,7 +516,7 @@ def write_splits(cfg, out_dir: Path, workers: Optional[int] = None, min_heldout:
     live in `out_dir/.shards` until then). `min_heldout`: the fewest held-out tokens the caller
     needs. Returns what the manifest records of the corpus and its splits."""
     t0 = time.perf_counter()
-    corpus, tok = cfg.corpus, tokenizer.corpus_tokenizer()  # bytes until `data.tokenizer` exists
+    corpus, tok = cfg.corpus, tokenizer.corpus_tokenizer()  # the text; `pipeline.tokens` tokenises it after
     spec = _Spec(corpus.text_field, corpus.name_field, tok.name, str(Path(out_dir) / ".shards"), by_name=False)
     units, info = plan(corpus, spec)
     workers = workers or len(os.sched_getaffinity(0))

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+import os
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import tokenizer
+from pipeline.tokens import TokenStream, prepare_tokenizer
 from pipeline.corpus import PLAY_SEPARATOR, list_plays, read_play, split_bytes, write_splits  # noqa: F401
 
 SPLITS = ("train", "validation", "heldout")
@@ -212,9 +213,12 @@ def prepare(cfg, out_dir: Path, workers: int | None = None) -> dict:
     out_dir = Path(out_dir)
     need = max(cfg.retrieval.context_lengths) + 1  # a haystack longer than any episode
     corpus = write_splits(cfg, out_dir, workers=workers, min_heldout=need)
+    tok = prepare_tokenizer(cfg, out_dir, workers or len(os.sched_getaffinity(0)))
     (out_dir / "mqar").mkdir(parents=True, exist_ok=True)
     (out_dir / "retrieval").mkdir(parents=True, exist_ok=True)
     files = [out_dir / "text" / f"{split}.bin" for split in SPLITS]
+    for folder in ("tokenizer", "tokens"):  # another tokenizer than bytes: its files and token ids
+        files += sorted(p for p in (out_dir / folder).rglob("*") if p.is_file())
     m = cfg.mqar
     sets = {"train": (m.num_train, m.train_gaps)} | {
         f"eval_{name}": (m.num_eval, gaps) for name, gaps in m.eval_gaps.items()
@@ -233,7 +237,7 @@ def prepare(cfg, out_dir: Path, workers: int | None = None) -> dict:
         "corpus": {k: corpus[k] for k in ("format", "files", "bytes")}
         | ({"path": str(cfg.corpus.path)} if cfg.corpus.format != "shakespeare" else {}),
         "documents": corpus["documents"],
-        "tokenizer": corpus["tokenizer"],  # what text/*.bin hold
+        "tokenizer": tok,  # what the model reads: text/*.bin as bytes, or tokens/*.bin
         "splits": corpus["names"],  # the validation and held-out documents; train: all the others
         "files": {str(p.relative_to(out_dir)): _sha256(p) for p in files},
         "bytes": {s: (out_dir / "text" / f"{s}.bin").stat().st_size for s in SPLITS},
@@ -256,8 +260,7 @@ class TrainingData:
 
     def __init__(self, data_dir: str | Path):
         d = Path(data_dir)
-        self.train_text = np.memmap(d / "text" / "train.bin", dtype=np.uint8, mode="r")
-        self.val_text = np.memmap(d / "text" / "validation.bin", dtype=np.uint8, mode="r")
+        self.train_text, self.val_text = TokenStream(d, "train"), TokenStream(d, "validation")
         self.mqar = {}
         for path in sorted((d / "mqar").glob("*.tokens.npy")):
             name = path.name[: -len(".tokens.npy")]
@@ -267,8 +270,7 @@ class TrainingData:
         """(inputs, targets) int64 arrays (B, T) of training text at offsets drawn from (seed, step)."""
         rng = np.random.default_rng([seed, step, 0])
         starts = rng.integers(0, len(self.train_text) - seq_len - 1, size=batch_size)
-        rows = np.stack([self.train_text[s : s + seq_len + 1] for s in starts])
-        ids = tokenizer.bytes_to_ids(rows)
+        ids = np.stack([self.train_text.ids(s, s + seq_len + 1) for s in starts])
         return ids[:, :-1], ids[:, 1:]
 
     def mqar_batch(self, name: str, seed: int | None, step: int, batch_size: int):
@@ -283,12 +285,9 @@ class TrainingData:
         return toks[:, :-1], targets
 
     def val_windows(self, n: int, seq_len: int):
-        """`n` fixed validation windows, evenly spaced over the held-out validation plays."""
+        """`n` fixed validation windows, evenly spaced over the validation documents: (inputs,
+        targets, the bytes of text each target covers)."""
         starts = np.linspace(0, len(self.val_text) - seq_len - 1, n).astype(np.int64)
-        ids = tokenizer.bytes_to_ids(np.stack([self.val_text[s : s + seq_len + 1] for s in starts]))
-        return ids[:, :-1], ids[:, 1:]
-
-
-def bits_per_byte(nats_per_token: float) -> float:
-    """Every predicted token is one byte, so bits/byte is the cross-entropy in bits."""
-    return nats_per_token / math.log(2)
+        ids = np.stack([self.val_text.ids(s, s + seq_len + 1) for s in starts])
+        nbytes = np.stack([self.val_text.nbytes(s + 1, s + seq_len + 1) for s in starts])
+        return ids[:, :-1], ids[:, 1:], nbytes

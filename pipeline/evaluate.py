@@ -19,7 +19,8 @@ from pipeline.params import Params, policy_key
 from pipeline.selection import select
 
 # The code a result depends on besides the checkpoint: changing any of it re-evaluates.
-EVAL_CODE = ("pipeline/evaluation", "pipeline/tasks", "pipeline/export.py", "pipeline/hf/modeling_kvf.py")
+EVAL_CODE = ("pipeline/evaluation", "pipeline/tasks", "pipeline/export.py", "pipeline/hf/modeling_kvf.py",
+             "pipeline/tokens.py")
 
 
 def reaches(params: Params) -> tuple[int, int] | None:

@@ -6,7 +6,8 @@
         configuration_kvf.py  modeling_kvf.py  kvf_bundle.py   the code (models/ + kernels/ bundled)
         model.safetensors  generation_config.json
         tokenizer_config.json  tokenization_kvf.py   KVFTokenizer: ByT5's byte layout (vocab 259, the
-                                 pipeline's), encoding a text as its bytes alone (no `</s>` appended)
+                                 pipeline's), encoding a text as its bytes alone (no `</s>` appended);
+                                 with another `data.tokenizer`, its own files (tokenizer.json, ...) instead
         README.md  kvf_export.json   the model card (kind, parameters, cache bytes)
 
 The directory needs only torch + transformers: `AutoModelForCausalLM.from_pretrained(dir,
@@ -116,7 +117,7 @@ def _card_markdown(card: dict) -> str:
     return "\n".join([
         f"# kv-frontier `{card['variant']}` ({card['kind']})",
         "",
-        "A byte-level decoder LM from kv-frontier, exported with its own decode cache.",
+        f"A decoder LM from kv-frontier ({card.get('tokenizer', 'bytes')} tokens), exported with its own decode cache.",
         "",
         "| field | value |", "|---|---|",
         *[f"| {k} | `{json.dumps(v) if isinstance(v, dict) else v}` |" for k, v in card.items()],
@@ -124,7 +125,7 @@ def _card_markdown(card: dict) -> str:
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)  # bytes: pad 0, eos 1, unk 2, byte b -> b + 3",
+        "tokenizer = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)  # the study's tokenizer",
         "```",
         "",
         "`generate()` keeps the variant's own cache (batch size 1 for generation: no left padding).",
@@ -132,13 +133,16 @@ def _card_markdown(card: dict) -> str:
     ])
 
 
-def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOURCE_ROOT) -> dict:
-    """Write the HF directory of one variant; returns its model card."""
+def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOURCE_ROOT,
+                   tokenizer_dir: Path | None = None) -> dict:
+    """Write the HF directory of one variant; returns its model card. `tokenizer_dir`: the
+    study's tokenizer (`data/tokenizer/`, saved by prepare), bundled as it is; None: bytes (KVFTokenizer)."""
     from transformers import GenerationConfig
 
     from pipeline.hf.configuration_kvf import KVFConfig
     from pipeline.hf.modeling_kvf import KVFForCausalLM
     from pipeline.hf.tokenization_kvf import KVFTokenizer
+    from pipeline.tokenizer import load_local
 
     model, meta = checkpoint.load_model(ckpt_dir)
     out_dir = Path(out_dir)
@@ -148,15 +152,19 @@ def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOU
     KVFConfig.register_for_auto_class("AutoConfig")
     KVFForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     KVFTokenizer.register_for_auto_class("AutoTokenizer")
-    config = KVFConfig(kvf=meta["model_config"], kvf_versions=made_with(), torch_dtype="float32")
+    tok = KVFTokenizer(extra_ids=0) if tokenizer_dir is None else load_local(tokenizer_dir)
+    specials = {"eos_token_id": tok.eos_token_id,
+                "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+    config = KVFConfig(kvf=meta["model_config"], kvf_versions=made_with(), torch_dtype="float32", **specials)
     hf_model = KVFForCausalLM(config)
     hf_model.model.load_state_dict(model.state_dict())
-    hf_model.generation_config = GenerationConfig(do_sample=False, eos_token_id=1, pad_token_id=0)
+    hf_model.generation_config = GenerationConfig(do_sample=False, **specials)
     hf_model.save_pretrained(out_dir)
     sources = bundle_sources(repo)
     _write_bundle(out_dir, sources)
-    KVFTokenizer(extra_ids=0).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
     card = model_card(variant, model, meta)
+    card["tokenizer"] = "bytes" if tokenizer_dir is None else type(tok).__name__
     card["code_sha256"] = digest(sources)
     (out_dir / "README.md").write_text(_card_markdown(card))
     card["files"] = export_digests(out_dir)  # checked by the evaluate stage before it reads any
@@ -261,9 +269,10 @@ def run_export(params, root: Path, data_dir: Path, ckpt_root: Path, export_root:
     for stale in (export_root.iterdir() if export_root.is_dir() else []):
         if stale.name not in {run.name for run in selected}:  # a rate that lost, or a removed run
             shutil.rmtree(stale)
+    tokenizer_dir = data_dir / "tokenizer" if (data_dir / "tokenizer").is_dir() else None  # None: bytes
     for run in selected:
         out_dir = export_root / run.name
-        card = export_variant(run.name, ckpt_root / run.name, out_dir)
+        card = export_variant(run.name, ckpt_root / run.name, out_dir, tokenizer_dir=tokenizer_dir)
         run_id = run_ids.get(run.name)
         registered, new = log_export(uri, run_id, run.name, out_dir.resolve(), card) if run_id else (None, False)
         if run_id is None:

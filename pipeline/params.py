@@ -161,9 +161,56 @@ def _docs_default(data: dict) -> Optional[int]:
     return None if corpus is None or corpus.format == "shakespeare" else 1
 
 
+class BPETraining(_Block):
+    vocab_size: int = Field(8192, ge=tokenizer.VOCAB_SIZE + 1, le=1 << 20,
+                            description="ids of the trained tokenizer: 3 specials, 256 bytes, the merges")
+    min_frequency: int = Field(2, ge=1, description="a pair seen fewer times is never merged")
+
+
+class TrainedTokenizer(_Block):
+    """A byte-level BPE trained on the training split by prepare (`tokenizers`), saved with the data."""
+
+    train: BPETraining
+
+
+class LocalTokenizer(_Block):
+    """A Hugging Face tokenizer folder on this machine (`AutoTokenizer.from_pretrained`, offline)."""
+
+    path: str = Field(min_length=1, description="a folder written by save_pretrained (relative to the repo, "
+                      "or absolute); it must hold a fast tokenizer (tokenizer.json)")
+
+    @field_validator("path")
+    @classmethod
+    def _loads(cls, path: str) -> str:
+        try:
+            tokenizer.load_local(path)  # a bad folder fails here, naming it
+        except tokenizer.TokenizerError as err:
+            raise ValueError(str(err).removeprefix("data.tokenizer.path: ")) from None
+        return path
+
+
+def _tokenizer_form(value):
+    """`data.tokenizer`'s three forms, told apart by their key and validated as that one form
+    (pydantic's union would report the first form's error, not the one meant)."""
+    if value == "bytes" or isinstance(value, (LocalTokenizer, TrainedTokenizer)):
+        return value
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("path", "train"):
+        form = LocalTokenizer if "path" in value else TrainedTokenizer
+        try:
+            return form.model_validate(value)
+        except ValidationError as err:
+            e = err.errors()[0]
+            loc = ".".join(str(x) for x in e["loc"])
+            raise ValueError(f"{loc}: {e['msg'].removeprefix('Value error, ')}") from None
+    raise ValueError(f"must be bytes, {{path: <a tokenizer folder>}} or {{train: {{vocab_size: N}}}}; got {value!r}")
+
+
 class DataConfig(_Block):
     seed: int = 1234
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    tokenizer: Union[Literal["bytes"], LocalTokenizer, TrainedTokenizer] = Field(
+        "bytes", description="bytes (ByT5 layout, 259 ids), a local HF tokenizer {path}, or a BPE trained "
+        "on the training split {train: {vocab_size}}; model.vocab_size follows it")
     validation_plays: list[str] = Field(default_factory=_plays_default(["julius_caesar", "twelfth_night"]),
                                         description="the built-in plays held out for validation")
     heldout_plays: list[str] = Field(default_factory=_plays_default(["hamlet", "macbeth"]),
@@ -175,6 +222,11 @@ class DataConfig(_Block):
         default_factory=_docs_default, description="its held-out documents (evaluation, retrieval haystacks)")
     mqar: MQARConfig = Field(default_factory=MQARConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _tokenizer_form(cls, value):
+        return _tokenizer_form(value)
 
     @field_validator("validation_docs", "heldout_docs", mode="before")
     @classmethod
@@ -525,6 +577,11 @@ def _variant_error(name: str, attention: dict, err: ValidationError) -> ParamsEr
     return ParamsError(f"{_join('model', *loc)}: {msg}{suffix}")
 
 
+def _describe_tokenizer(cfg) -> str:
+    return "bytes" if cfg == "bytes" else (f"BPE trained to {cfg.train.vocab_size} ids" if hasattr(cfg, "train")
+                                           else f"the tokenizer in {cfg.path}")
+
+
 def _check_variants(params: Params) -> None:
     """Each point of each variant through `models.ModelConfig`, the one authority on attention
     configs; then the parameter matching."""
@@ -536,11 +593,12 @@ def _check_variants(params: Params) -> None:
             raise ParamsError(f"model.{key}: unknown field (known: {', '.join(sorted(fields))})")
     if not params.variants:
         raise ParamsError("variants: needs at least one variant")
-    vocab = params.model.get("vocab_size", ModelConfig.model_fields["vocab_size"].default)
-    if vocab < tokenizer.VOCAB_SIZE:
-        raise ParamsError(
-            f"model.vocab_size: {vocab} is smaller than the byte tokenizer's {tokenizer.VOCAB_SIZE}"
-        )
+    need = tokenizer.vocab_size(params.data.tokenizer)
+    if "vocab_size" not in params.model:
+        params.model["vocab_size"] = need  # the model's embedding follows the tokenizer
+    elif params.model["vocab_size"] < need:
+        raise ParamsError(f"model.vocab_size: {params.model['vocab_size']} is smaller than the {need} ids of "
+                          f"data.tokenizer ({_describe_tokenizer(params.data.tokenizer)})")
     points: dict[str, Point] = {}
     for name, attention in params.variants.items():
         if not _VARIANT_NAME.match(name):

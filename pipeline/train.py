@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import checkpoint
-from pipeline.data import TrainingData, bits_per_byte
+from pipeline.data import TrainingData
 from pipeline.jobs import TrainJob
 from pipeline.params import REPORT_CONTEXT, TrainConfig
 
@@ -59,13 +59,14 @@ def evaluate(model, data: TrainingData, cfg: TrainConfig, device) -> dict[str, f
     val/objective, the training mixture's loss on validation data (`mixture.lm * val/loss +
     mixture.mqar * val/mqar_loss`): what the learning-rate selection compares."""
     model.eval()
-    x, y = data.val_windows(cfg.val_batches * cfg.batch_size, cfg.seq_len)
+    x, y, nbytes = data.val_windows(cfg.val_batches * cfg.batch_size, cfg.seq_len)
     nats = 0.0
     for i in range(0, len(x), cfg.batch_size):
-        nats += _loss(model, x[i : i + cfg.batch_size], y[i : i + cfg.batch_size], device).item() * len(
-            x[i : i + cfg.batch_size]
-        )
-    out = {"val/loss": nats / len(x), "val/bpb": bits_per_byte(nats / len(x))}
+        logits = model(torch.from_numpy(x[i : i + cfg.batch_size]).to(device)).float()
+        nats += F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y[i : i + cfg.batch_size]).to(device).flatten(),
+                                reduction="sum").item()
+    # per token for the loss; per byte of text covered for bpb (the two agree for bytes)
+    out = {"val/loss": nats / y.size, "val/bpb": nats / math.log(2) / float(nbytes.sum())}
     mqar_nats = mqar_answers = 0.0
     for name in sorted(data.mqar):
         if not name.startswith("eval_"):

@@ -32,7 +32,7 @@ from pipeline.params import Params, Run
 STAGING = ".next"  # checkpoints/<run>.next: a changed run trains here beside the finished one
 
 # The code a trained model depends on: changing any of it retrains.
-TRAIN_CODE = ("models", "kernels", "pipeline/train.py", "pipeline/data.py", "pipeline/tokenizer.py",
+TRAIN_CODE = ("models", "kernels", "pipeline/train.py", "pipeline/data.py", "pipeline/tokenizer.py", "pipeline/tokens.py",
               "pipeline/checkpoint.py")
 
 

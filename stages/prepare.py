@@ -22,6 +22,11 @@ def main() -> None:
     print(f"[prepare] corpus {corpus['format']}: {corpus['files']} files, "
           f"{sum(manifest['documents'].values())} documents, {corpus['bytes'] / 1e6:.1f} MB in {seconds:.1f} s "
           f"({corpus['bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s)")
+    tok = manifest["tokenizer"]
+    if tok["name"] != "bytes":
+        print(f"[prepare] tokenizer {tok['name']} ({tok['vocab_size']} ids, saved in data/tokenizer): tokens "
+              + ", ".join(f"{split} {n:,} ({manifest['bytes'][split] / max(n, 1):.2f} bytes each)"
+                          for split, n in tok["tokens"].items()) + " -> data/tokens")
     print(f"[prepare] text bytes {manifest['bytes']}, MQAR sets {manifest['mqar_sets']}, "
           f"{manifest['retrieval_episodes']} retrieval episodes -> data/")
 

@@ -7,11 +7,11 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline import checkpoint
 from pipeline.jobs import EvalJob
+from pipeline.tokens import TokenStream
 
 
 def evaluate_run(job: EvalJob) -> dict:
@@ -29,7 +29,7 @@ def evaluate_run(job: EvalJob) -> dict:
     cfg = job.eval
     model, meta = checkpoint.load_model(Path(job.ckpt_dir))
     model.to(job.device)
-    text = np.memmap(Path(job.data_dir) / "text" / "heldout.bin", dtype=np.uint8, mode="r")
+    text = TokenStream(job.data_dir, "heldout")
     attention = meta["model_config"]["attention"]
     t0 = time.perf_counter()
     result = {"run": job.run, "variant": job.variant, "family": job.family, "seed": job.seed,

@@ -7,11 +7,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline import checkpoint
 from pipeline.jobs import EvalJob
+from pipeline.tokens import TokenStream
 
 
 def evaluate_policy(job: EvalJob) -> dict:
@@ -21,7 +21,7 @@ def evaluate_policy(job: EvalJob) -> dict:
     cfg, policy = job.eval, job.policy
     model, meta = checkpoint.load_model(Path(job.ckpt_dir))
     model.to(job.device)
-    text = np.memmap(Path(job.data_dir) / "text" / "heldout.bin", dtype=np.uint8, mode="r")
+    text = TokenStream(job.data_dir, "heldout")
     attention = {**meta["model_config"]["attention"], "cache_policy": policy.model_dump()}
     t0 = time.perf_counter()
     result = {"run": job.run, "checkpoint_run": job.checkpoint_run, "variant": job.variant,

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import torch
 
-from pipeline import tokenizer
 
 
 def _device(model) -> torch.device:
@@ -15,28 +14,30 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def heldout_bits(model, text: np.ndarray, context_len: int, n_windows: int, policy=None) -> np.ndarray:
-    """Cross-entropy in bits of every predicted byte, (n_windows, context_len), over evenly spaced
-    held-out windows (the same windows for every model: the report's intervals resample them,
-    paired). A window's mean is its bits per byte; column t is the byte at distance t into it.
+def heldout_bits(model, text, context_len: int, n_windows: int, policy=None) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-entropy in bits of every predicted token, and the bytes of text it covers, both
+    (n_windows, context_len), over evenly spaced windows of the held-out split (`text`: a
+    `pipeline.tokens.TokenStream`; the same windows for every model of a study: the report's
+    intervals resample them, paired). Column t is the token at distance t into its window.
     With a cache `policy`, every window is decoded token by token through it (all at once)."""
     starts = np.linspace(0, len(text) - context_len - 1, n_windows).astype(np.int64)
-    ids = torch.stack([torch.from_numpy(tokenizer.bytes_to_ids(np.asarray(text[s : s + context_len + 1])))
-                       for s in starts]).to(_device(model))
+    ids = torch.stack([torch.from_numpy(text.ids(s, s + context_len + 1)) for s in starts]).to(_device(model))
+    nbytes = np.stack([text.nbytes(s + 1, s + context_len + 1) for s in starts])
     bits = lambda logits, i: (torch.nn.functional.cross_entropy(  # noqa: E731 -- one window's row
         logits.float(), ids[i, 1:], reduction="none") / math.log(2)).cpu().numpy()
     if policy is not None:
         logits = decode_logits(model, ids[:, :-1], policy)
-        return np.stack([bits(logits[i], i) for i in range(len(starts))])
-    return np.stack([bits(model(ids[i : i + 1, :-1])[0], i) for i in range(len(starts))])
+        return np.stack([bits(logits[i], i) for i in range(len(starts))]), nbytes
+    return np.stack([bits(model(ids[i : i + 1, :-1])[0], i) for i in range(len(starts))]), nbytes
 
 
-def bits_by_distance(bits: np.ndarray, window: int) -> dict[str, float | None]:
-    """Bits per byte split by the byte's distance into its context: `t < W`, `t >= W`, `t >= 4W`
+def bits_by_distance(bits: np.ndarray, nbytes: np.ndarray, window: int) -> dict[str, float | None]:
+    """Bits per byte split by the token's distance into its context: `t < W`, `t >= W`, `t >= 4W`
     (Tensor Cache's measure: what a model does once the window no longer holds the start)."""
     t = np.arange(bits.shape[1])
     parts = {"lt_W": t < window, "ge_W": t >= window, "ge_4W": t >= 4 * window}
-    return {name: (float(bits[:, mask].mean()) if mask.any() else None) for name, mask in parts.items()}
+    return {name: (float(bits[:, mask].sum() / max(1, nbytes[:, mask].sum())) if mask.any() else None)
+            for name, mask in parts.items()}
 
 
 @torch.no_grad()
@@ -82,18 +83,19 @@ def mqar_accuracy(model, mqar_cfg, num_pairs: int, gaps: tuple[int, int], n: int
 
 
 def measure(model, text: np.ndarray, job, policy=None) -> dict:
-    """The quality fields of one evaluation result (`job`: a `pipeline.jobs.EvalJob`): bits per
-    byte per context length (and by distance into the longest), MQAR per pair count and gap
+    """The quality fields of one evaluation result (`job`: a `pipeline.jobs.EvalJob`; `text`: the
+    held-out `TokenStream`): bits per byte per context length (in tokens; a length's bpb is the mean
+    of its windows' bits per byte) (and by distance into the longest), MQAR per pair count and gap
     bucket, and the capacity curve; through the cache `policy` when one is given."""
     cfg, mqar_cfg = job.eval, job.mqar
     out = {"bpb": {}, "bpb_windows": {}, "mqar": {}}
     for length in cfg.context_lengths:
-        bits = heldout_bits(model, text, length, max(1, cfg.bpb_tokens // length), policy)
-        windows = bits.mean(axis=1).tolist()
+        bits, nbytes = heldout_bits(model, text, length, max(1, cfg.bpb_tokens // length), policy)
+        windows = (bits.sum(axis=1) / np.maximum(1, nbytes.sum(axis=1))).tolist()  # each window's bits per byte
         out["bpb"][str(length)], out["bpb_windows"][str(length)] = float(np.mean(windows)), windows
         if length == max(cfg.context_lengths) and job.reach is not None:
             out["bpb_by_distance"] = {"context": length, "window": job.min_window,
-                                      **bits_by_distance(bits, job.min_window)}
+                                      **bits_by_distance(bits, nbytes, job.min_window)}
     for pairs in cfg.mqar_pairs:
         for bucket, gaps in mqar_cfg.eval_gaps.items():
             out["mqar"][f"p{pairs}_{bucket}"] = {

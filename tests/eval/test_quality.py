@@ -1,31 +1,54 @@
 """The evaluate stage's quality measures against direct computations on a random model."""
+import json
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from models import ModelConfig, build_model
 from pipeline import tokenizer
 from pipeline.evaluation.quality import _split, bits_by_distance, heldout_bits
+from pipeline.tokens import TokenStream
 
 
-def test_heldout_bits_and_their_split_by_distance():
-    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
-    model = build_model(ModelConfig(d_model=16, n_layers=1, n_heads=2, init_std=0.5)).eval()
-    text = np.random.default_rng().integers(32, 127, size=2000).astype(np.uint8)
-    bits = heldout_bits(model, text, 40, 3)
-    assert bits.shape == (3, 40)
-    start = np.linspace(0, len(text) - 41, 3).astype(int)[1]  # the second window, by hand
-    ids = torch.from_numpy(tokenizer.bytes_to_ids(text[start : start + 41]).astype(np.int64))
+def _stream(root, ids: np.ndarray, nbytes: np.ndarray | None) -> TokenStream:
+    """A prepared held-out split: bytes (`nbytes` None) or token ids with their byte counts."""
+    (root / "text").mkdir()
+    (root / "tokens").mkdir()
+    if nbytes is None:
+        info = {"name": "bytes"}
+        ids.astype(np.uint8).tofile(root / "text" / "heldout.bin")
+    else:
+        info = {"name": "bpe", "dtype": "uint16"}
+        ids.astype(np.uint16).tofile(root / "tokens" / "heldout.bin")
+        nbytes.astype(np.uint16).tofile(root / "tokens" / "heldout.nbytes")
+    (root / "manifest.json").write_text(json.dumps({"tokenizer": info}))
+    return TokenStream(root, "heldout")
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["bytes", "tokens"])
+def test_heldout_bits_and_their_split_by_distance(tmp_path, tokens):
+    rng = np.random.default_rng()
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    model = build_model(ModelConfig(d_model=16, n_layers=1, n_heads=2, init_std=0.5, vocab_size=300)).eval()
+    raw = rng.integers(32, 127, size=2000)
+    ids = raw if tokens else raw + tokenizer.BYTE_OFFSET  # what the model reads
+    nbytes = rng.integers(1, 6, size=2000) if tokens else np.ones(2000, dtype=np.int64)
+    text = _stream(tmp_path, raw, nbytes if tokens else None)
+    bits, covered = heldout_bits(model, text, 40, 3)
+    assert bits.shape == covered.shape == (3, 40)
+    starts = np.linspace(0, len(raw) - 41, 3).astype(int)
+    window = torch.from_numpy(ids[starts[1] : starts[1] + 41].astype(np.int64))  # the second window, by hand
     with torch.no_grad():
-        logp = torch.log_softmax(model(ids[None, :-1])[0].double(), -1)
-    expected = [-logp[t, ids[t + 1]].item() / math.log(2) for t in range(40)]
+        logp = torch.log_softmax(model(window[None, :-1])[0].double(), -1)
+    expected = [-logp[t, window[t + 1]].item() / math.log(2) for t in range(40)]
     np.testing.assert_allclose(bits[1], expected, rtol=1e-5)
-    split = bits_by_distance(bits, 8)
-    assert math.isclose(split["lt_W"], bits[:, :8].mean(), rel_tol=1e-6)
-    assert math.isclose(split["ge_W"], bits[:, 8:].mean(), rel_tol=1e-6)
-    assert math.isclose(split["ge_4W"], bits[:, 32:].mean(), rel_tol=1e-6)
-    assert bits_by_distance(bits, 16)["ge_4W"] is None  # 4W = 64 > 40 positions
+    np.testing.assert_array_equal(covered[1], nbytes[starts[1] + 1 : starts[1] + 41])  # bytes of each target
+    split = bits_by_distance(bits, covered, 8)
+    for part, cols in (("lt_W", slice(0, 8)), ("ge_W", slice(8, 40)), ("ge_4W", slice(32, 40))):
+        assert math.isclose(split[part], bits[:, cols].sum() / covered[:, cols].sum(), rel_tol=1e-6)
+    assert bits_by_distance(bits, covered, 16)["ge_4W"] is None  # 4W = 64 > 40 positions
 
 
 def test_mqar_split_uses_the_shortest_and_the_longest_reach():

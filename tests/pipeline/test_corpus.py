@@ -8,6 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline import corpus, data
@@ -295,7 +296,9 @@ def _write_local_params(root, block: dict, **blocks) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_prepare_train_evaluate_on_a_local_corpus(tmp_path):
+def test_prepare_train_evaluate_on_a_local_corpus_with_a_trained_bpe(tmp_path):
+    """The whole path on a local corpus with a BPE tokenizer trained on its training split: the
+    model's vocabulary follows the tokenizer, the export bundles it for lm-eval and generate()."""
     docs = _documents(10) + [d * 3 for d in _documents(4, seed=1)]
     block = _write("jsonl", tmp_path / "corpus", docs)
     _write_local_params(tmp_path, block, variants={"mha": {"kind": "mha"}},
@@ -303,6 +306,7 @@ def test_prepare_train_evaluate_on_a_local_corpus(tmp_path):
                               "decode_lengths": [64], "decode_new_tokens": 4, "lm_eval_tasks": ["kvf_passkey_mc"],
                               "task_context_lengths": [256], "limit": 1})
     _set(tmp_path, "train", steps=10)
+    _set(tmp_path, "data", tokenizer={"train": {"vocab_size": 400}})
     for stage in ("prepare", "train", "export", "evaluate"):  # export: lm-eval reads it
         result = run_stage(tmp_path, stage, timeout=400)
         assert result.returncode == 0, f"{stage}: " + result.stdout[-2000:] + result.stderr[-3000:]
@@ -321,13 +325,40 @@ def test_prepare_train_evaluate_on_a_local_corpus(tmp_path):
 
     metadata = task_metadata(load_params(tmp_path / "params.yaml"), tmp_path / "data")
     assert metadata["heldout_plays"] == [] and _haystack(_settings(metadata)) == heldout
+    # the tokenizer: trained, saved with the data, the model sized to it, bundled with the export
+    assert manifest["tokenizer"]["name"] == "bpe" and 259 < manifest["tokenizer"]["vocab_size"] <= 400
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline import checkpoint
+    from pipeline.tokenizer import load_prepared
+
+    ours, meta = checkpoint.load_model(tmp_path / "checkpoints" / "mha")
+    assert meta["model_config"]["vocab_size"] == 400
+    export = tmp_path / "exports" / "mha"
+    bundled = AutoTokenizer.from_pretrained(export, trust_remote_code=True)
+    text = heldout.decode()
+    ids = load_prepared(tmp_path / "data")(text, add_special_tokens=False).input_ids
+    assert bundled(text, add_special_tokens=False).input_ids == ids and len(ids) < len(heldout)
+    hf = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+    prompt = torch.tensor([ids[:40]])
+    out = hf.generate(prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, 40:]
+    with torch.no_grad():  # our model's own greedy decode of the same prompt
+        cache, x, expect = ours.init_cache(1), prompt, []
+        for _ in range(6):
+            logits = ours(x, cache=cache)[0, -1]
+            logits[bundled.eos_token_id] = -float("inf")  # min_new_tokens holds eos back
+            nxt = logits.argmax()
+            expect.append(int(nxt))
+            x = nxt.view(1, 1)
+    assert out.tolist() == expect
 
 
 def test_example_study_over_local_books_parses():
     params = load_params(REPO / "configs" / "pg19-local.yaml")
     assert params.data.corpus.format == "txt" and params.data.corpus.glob == "*.txt"
     assert (params.data.validation_docs, params.data.heldout_docs) == (50, 100)
-    assert params.data.validation_plays == [] and params.model.get("vocab_size") == 259
+    assert params.data.validation_plays == [] and params.data.tokenizer.train.vocab_size == 8192
+    assert params.model_config_for("mha").vocab_size == 8192  # the model follows the tokenizer
 
 
 @pytest.mark.parametrize("path", ["params.yaml", *sorted(p.relative_to(REPO).as_posix()
@@ -362,7 +393,7 @@ def test_dvc_reruns_prepare_when_a_corpus_file_changes(tmp_path):
     (unchanged) one does not; the default params resolve `${data.corpus.path}` too."""
     repo = tmp_path / "repo"
     for rel in ("dvc.yaml", "requirements.lock", "stages/__init__.py", "stages/prepare.py", "pipeline/params.py",
-                "pipeline/data.py", "pipeline/corpus.py", "pipeline/tokenizer.py"):
+                "pipeline/data.py", "pipeline/corpus.py", "pipeline/tokenizer.py", "pipeline/tokens.py"):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, repo / rel)
     _write("txt", repo / "corpus", _documents(6))

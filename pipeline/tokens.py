@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -85,7 +86,7 @@ def write_tokens(tok, text_dir: Path, out_dir: Path, workers: int) -> dict[str, 
         path = text_dir / f"{split}.bin"
         counts[split] = 0
         with (open(out_dir / f"{split}.bin", "wb") as ids_out,
-              open(out_dir / f"{split}.nbytes", "wb") if split in WITH_NBYTES else _NoFile() as bytes_out,
+              open(out_dir / f"{split}.nbytes", "wb") if split in WITH_NBYTES else nullcontext() as bytes_out,
               tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"prepare: tokenising {split}",
                    mininterval=1.0, disable=None) as bar):
             for batch in _batches(blocks(path), 2 * workers):
@@ -99,14 +100,6 @@ def write_tokens(tok, text_dir: Path, out_dir: Path, workers: int) -> dict[str, 
                         bytes_out.write(n.astype(np.uint16).tobytes())
                     bar.update(len(text.encode("utf-8")))
     return counts
-
-
-class _NoFile:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def ids_dtype(vocab: int) -> np.dtype:

@@ -20,6 +20,9 @@ def heldout_bits(model, text, context_len: int, n_windows: int, policy=None) -> 
     `pipeline.tokens.TokenStream`; the same windows for every model of a study: the report's
     intervals resample them, paired). Column t is the token at distance t into its window.
     With a cache `policy`, every window is decoded token by token through it (all at once)."""
+    if len(text) < context_len + 1:
+        raise ValueError(f"eval.context_lengths: {context_len} tokens, but the held-out split holds {len(text):,}; "
+                         "hold out more text (data.heldout_docs / heldout_plays) or evaluate shorter contexts")
     starts = np.linspace(0, len(text) - context_len - 1, n_windows).astype(np.int64)
     ids = torch.stack([torch.from_numpy(text.ids(s, s + context_len + 1)) for s in starts]).to(_device(model))
     nbytes = np.stack([text.nbytes(s + 1, s + context_len + 1) for s in starts])

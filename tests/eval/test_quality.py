@@ -49,6 +49,8 @@ def test_heldout_bits_and_their_split_by_distance(tmp_path, tokens):
     for part, cols in (("lt_W", slice(0, 8)), ("ge_W", slice(8, 40)), ("ge_4W", slice(32, 40))):
         assert math.isclose(split[part], bits[:, cols].sum() / covered[:, cols].sum(), rel_tol=1e-6)
     assert bits_by_distance(bits, covered, 16)["ge_4W"] is None  # 4W = 64 > 40 positions
+    with pytest.raises(ValueError, match="eval.context_lengths: 2000 tokens, but the held-out split holds 2,000"):
+        heldout_bits(model, text, 2000, 1)
 
 
 def test_mqar_split_uses_the_shortest_and_the_longest_reach():

@@ -164,7 +164,7 @@ def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOU
     _write_bundle(out_dir, sources)
     tok.save_pretrained(out_dir)
     card = model_card(variant, model, meta)
-    card["tokenizer"] = "bytes" if tokenizer_dir is None else type(tok).__name__
+    card["tokenizer"] = "bytes" if tokenizer_dir is None else f"{type(tok).__name__}, {len(tok)} ids"
     card["code_sha256"] = digest(sources)
     (out_dir / "README.md").write_text(_card_markdown(card))
     card["files"] = export_digests(out_dir)  # checked by the evaluate stage before it reads any

@@ -28,3 +28,24 @@ def exports(tmp_path_factory):
         export_variant(name, root / "ckpt" / name, root / "hf" / name, REPO)
         models[name] = model
     return root, models
+
+
+@pytest.fixture(scope="session")
+def bpe_export(tmp_path_factory):
+    """A tiny random-weight MHA whose vocabulary is a byte-level BPE trained on a play, exported
+    with that tokenizer (what `data.tokenizer: {train: ...}` gives); (export dir, model, tokenizer)."""
+    os.environ.setdefault("HF_HOME", str(REPO / "runs" / "hf_home"))
+    from models import build_model
+    from pipeline import checkpoint, data, tokenizer
+    from pipeline.export import export_variant
+
+    root = tmp_path_factory.mktemp("bpe")
+    tok = tokenizer.train_bpe([data.split_bytes(["hamlet"]).decode()], vocab_size=512)
+    tok.save_pretrained(str(root / "tokenizer"))
+    cfg = config("mha", vocab_size=len(tok))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    checkpoint.save_final(root / "ckpt", model, {"variant": "mha", "step": 1, "fingerprint": "t",
+                                                 "model_config": cfg.model_dump(mode="json")})
+    export_variant("mha", root / "ckpt", root / "hf", REPO, tokenizer_dir=root / "tokenizer")
+    return root / "hf", model, tok

@@ -54,14 +54,17 @@ def test_stock_lm_eval_cli(exports, tmp_path):
             assert abs(float(loglikelihood) - float(want)) < 1e-3, f"episode {episode['doc_id']}"
 
 
-def test_stock_lm_eval_cli_generates_like_models_for_every_new_kind(exports, tmp_path):
+def test_stock_lm_eval_cli_generates_like_models_for_every_new_kind(exports, bpe_export, tmp_path):
     """Each new kind through the stock CLI: what the harness's `generate()` wrote for each passkey
     episode is what `models` greedy decoding writes from the same context. One process runs the
     `lm_eval` script's own entry point, `cli_evaluate()`, once per export (a process per kind would
-    spend ~20 s each importing lm-eval and transformers again)."""
+    spend ~20 s each importing lm-eval and transformers again). Last, an export with a trained BPE
+    tokenizer: the harness reads text through that tokenizer, for generation and log-likelihoods."""
     root, models = exports
     runs = [["lm_eval", *cli_args(root / "hf" / kind, "kvf_passkey", tmp_path / kind), "--log_samples"]
             for kind in NEW_KINDS]
+    runs.append(["lm_eval", *cli_args(bpe_export[0], "kvf_passkey,kvf_multi_needle_mc", tmp_path / "bpe"),
+                 "--log_samples"])
     script = ("import json, sys\nfrom lm_eval.__main__ import cli_evaluate\n"
               "for argv in json.loads(sys.argv[1]):\n    sys.argv = argv\n    cli_evaluate()\n")
     done = subprocess.run([sys.executable, "-c", script, json.dumps(runs)], capture_output=True, text=True,
@@ -80,3 +83,31 @@ def test_stock_lm_eval_cli_generates_like_models_for_every_new_kind(exports, tmp
             gen = models[kind].generate(ids, gen_kwargs["max_gen_toks"], eos_token_id=tok.eos_token_id)
             want = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).split(gen_kwargs["until"][0])[0]
             assert sample["filtered_resps"] == [want], f"{kind}: episode {sample['doc_id']}"
+    _check_bpe_export(*bpe_export, tmp_path / "bpe")
+
+
+def _check_bpe_export(export: Path, model, tok, out: Path) -> None:
+    """The BPE export's CLI run: its generations are the model's greedy decode of the BPE ids of
+    each context, and each choice's log-likelihood is the model's over the choice's BPE ids."""
+    from transformers import AutoTokenizer
+
+    bundled = AutoTokenizer.from_pretrained(export, trust_remote_code=True)
+    encode = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    text = "What is the pass key? \u00e9t\u00e9 \U0001F600"
+    assert len(bundled) == len(tok) == 512 and bundled(text).input_ids == encode(text)
+    for sample in samples(out, "kvf_passkey"):
+        context, gen_kwargs = sample["arguments"]["gen_args_0"]["arg_0"], sample["arguments"]["gen_args_0"]["arg_1"]
+        ids = torch.as_tensor(encode(context))[None]
+        assert ids.shape[1] < len(context.encode())  # BPE ids, not bytes
+        gen = model.generate(ids, gen_kwargs["max_gen_toks"], eos_token_id=tok.eos_token_id)
+        want = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).split(gen_kwargs["until"][0])[0]
+        assert sample["filtered_resps"] == [want], f"bpe: episode {sample['doc_id']}"
+    for episode in samples(out, "kvf_multi_needle_mc"):
+        for request, (loglikelihood, _) in zip(episode["arguments"].values(), episode["filtered_resps"]):
+            context = request["arg_0"].rstrip()  # lm-eval moves the context's trailing spaces on
+            ids = torch.as_tensor(encode(context + request["arg_0"][len(context):] + request["arg_1"]))[None]
+            with torch.no_grad():
+                logp = model(ids)[0].log_softmax(-1)
+            n = len(encode(context))
+            want = logp[n - 1 : -1].gather(-1, ids[0, n:, None]).sum()
+            assert abs(float(loglikelihood) - float(want)) < 1e-3, f"bpe: episode {episode['doc_id']}"

@@ -1,8 +1,10 @@
 """Prepare throughput on a generated local corpus: our streaming pass beside `datasets` + a fast
-tokenizer (the peer), both byte-level, both writing token ids to disk.
+tokenizer (the peer), both byte-level (default) or both with the same BPE (`--tokenizer bpe`),
+both writing token ids to disk.
 
     .venv/bin/python benchmarks/prepare_corpus.py                      # 1 GB of JSONL (the issue's size)
     .venv/bin/python benchmarks/prepare_corpus.py --mb 50 --format txt # 50 MB of books, one .txt each
+    .venv/bin/python benchmarks/prepare_corpus.py --mb 50 --tokenizer bpe  # a BPE of 8192 ids, both sides
 
 The corpus is generated once (stretches of the plays in random order, 2-40 KB documents; a
 seed) under runs/bench/prepare_corpus/<format>-<mb>MB and reused. Ours: `pipeline.corpus.
@@ -14,6 +16,16 @@ built here (ids = ByT5's, byte + 3; nothing downloaded) wrapped as `PreTrainedTo
 (int32 ids). Each runs in a fresh process; MB/s = corpus bytes / the process's
 own time (imports excluded); CPU seconds and peak memory (PSS summed over the process and its
 workers, shared pages once) of the whole process. Prints one JSON object per measurement.
+
+`--tokenizer bpe`: one byte-level BPE of 8192 ids (`pipeline.tokenizer.train_bpe` on the first
+10 MB of documents of the corpus it is first run on: the same documents for any JSONL size from
+10 MB, the generator being seeded), saved under runs/bench/prepare_corpus/tokenizer-bpe-8192 and
+reused at every size and format; its training time is printed apart and counted in neither side.
+Ours: what prepare does with `data.tokenizer: {path: <that folder>}`: `write_splits`, then
+`pipeline.tokens.prepare_tokenizer` (load it with `tokenizer.load_local`, save it with the data,
+`write_tokens`: uint16 ids of every split, byte counts of validation and held-out). Peer: the
+same as above with that folder loaded as `PreTrainedTokenizerFast`. Check: the peer's ids for
+our validation document (one document, one block) equal the ids we wrote for it.
 """
 from __future__ import annotations
 
@@ -28,6 +40,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "runs" / "bench" / "prepare_corpus"
+BPE_VOCAB = 8192
+BPE_TRAIN_BYTES = 10 * 10**6  # the slice of the corpus the BPE is trained on
+BPE_DIR = BENCH / f"tokenizer-bpe-{BPE_VOCAB}"
+SAMPLE = BENCH / "sample-ours.json"  # our validation document and its ids, for the peer's check
 
 
 def generate(fmt: str, mb: int, seed: int = 0) -> Path:
@@ -74,6 +90,38 @@ def generate(fmt: str, mb: int, seed: int = 0) -> Path:
     return root
 
 
+def _corpus_texts(corpus_dir: Path, fmt: str, limit: int):
+    """The corpus's documents in order, until `limit` bytes of text have been given."""
+    given = 0
+    for path in sorted(corpus_dir.glob(f"*.{fmt}")):
+        with open(path, encoding="utf-8") as f:
+            for text in (json.loads(line)["text"] for line in f) if fmt == "jsonl" else [f.read()]:
+                if given >= limit:
+                    return
+                given += len(text.encode("utf-8"))
+                yield text
+
+
+def bpe_tokenizer(corpus_dir: Path, fmt: str) -> dict:
+    """Train the benchmark's BPE once (BPE_DIR; reused after) and say how long that took."""
+    info_file = BPE_DIR / "TRAINED.json"
+    if info_file.exists():
+        return json.loads(info_file.read_text()) | {"reused": True}
+    sys.path.insert(0, str(REPO))
+    from pipeline.tokenizer import train_bpe
+
+    shutil.rmtree(BPE_DIR, ignore_errors=True)
+    t0 = time.perf_counter()
+    tok = train_bpe(_corpus_texts(corpus_dir, fmt, BPE_TRAIN_BYTES), BPE_VOCAB)
+    seconds = time.perf_counter() - t0
+    tok.save_pretrained(str(BPE_DIR))
+    info = {"bench": "prepare_corpus", "side": "BPE training (in neither side)", "vocab_size": len(tok),
+            "trained_on": f"first {BPE_TRAIN_BYTES // 10**6} MB of {corpus_dir.name}", "seconds": round(seconds, 1),
+            "cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 1)}
+    info_file.write_text(json.dumps(info) + "\n")
+    return info | {"reused": False}
+
+
 def _byte_tokenizer():
     """A byte-level fast tokenizer with ByT5's ids (byte b -> b + 3), built locally."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -94,28 +142,45 @@ def _byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def run_ours(corpus_dir: str, fmt: str, out: str, workers: int) -> dict:
+def run_ours(corpus_dir: str, fmt: str, out: str, workers: int, tokenizer: str) -> dict:
     sys.path.insert(0, str(REPO))
+    import numpy as np
+
     from pipeline import corpus
     from pipeline.corpus import write_splits
     from pipeline.params import DataConfig
+    from pipeline.tokens import prepare_tokenizer
 
     if workers > 1:
         corpus.IN_PROCESS_BYTES = 0  # the worker pool a large corpus gets, at any size
 
-    cfg = DataConfig(corpus={"format": fmt, "path": corpus_dir}, validation_docs=1, heldout_docs=1)
+    tok = {} if tokenizer == "bytes" else {"tokenizer": {"path": tokenizer}}
+    cfg = DataConfig(corpus={"format": fmt, "path": corpus_dir}, validation_docs=1, heldout_docs=1, **tok)
     t0 = time.perf_counter()
     info = write_splits(cfg, Path(out), workers=workers)
+    if tokenizer == "bytes":
+        seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "documents": sum(info["documents"].values())}
+    tokens = prepare_tokenizer(cfg, Path(out), workers)  # as prepare does after write_splits
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "documents": sum(info["documents"].values())}
+    text = (Path(out) / "text" / "validation.bin").read_text(encoding="utf-8")
+    ids = np.fromfile(Path(out) / "tokens" / "validation.bin", dtype=tokens["dtype"])
+    SAMPLE.write_text(json.dumps({"text": text, "ids": ids.tolist()}))
+    return {"seconds": seconds, "text_seconds": info["seconds"], "documents": sum(info["documents"].values()),
+            "tokens": sum(tokens["tokens"].values())}
 
 
-def run_peer(corpus_dir: str, fmt: str, out: str, workers: int) -> dict:
+def run_peer(corpus_dir: str, fmt: str, out: str, workers: int, tokenizer: str) -> dict:
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=out, HF_HOME=out)
     import datasets
 
     datasets.disable_progress_bars()
-    tok = _byte_tokenizer()
+    if tokenizer == "bytes":
+        tok = _byte_tokenizer()
+    else:
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(tokenizer, local_files_only=True)
     files = sorted(str(p) for p in Path(corpus_dir).glob(f"*.{fmt}"))
     t0 = time.perf_counter()
     if fmt == "jsonl":
@@ -125,12 +190,25 @@ def run_peer(corpus_dir: str, fmt: str, out: str, workers: int) -> dict:
     ids = ds.map(lambda batch: tok(batch["text"], return_attention_mask=False), batched=True, num_proc=workers if workers > 1 else None,
                  remove_columns=ds.column_names)
     seconds = time.perf_counter() - t0
+    if tokenizer != "bytes":
+        return {"seconds": seconds, "documents": len(ids), **_bpe_check(ds, ids)}
     first = ds[0]["text"].encode()
     same = ids[0]["input_ids"] == [b + 3 for b in first]  # the peer's ids are ours
     return {"seconds": seconds, "documents": len(ids), "same_ids_as_ours": same}
 
 
-def measure(which: str, corpus_dir: Path, fmt: str, workers: int) -> dict:
+def _bpe_check(ds, ids) -> dict:
+    """The peer's tokens, and whether its ids for our validation document are the ones we wrote."""
+    import pyarrow.compute as pc
+
+    sample = json.loads(SAMPLE.read_text())
+    row = pc.index(ds.data.table.column("text"), sample["text"]).as_py()  # -1: not in the corpus
+    same = row >= 0 and ids[row]["input_ids"] == sample["ids"]
+    tokens = pc.sum(pc.list_value_length(ids.data.table.column("input_ids"))).as_py()
+    return {"tokens": tokens, "same_ids_as_ours": same, "checked_tokens": len(sample["ids"])}
+
+
+def measure(which: str, corpus_dir: Path, fmt: str, workers: int, tokenizer: str = "bytes") -> dict:
     """Run one side in a fresh process. Memory: the largest sum of PSS over it and its workers
     (shared pages counted once), sampled every 0.1 s, and the largest single RSS; CPU: user + system
     seconds of the process and its workers (less sensitive than wall time to a loaded machine)."""
@@ -144,7 +222,7 @@ def measure(which: str, corpus_dir: Path, fmt: str, workers: int) -> dict:
     result_file = out.parent / f"result-{which}.json"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen([sys.executable, __file__, "_child", which, str(corpus_dir), fmt, str(out), str(workers),
-                             str(result_file)], env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
+                             str(result_file), tokenizer], env={**os.environ, "TOKENIZERS_PARALLELISM": "true"})
     peak, ps, workers_seen = 0, psutil.Process(proc.pid), 0
     while proc.poll() is None:
         total, children = 0, ps.children(recursive=True)
@@ -164,13 +242,16 @@ def measure(which: str, corpus_dir: Path, fmt: str, workers: int) -> dict:
     written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     shutil.rmtree(out, ignore_errors=True)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"bench": "prepare_corpus", "side": which, "format": fmt, "corpus_mb": round(size / 1e6, 1),
+    named = "bytes" if tokenizer == "bytes" else f"bpe-{BPE_VOCAB}"
+    extra = {k: round(r[k], 2) if k == "text_seconds" else r[k]
+             for k in ("text_seconds", "tokens", "same_ids_as_ours", "checked_tokens") if k in r}
+    return {"bench": "prepare_corpus", "side": which, "tokenizer": named, "format": fmt,
+            "corpus_mb": round(size / 1e6, 1),
             "workers": workers, "cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 1),
             "seconds": round(r["seconds"], 2), "mb_per_s": round(size / 1e6 / r["seconds"], 1),
             "cpu_s_whole_process": round(cpu, 1), "peak_pss_mb": round(peak / 2**20, 1),
             "max_single_rss_mb": round(after.ru_maxrss / 1024, 1), "documents": r["documents"],
-            "written_mb": round(written / 1e6, 1), "child_processes_seen": workers_seen,
-            **({"same_ids_as_ours": r["same_ids_as_ours"]} if "same_ids_as_ours" in r else {})}
+            "written_mb": round(written / 1e6, 1), "child_processes_seen": workers_seen, **extra}
 
 
 def main() -> None:
@@ -179,16 +260,23 @@ def main() -> None:
     parser.add_argument("--format", choices=["jsonl", "txt"], default="jsonl")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--no-peer", action="store_true", help="ours only")
+    parser.add_argument("--tokenizer", choices=["bytes", "bpe"], default="bytes",
+                        help=f"bytes (default) or one BPE of {BPE_VOCAB} ids on both sides")
     args = parser.parse_args()
     corpus_dir = generate(args.format, args.mb)
+    tokenizer = "bytes"
+    if args.tokenizer == "bpe":
+        print(json.dumps(bpe_tokenizer(corpus_dir, args.format)), flush=True)
+        tokenizer = str(BPE_DIR)
+        SAMPLE.unlink(missing_ok=True)
     for which in ["ours"] + ([] if args.no_peer else ["peer"]):
-        print(json.dumps(measure(which, corpus_dir, args.format, args.workers)), flush=True)
+        print(json.dumps(measure(which, corpus_dir, args.format, args.workers, tokenizer)), flush=True)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_child"]:
-        which, corpus_dir, fmt, out, workers, result_file = sys.argv[2:8]
+        which, corpus_dir, fmt, out, workers, result_file, tokenizer = sys.argv[2:9]
         run = run_ours if which == "ours" else run_peer
-        Path(result_file).write_text(json.dumps(run(corpus_dir, fmt, out, int(workers))))
+        Path(result_file).write_text(json.dumps(run(corpus_dir, fmt, out, int(workers), tokenizer)))
     else:
         main()

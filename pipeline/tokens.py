@@ -9,8 +9,9 @@ text each token covers, taken from the tokenizer's offsets (a token's bytes run 
 token's end to its own). They add up to the split's bytes exactly, so bits per byte -- bits summed
 over the predicted tokens, divided by the bytes they cover -- compares across tokenizers.
 
-The text is tokenised a block at a time (about 1 MiB, cut after a line end), blocks in batches
-that `tokenizers` spreads over the machine's cores: memory stays bounded whatever the corpus.
+The text is tokenised a block at a time (about 16 KiB, cut after a line end), blocks in batches
+of about 1 MiB per core that `tokenizers` spreads over the cores: memory stays bounded whatever
+the corpus.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from pipeline import tokenizer
 
 SPLITS = ("train", "validation", "heldout")
 WITH_NBYTES = ("validation", "heldout")  # the splits bits per byte is measured on
-BLOCK_BYTES = 1 << 20
+BLOCK_BYTES = 1 << 14  # encoding many short strings costs ~20% less CPU than a few long ones (BENCHMARKS.md)
+BATCH_BYTES = 1 << 20  # text in flight per core
 
 
 def blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
@@ -89,7 +91,7 @@ def write_tokens(tok, text_dir: Path, out_dir: Path, workers: int) -> dict[str, 
               open(out_dir / f"{split}.nbytes", "wb") if split in WITH_NBYTES else nullcontext() as bytes_out,
               tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"prepare: tokenising {split}",
                    mininterval=1.0, disable=None) as bar):
-            for batch in _batches(blocks(path), 2 * workers):
+            for batch in _batches(blocks(path), workers * BATCH_BYTES // BLOCK_BYTES):
                 for text, enc in zip(batch, backend.encode_batch(batch, add_special_tokens=False)):
                     ids_out.write(np.asarray(enc.ids, dtype=dtype).tobytes())
                     counts[split] += len(enc.ids)

@@ -11,6 +11,8 @@ collect results as they finish, and turn any failure into a result that names it
   than the cluster has fails at once (Ray itself would wait forever, silently). A job holding a
   GPU computes on CUDA unless `compute.device` is cpu (how the tests exercise GPU scheduling on
   a local Ray that declares GPUs, `compute.num_gpus`, on a machine without any).
+- Custom resources (`compute.resources`, the train stage's jobs only) pin jobs to the nodes that
+  declare them; a cluster without them fails at once too, naming the field.
 """
 from __future__ import annotations
 
@@ -88,6 +90,21 @@ def resolve_gpus(compute, resources: dict, where: str) -> int:
     return gpus
 
 
+def check_resources(compute, have: dict, where: str) -> None:
+    """Raise ComputeError unless the cluster declares the custom resources `compute.resources`
+    asks for (Ray would keep the jobs pending forever, silently)."""
+    workers = compute.workers_per_run
+    for name, amount in compute.resources.items():
+        if workers * amount > have.get(name, 0):
+            declared = sorted(k for k in have if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                              and not k.startswith("node:"))
+            raise ComputeError(
+                f"compute.resources: {name}={amount:g} per train job" + (f" x {workers} workers" if workers > 1 else "")
+                + f" but the Ray cluster ({where}) has {have.get(name, 0):g} of it (its custom resources: "
+                f"{', '.join(declared) or 'none'}); start a node with ray start --resources "
+                f"'{{\"{name}\": ...}}', or drop it")
+
+
 class Cluster(BaseModel):
     """Where the jobs run: `where` ("local" or the address), the GPUs each job gets and the
     torch device its work uses ("cuda" when it holds a GPU, unless `compute.device` is cpu)."""
@@ -102,16 +119,23 @@ class Cluster(BaseModel):
 
 
 @contextmanager
-def cluster(compute, root: Path) -> Iterator[Cluster]:
-    """Connect to Ray and check the request against its resources; shut down on the way out."""
+def cluster(compute, root: Path, custom: bool = False) -> Iterator[Cluster]:
+    """Connect to Ray and check the request against its resources (with `custom`, the custom
+    resources of `compute.resources` too: the train stage's jobs ask for them); shut down on the
+    way out."""
     import ray
+
+    def check(where: str) -> Cluster:
+        have = ray.cluster_resources()
+        if custom:
+            check_resources(compute, have, where)
+        return Cluster.of(compute, where, resolve_gpus(compute, have, where))
 
     address = compute.ray_address or os.environ.get("RAY_ADDRESS")
     if address:  # the user's cluster: its auth (token or not) is the user's to set
         ray.init(address=address, log_to_driver=True)
         try:
-            gpus = resolve_gpus(compute, ray.cluster_resources(), address)
-            yield Cluster.of(compute, address, gpus)
+            yield check(address)
         finally:
             ray.shutdown()
         return
@@ -122,8 +146,7 @@ def cluster(compute, root: Path) -> Iterator[Cluster]:
                      include_dashboard=False, _node_ip_address=LOOPBACK, _temp_dir=temp_dir,
                      log_to_driver=True)
             try:
-                gpus = resolve_gpus(compute, ray.cluster_resources(), "local")
-                yield Cluster.of(compute, "local", gpus)
+                yield check("local")
             finally:
                 ray.shutdown()
     finally:
@@ -220,12 +243,14 @@ def guarded(fn: Callable[..., dict], job, *args) -> dict:
 
 
 def submit(fn: Callable[..., dict], jobs: dict[str, Any], stage: str, cpus: int, gpus: int,
-           *args) -> dict:
-    """One Ray task per job (`guarded(fn, job, *args)`), never retried; returns {ref: name}."""
+           *args, resources: dict[str, float] | None = None) -> dict:
+    """One Ray task per job (`guarded(fn, job, *args)`), never retried, each holding `cpus`,
+    `gpus` and the custom `resources`; returns {ref: name}."""
     import ray
 
     task = ray.remote(guarded)
-    return {task.options(num_cpus=cpus, num_gpus=gpus, max_retries=0, name=f"{stage}:{name}")
+    return {task.options(num_cpus=cpus, num_gpus=gpus, resources=resources or {}, max_retries=0,
+                         name=f"{stage}:{name}")
             .remote(fn, job, *args): name for name, job in jobs.items()}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from models import CachePolicy, ModelConfig
 from pipeline.params import EvalConfig, MQARConfig, TrainConfig
@@ -26,17 +26,37 @@ class _Job(BaseModel):
     threads: int = 1
 
 
+class StorageKeys(BaseModel):
+    """Where a run's worker reads and writes when the nodes share no filesystem (`compute.storage`
+    is a URI): folders of that storage, never a path of the driver's machine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str  # compute.storage
+    data: str  # the prepared data: data/<digest of its manifest>
+    checkpoints: str  # the run's checkpoint folder: checkpoints/<run>-<fingerprint[:12]>
+
+
 class TrainJob(_Job):
-    """Train one run to `train.steps`, resuming from `ckpt_dir` when its fingerprint matches."""
+    """Train one run to `train.steps`, resuming from its checkpoint when its fingerprint matches:
+    at `ckpt_dir`, reading `data_dir` (paths every node sees), or, with `storage`, from storage
+    through a copy on the worker's own node (the worker fills in both paths there)."""
 
     model: ModelConfig
     train: TrainConfig  # `seeds` holds this run's seed alone
     fingerprint: str
-    data_dir: str
-    ckpt_dir: str
+    data_dir: Optional[str]
+    ckpt_dir: Optional[str]
+    storage: Optional[StorageKeys] = None
     fault: Optional[str] = None  # test hook, from $KVF_FAULT: "<run>:<step>:nan|raise"
     tracking_uri: Optional[str] = None  # set with a tracking server: the worker logs its own curve
     mlflow_run_id: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _paths_or_storage(self):
+        if self.storage is None and (self.data_dir is None or self.ckpt_dir is None):
+            raise ValueError("a train job needs data_dir and ckpt_dir, or storage")
+        return self
 
 
 class EvalJob(_Job):

@@ -16,7 +16,7 @@ from typing import Any, Literal, NamedTuple, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from pipeline import sweep, tokenizer
+from pipeline import storage, sweep, tokenizer
 from pipeline.sweep import Point
 
 
@@ -427,8 +427,14 @@ class ComputeConfig(_Block):
                           "handed a short link to it when the path is too deep for its sockets)")
     workers_per_run: int = Field(1, ge=1, description="> 1: each run trains data-parallel on this many "
                                  "Ray Train workers (DDP); 1: one Ray task per run")
-    storage: str = Field("runs/train", description="where Ray Train keeps a data-parallel run's "
-                         "checkpoints, relative to the repo")
+    storage: str = Field("runs/train", description="where runs keep checkpoints while they train: a "
+                         "path (relative: inside the repo; on a cluster, one every node sees at the same "
+                         "path, e.g. NFS: Ray Train's data-parallel runs only) or a URI pyarrow understands "
+                         "(file:///abs/path, s3://bucket/prefix, gs://, hdfs://): then the nodes share "
+                         "nothing but it (pipeline/storage.py)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each "
+                                        "train job (each Ray Train worker) asks for, e.g. {node2: 1}: "
+                                        "pins the jobs to the nodes that declare them")
     max_failures: int = Field(2, ge=0, description="data-parallel runs: worker-group restarts "
                               "(from the last checkpoint) before the run fails")
 
@@ -438,6 +444,28 @@ class ComputeConfig(_Block):
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
             return value
         raise ValueError(f"must be 'auto' or an integer >= 0, got {value!r}")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        return storage.check(value)  # the text alone: no filesystem is built, no network touched
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in _RAY_BUILTIN_RESOURCES or not _RESOURCE_NAME.match(name):
+                raise ValueError(f"{name!r}: not a custom resource name (CPUs and GPUs are "
+                                 f"cpus_per_job and gpus_per_job)")
+            if not (0 < amount < float("inf")):
+                raise ValueError(f"{name}: {amount!r} must be > 0")
+            if amount > 1 and amount != int(amount):
+                raise ValueError(f"{name}: {amount!r}: Ray takes a fraction of 1 or a whole number")
+        return value
+
+
+_RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+_RESOURCE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]*$")
 
 
 class TrackingConfig(_Block):

@@ -12,7 +12,10 @@ over gloo on CPU or NCCL on GPU, running the very loop a one-process run runs
   latest one (`FailureConfig(max_failures)`); a stage killed whole resumes there on its next
   run (same name, same storage: Ray Train restores it).
 - When the run ends its final checkpoint is copied into `checkpoints/<run>`, where export and
-  evaluate read it like any other.
+  evaluate read it like any other; with `compute.storage` a URI (no shared filesystem) Ray Train
+  keeps its checkpoints there, each worker reads the data from its node's copy
+  (`pipeline.storage.fetch_prepared`) and the final checkpoint goes to the run's folder in
+  storage, from which the driver brings it back.
 """
 from __future__ import annotations
 
@@ -23,19 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import checkpoint
+from pipeline import checkpoint, storage
 from pipeline.jobs import TrainJob
 
 
 class DataParallel:
     """`OneProcess`'s interface for one of N Ray Train workers."""
 
-    def __init__(self, job: TrainJob, fault_marker: Path):
+    def __init__(self, job: TrainJob, store: storage.Storage, fault_marker: str):
         import ray.train
 
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.fault_marker = fault_marker
+        self.store, self.fault_marker = store, fault_marker
 
     def wrap(self, model):
         from torch.nn.parallel import DistributedDataParallel
@@ -80,9 +83,8 @@ class DataParallel:
 
     def kill(self) -> None:
         """Test hook (`<run>:<step>:kill`): the last worker dies once, as if its node went."""
-        if self.rank == self.world - 1 and not self.fault_marker.exists():
-            self.fault_marker.parent.mkdir(parents=True, exist_ok=True)
-            self.fault_marker.write_text("killed once\n")
+        if self.rank == self.world - 1 and not self.store.exists(self.fault_marker):
+            self.store.put_bytes(self.fault_marker, b"killed once\n")
             os._exit(1)
 
 
@@ -95,7 +97,11 @@ def _worker(config: dict) -> None:
 
     job = TrainJob.model_validate(config["job"])
     job = job.model_copy(update={"device": str(ray.train.torch.get_device()) if job.device == "cuda" else "cpu"})
-    parallel = DataParallel(job, Path(config["fault_marker"]))
+    store = storage.Storage(config["storage"])
+    if job.storage is not None:  # no shared filesystem: this node's copy of the data
+        job = job.model_copy(update={"data_dir": str(storage.fetch_prepared(store, job.storage.data,
+                                                                            storage.node_cache()))})
+    parallel = DataParallel(job, store, config["fault_marker"])
     if parallel.rank == 0:  # the one that reports
         train_run(job, tracking.record_sink(job, config["queue"].put), parallel)
     else:
@@ -107,26 +113,32 @@ def storage_name(job: TrainJob) -> str:
     return f"{job.run}-{job.fingerprint[:12]}"
 
 
-def fit_run(job: TrainJob, queue, workers: int, cpus: int, gpus: int, storage: str, max_failures: int) -> dict:
-    """In a Ray task (no resources of its own): train `job` on `workers` Ray Train workers, then
-    copy its final checkpoint into `job.ckpt_dir`. Returns what `train_run` returns."""
+def fit_run(job: TrainJob, queue, workers: int, cpus: int, gpus: int, custom: dict[str, float], location: str,
+            max_failures: int) -> dict:
+    """In a Ray task (no resources of its own): train `job` on `workers` Ray Train workers (each
+    holding `cpus`, `gpus` and the `custom` resources; checkpoints in `location`, compute.storage),
+    then copy its final checkpoint into `job.ckpt_dir`, or with `job.storage` into the run's folder
+    there. Returns what `train_run` returns."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     name = storage_name(job)
-    resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "queue": queue,
-                           "fault_marker": str(Path(storage) / name / "fault-fired")},
+        train_loop_config={"job": job.model_dump(mode="json"), "queue": queue, "storage": location,
+                           "fault_marker": f"{name}/fault-fired"},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures)))
+        run_config=RunConfig(name=name, storage_path=location, failure_config=FailureConfig(max_failures=max_failures)))
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
-        incoming = Path(job.ckpt_dir + ".incoming")
-        shutil.rmtree(incoming, ignore_errors=True)
-        shutil.copytree(folder, incoming)
-    shutil.rmtree(job.ckpt_dir, ignore_errors=True)
-    os.replace(incoming, job.ckpt_dir)
-    final = checkpoint.load_final_meta(Path(job.ckpt_dir))  # digests verified
+        final = checkpoint.load_final_meta(Path(folder))  # digests verified
+        if job.storage is not None:
+            storage.Storage(location).put_dir(Path(folder), job.storage.checkpoints)
+        else:
+            incoming = Path(job.ckpt_dir + ".incoming")
+            shutil.rmtree(incoming, ignore_errors=True)
+            shutil.copytree(folder, incoming)
+            shutil.rmtree(job.ckpt_dir, ignore_errors=True)
+            os.replace(incoming, job.ckpt_dir)
     return {"step": final["step"], "metrics": final["metrics"], "history": final["history"]}

@@ -104,6 +104,11 @@ def _set(path: str, value):
     (_set("eval.cache_policies", [{"policy": "evict", "window": 8}]), "eval.cache_policies.0.policy"),
     (_set("compute.workers_per_run", 3), "train.batch_size"),
     (_set("compute.workers_per_run", 0), "compute.workers_per_run"),
+    (_set("compute.storage", "file://relative/ckpts"), "compute.storage"),
+    (_set("compute.storage", "ftp://host/ckpts"), "compute.storage"),
+    (_set("compute.resources", {"CPU": 1}), "compute.resources"),
+    (_set("compute.resources", {"node2": 1.5}), "compute.resources.node2"),
+    (_set("compute.resources", {"node2": 0}), "compute.resources.node2"),
 ])
 def test_error_names_the_field(mutate, field):
     raw = copy.deepcopy(DEFAULT)

@@ -185,6 +185,30 @@ class DataCorrupt(RuntimeError):
     """A prepared file whose bytes are not the ones `prepare` wrote (the message names it)."""
 
 
+class DataMismatch(DataCorrupt):
+    """Prepared data that does not fit the params (another tokenizer, too little text)."""
+
+
+def check_fits(manifest: dict, cfg, vocab: int, seq_len: int) -> None:
+    """Raise DataMismatch, naming the field, when `data/` (its verified manifest) cannot serve a
+    study: prepared with another tokenizer than `cfg.tokenizer` (a DataConfig's), with ids beyond
+    the model's `vocab`, or with a train or validation split shorter than `seq_len + 1` tokens."""
+    tok, form = manifest["tokenizer"], cfg.tokenizer
+    want = "bytes" if form == "bytes" else "bpe" if hasattr(form, "train") else "local"
+    again = "; run prepare again (make repro, or dvc repro -f -s prepare)"
+    if tok["name"] != want:
+        raise DataMismatch(f"data.tokenizer: data/ was prepared with the {tok['name']} tokenizer, params ask for "
+                           f"{want}{again}")
+    if tok["vocab_size"] > vocab:
+        raise DataMismatch(f"model.vocab_size: {vocab}, but data/ holds ids of a {tok['vocab_size']}-id tokenizer "
+                           f"(data.tokenizer changed since prepare?){again}")
+    counts = tok.get("tokens") or manifest["bytes"]  # bytes: a token per byte
+    for split, field in (("train", "the corpus"), ("validation", "data.validation_docs / validation_plays")):
+        if counts[split] < seq_len + 1:
+            raise DataMismatch(f"train.seq_len: {seq_len} tokens, but the {split} split holds {counts[split]:,}; "
+                               f"give it more text ({field}) or shorten train.seq_len")
+
+
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:  # streamed: a split file may be larger than memory
         return hashlib.file_digest(f, "sha256").hexdigest()

@@ -142,7 +142,7 @@ def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOU
     from pipeline.hf.configuration_kvf import KVFConfig
     from pipeline.hf.modeling_kvf import KVFForCausalLM
     from pipeline.hf.tokenization_kvf import KVFTokenizer
-    from pipeline.tokenizer import load_local
+    from pipeline.tokenizer import load_local, n_ids
 
     model, meta = checkpoint.load_model(ckpt_dir)
     out_dir = Path(out_dir)
@@ -164,7 +164,7 @@ def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOU
     _write_bundle(out_dir, sources)
     tok.save_pretrained(out_dir)
     card = model_card(variant, model, meta)
-    card["tokenizer"] = "bytes" if tokenizer_dir is None else f"{type(tok).__name__}, {len(tok)} ids"
+    card["tokenizer"] = "bytes" if tokenizer_dir is None else f"{type(tok).__name__}, {n_ids(tok)} ids"
     card["code_sha256"] = digest(sources)
     (out_dir / "README.md").write_text(_card_markdown(card))
     card["files"] = export_digests(out_dir)  # checked by the evaluate stage before it reads any
@@ -260,6 +260,7 @@ def run_export(params, root: Path, data_dir: Path, ckpt_root: Path, export_root:
     `pipeline.selection`); log and register each in MLflow. 0 on success."""
     from pipeline import tracking
     from pipeline.selection import select
+    from pipeline.tokenizer import prepared_dir
     from pipeline.train_stage import mlflow_run_ids
 
     uri = tracking.tracking_uri(params.tracking.uri, root)
@@ -269,7 +270,7 @@ def run_export(params, root: Path, data_dir: Path, ckpt_root: Path, export_root:
     for stale in (export_root.iterdir() if export_root.is_dir() else []):
         if stale.name not in {run.name for run in selected}:  # a rate that lost, or a removed run
             shutil.rmtree(stale)
-    tokenizer_dir = data_dir / "tokenizer" if (data_dir / "tokenizer").is_dir() else None  # None: bytes
+    tokenizer_dir = prepared_dir(data_dir)  # None: bytes
     for run in selected:
         out_dir = export_root / run.name
         card = export_variant(run.name, ckpt_root / run.name, out_dir, tokenizer_dir=tokenizer_dir)

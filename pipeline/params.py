@@ -626,7 +626,8 @@ def _check_variants(params: Params) -> None:
         params.model["vocab_size"] = need  # the model's embedding follows the tokenizer
     elif params.model["vocab_size"] < need:
         raise ParamsError(f"model.vocab_size: {params.model['vocab_size']} is smaller than the {need} ids of "
-                          f"data.tokenizer ({_describe_tokenizer(params.data.tokenizer)})")
+                          f"data.tokenizer ({_describe_tokenizer(params.data.tokenizer)}); remove it (the model "
+                          "follows the tokenizer) or raise it")
     points: dict[str, Point] = {}
     for name, attention in params.variants.items():
         if not _VARIANT_NAME.match(name):

@@ -238,5 +238,10 @@ def fetch_prepared(store: Storage, key: str, cache: Path) -> Path:
         os.rename(incoming, local)  # atomic; fails when another worker of this node got there first
     except OSError:
         shutil.rmtree(incoming, ignore_errors=True)
-    verify_prepared(local)
+    try:
+        verify_prepared(local)
+    except DataCorrupt as err:  # the copy in storage is damaged: the driver would skip re-uploading it
+        shutil.rmtree(local, ignore_errors=True)
+        raise DataCorrupt(f"{store.uri(key)}: not the bytes prepare wrote ({err}); delete that folder "
+                          "and run the train stage again (it uploads the data anew)") from None
     return local

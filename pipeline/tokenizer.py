@@ -93,10 +93,17 @@ def load_local(path: str | Path):
     if not tok.is_fast:
         raise TokenizerError(f"data.tokenizer.path: {path} holds a slow ({type(tok).__name__}) tokenizer; "
                              "save its fast version (tokenizer.json)")
-    if len(tok) < VOCAB_SIZE:
-        raise TokenizerError(f"data.tokenizer.path: {path} has {len(tok)} ids, fewer than the {VOCAB_SIZE} "
+    if n_ids(tok) < VOCAB_SIZE:
+        raise TokenizerError(f"data.tokenizer.path: {path} has {n_ids(tok)} ids, fewer than the {VOCAB_SIZE} "
                              "the recall tasks use")
+    tok.backend_tokenizer.no_truncation()  # a saved max_length would cut every block of text silently
+    tok.backend_tokenizer.no_padding()
     return tok
+
+
+def n_ids(tok) -> int:
+    """The ids a model needs for `tok`: one past the largest (ids may have gaps)."""
+    return max(len(tok), max(tok.get_vocab().values()) + 1)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
@@ -116,10 +123,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
                                    unk_token=SPECIALS[2], model_max_length=1 << 30)
 
 
+def prepared_dir(data_dir: str | Path) -> Path | None:
+    """The folder of the tokenizer prepare saved with the data (`data/tokenizer/`), None for bytes:
+    as the manifest says."""
+    import json
+
+    info = json.loads((Path(data_dir) / "manifest.json").read_text())["tokenizer"]
+    return None if info["name"] == "bytes" else Path(data_dir) / "tokenizer"
+
+
 def load_prepared(data_dir: str | Path):
-    """The tokenizer prepare saved with the data (`data/tokenizer/`), or None for bytes."""
-    folder = Path(data_dir) / "tokenizer"
-    return load_local(folder) if folder.is_dir() else None
+    """The tokenizer prepare saved with the data, or None for bytes."""
+    folder = prepared_dir(data_dir)
+    return None if folder is None else load_local(folder)
 
 
 def vocab_size(cfg) -> int:
@@ -128,4 +144,4 @@ def vocab_size(cfg) -> int:
         return VOCAB_SIZE
     if hasattr(cfg, "train"):
         return cfg.train.vocab_size
-    return len(load_local(cfg.path))
+    return n_ids(load_local(cfg.path))

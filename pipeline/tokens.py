@@ -9,7 +9,7 @@ text each token covers, taken from the tokenizer's offsets (a token's bytes run 
 token's end to its own). They add up to the split's bytes exactly, so bits per byte -- bits summed
 over the predicted tokens, divided by the bytes they cover -- compares across tokenizers.
 
-The text is tokenised a block at a time (about 16 KiB, cut after a line end), blocks in batches
+The text is tokenised a block at a time (about 16 KiB, cut after a line end: `_cut`), blocks in batches
 of about 1 MiB per core that `tokenizers` spreads over the cores: memory stays bounded whatever
 the corpus.
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -42,10 +44,24 @@ def blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str]:
                 if text:
                     yield text
                 return
-            cut = text.rfind("\n") + 1 or len(text)
+            cut = _cut(text)
             carry = text[cut:]
             if cut:
                 yield text[:cut]
+
+
+_QUIET_CUT = re.compile(r"(?<=\S)\n(?=\S)")  # a line end alone between two words: no pre-token spans it
+
+
+def _cut(text: str) -> int:
+    """Where a block ends: after the last line end that sits alone between two non-spaces (cutting
+    there tokenises as the whole text would), else after the last line end, else the last space."""
+    last = None
+    for last in _QUIET_CUT.finditer(text):
+        pass
+    if last is not None:
+        return last.end()
+    return text.rfind("\n") + 1 or text.rfind(" ") + 1 or len(text)
 
 
 def _byte_ends(text: str, char_ends: np.ndarray) -> np.ndarray:
@@ -82,7 +98,7 @@ def write_tokens(tok, text_dir: Path, out_dir: Path, workers: int) -> dict[str, 
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = ids_dtype(len(tok))
+    dtype = ids_dtype(tokenizer.n_ids(tok))
     backend, counts = tok.backend_tokenizer, {}
     for split in SPLITS:
         path = text_dir / f"{split}.bin"
@@ -98,7 +114,8 @@ def write_tokens(tok, text_dir: Path, out_dir: Path, workers: int) -> dict[str, 
                     if split in WITH_NBYTES:
                         n = token_bytes(text, enc.offsets)
                         if n.size and n.max() > np.iinfo(np.uint16).max:
-                            raise ValueError(f"{path}: a token covers {n.max()} bytes (more than uint16 holds)")
+                            raise ValueError(f"data.tokenizer: a token of {path} covers {n.max()} bytes, more "
+                                             "than the byte counts' uint16 holds")
                         bytes_out.write(n.astype(np.uint16).tobytes())
                     bar.update(len(text.encode("utf-8")))
     return counts
@@ -112,6 +129,8 @@ def prepare_tokenizer(cfg, out_dir: Path, workers: int) -> dict:
     """Save the study's tokenizer under `out_dir/tokenizer/` (a trained BPE: trained here on the
     training split) and tokenise every split into `out_dir/tokens/`; what the manifest records
     of it. Bytes: nothing to write."""
+    for folder in ("tokenizer", "tokens"):  # another tokenizer's files: never listed as this one's
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
     if cfg.tokenizer == "bytes":
         return {"name": "bytes", "vocab_size": tokenizer.VOCAB_SIZE}
     text_dir = out_dir / "text"
@@ -125,7 +144,8 @@ def prepare_tokenizer(cfg, out_dir: Path, workers: int) -> dict:
         tok, name = tokenizer.load_local(cfg.tokenizer.path), "local"
     tok.save_pretrained(str(out_dir / "tokenizer"))
     counts = write_tokens(tok, text_dir, out_dir / "tokens", workers)
-    return {"name": name, "vocab_size": len(tok), "dtype": ids_dtype(len(tok)).name, "tokens": counts}
+    n = tokenizer.n_ids(tok)
+    return {"name": name, "vocab_size": n, "dtype": ids_dtype(n).name, "tokens": counts}
 
 
 class TokenStream:

@@ -31,7 +31,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from pipeline import checkpoint, fanout, storage, sweep, tracking
-from pipeline.data import verify_prepared
+from pipeline.data import check_fits, verify_prepared
 from pipeline.fingerprint import digest, source_hash
 from pipeline.jobs import StorageKeys, TrainJob
 from pipeline.params import Params, Run
@@ -355,6 +355,8 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
 def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, metrics_path: Path) -> int:
     """Train every run that needs it; write `metrics_path`; 0 if all succeeded, else 1."""
     code, manifest = source_hash(TRAIN_CODE), verify_prepared(data_dir)
+    vocab = min(params.model_config_for(run.variant).vocab_size for run in params.runs())
+    check_fits(manifest, params.data, vocab, params.train.seq_len)
     jobs = {run.name: train_job(params, run, code, data_dir, ckpt_root, manifest["files"]) for run in params.runs()}
     complete = {}
     for name, job in jobs.items():

@@ -22,6 +22,7 @@ import json  # noqa: E402
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
 
 from pipeline import data, tokens  # noqa: E402
 from pipeline.params import DataConfig, MQARConfig, ParamsError, RetrievalConfig, parse_params  # noqa: E402
@@ -106,12 +107,53 @@ def test_a_trained_bpe_round_trips_every_split_and_a_saved_one_tokenises_alike(t
     _prepare(tmp_path / "b", corpus, {"train": {"vocab_size": 600}})
     digests = json.loads((out / "manifest.json").read_text())["files"]
     assert json.loads((tmp_path / "b" / "data" / "manifest.json").read_text())["files"] == digests
-    shutil.copytree(out / "tokenizer", tmp_path / "saved")
+    shutil.copytree(out / "tokenizer", tmp_path / "saved")  # saved with a max_length: never applied
+    saved = Tokenizer.from_file(str(tmp_path / "saved" / "tokenizer.json"))
+    saved.enable_truncation(8)
+    saved.save(str(tmp_path / "saved" / "tokenizer.json"))
     local = _prepare(tmp_path / "c", corpus, {"path": str(tmp_path / "saved")})
     assert local["tokenizer"]["name"] == "local"
     again = json.loads((tmp_path / "c" / "data" / "manifest.json").read_text())["files"]
     assert {k: v for k, v in again.items() if k.startswith("tokens/")} == \
         {k: v for k, v in digests.items() if k.startswith("tokens/")}
+    # validation windows: targets are the inputs shifted, and each window's byte counts are its text's
+    x, y, nbytes = data.TrainingData(out).val_windows(6, 16)
+    assert (x[:, 1:] == y[:, :-1]).all() and nbytes.shape == y.shape
+    for row, counts in zip(y, nbytes):
+        text = tok.decode(row.tolist())
+        if "\ufffd" not in text:  # no character cut at the window's edges
+            assert counts.sum() == len(text.encode())
+
+
+def test_block_cuts_tokenise_as_the_whole_text(tmp_path, monkeypatch):
+    """Prose cut into blocks (`tokens._cut`) gives the ids of the text tokenised whole."""
+    plays = data.split_bytes(["macbeth", "hamlet"]).decode()
+    tok = tokenizer.train_bpe([plays], vocab_size=800)
+    (tmp_path / "text").mkdir()
+    for split in ("train", "validation", "heldout"):
+        (tmp_path / "text" / f"{split}.bin").write_bytes(plays.encode())
+    monkeypatch.setattr(tokens, "BLOCK_BYTES", 3000)
+    tokens.write_tokens(tok, tmp_path / "text", tmp_path / "tokens", workers=1)
+    ids = np.fromfile(tmp_path / "tokens" / "heldout.bin", dtype=np.uint16)
+    assert ids.tolist() == tok.backend_tokenizer.encode(plays, add_special_tokens=False).ids
+
+
+def test_prepared_data_must_fit_the_params(tmp_path):
+    rng = np.random.default_rng()
+    manifest = _prepare(tmp_path, _corpus(tmp_path / "corpus", rng, n_docs=6), {"train": {"vocab_size": 400}})
+    cfg = lambda tok: DataConfig(mqar=MQAR, retrieval=RETRIEVAL, tokenizer=tok,  # noqa: E731
+                                 corpus={"format": "txt", "path": str(tmp_path / "corpus")})
+    bpe = cfg({"train": {"vocab_size": 400}})
+    data.check_fits(manifest, bpe, 400, 32)
+    with pytest.raises(data.DataMismatch, match="data.tokenizer: data/ was prepared with the bpe tokenizer, params ask for bytes"):
+        data.check_fits(manifest, cfg("bytes"), 400, 32)
+    with pytest.raises(data.DataMismatch, match="model.vocab_size: 300, but data/ holds ids of a 400-id tokenizer"):
+        data.check_fits(manifest, bpe, 300, 32)
+    counts = manifest["tokenizer"]["tokens"]
+    short = min(("train", "validation"), key=counts.get)  # the first to run out
+    with pytest.raises(data.DataMismatch, match=f"train.seq_len: {counts[short]} tokens, but the {short} split "
+                                                f"holds {counts[short]:,}"):
+        data.check_fits(manifest, bpe, 400, counts[short])
 
 
 def _params(**data_fields) -> dict:

@@ -1,5 +1,8 @@
 """The evaluate stage's driver: one Ray job per run (`pipeline.evaluation.evaluate_run`); the
-driver alone writes MLflow and `results/eval/<run>.json`, `metrics/eval.json`.
+driver alone writes MLflow and `results/eval/<run>.json`, `metrics/eval.json`. With
+`compute.storage` a URI the jobs carry storage keys, not paths: their workers fetch the data, the
+checkpoint and the export into their node's cache (`through_storage`, `in_node_cache`), as the
+train stage's do; `compute.resources` pins them to nodes as it pins training.
 
 A run whose (checkpoint fingerprint, eval config, task settings, evaluation code) is unchanged
 keeps its result.
@@ -7,11 +10,12 @@ keeps its result.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from pipeline import checkpoint, fanout, tracking
+from pipeline import checkpoint, fanout, storage, tracking
 from pipeline.data import verify_prepared
 from pipeline.fingerprint import digest, source_hash
 from pipeline.jobs import EvalJob
@@ -88,6 +92,53 @@ def eval_jobs(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expor
                     "variant": f"{point}+{policy.name}", "family": f"{point}+{policy.policy}",
                     "fingerprint": digest({"eval": job.fingerprint, "policy": policy.model_dump()})})
     return jobs
+
+
+def through_storage(store, jobs: dict[str, EvalJob], data_dir: Path, ckpt_root: Path,
+                    export_root: Path, manifest: dict) -> dict[str, EvalJob]:
+    """The jobs as sent when the nodes share no filesystem (`compute.storage` a URI): the prepared
+    data (once per manifest), each run's checkpoint and export uploaded to storage; each job
+    carries their keys, and no path of this machine (its worker fetches them: `in_node_cache`)."""
+    data_key, sent, uploaded = storage.put_prepared(store, data_dir, manifest), {}, set()
+    for name, job in jobs.items():
+        run = job.checkpoint_run or job.run
+        if run not in uploaded:
+            store.remove(f"evaluate/{run}")
+            store.put_dir(ckpt_root / run, f"evaluate/{run}/checkpoint")
+            if (export_root / run).is_dir():
+                store.put_dir(export_root / run, f"evaluate/{run}/export")
+            uploaded.add(run)
+        sent[name] = EvalJob.model_validate({
+            **job.model_dump(), "ckpt_dir": None, "export_dir": None, "data_dir": None, "hf_home": None,
+            "task_metadata": {**job.task_metadata, **({"heldout_path": "text/heldout.bin"}  # in the node's copy
+                                                      if "heldout_path" in job.task_metadata else {})},
+            "storage": {"uri": store.location, "data": data_key, "run": f"evaluate/{run}"}})
+    return sent
+
+
+def in_node_cache(job: EvalJob, fn) -> dict:
+    """In a Ray worker: `fn(job)`, after fetching what a job sent through storage needs into this
+    node's cache (a folder of its own per job: two jobs of one run may share a node)."""
+    if job.storage is None:
+        return fn(job)
+    import ray
+
+    store, cache = storage.Storage(job.storage.uri), storage.node_cache()
+    data = storage.fetch_prepared(store, job.storage.data, cache)
+    local = cache / "evaluate" / f"{job.run}-{os.getpid()}"
+    try:
+        store.get_dir(f"{job.storage.run}/checkpoint", local / "checkpoint")
+        store.get_dir(f"{job.storage.run}/export", local / "export")
+        tasks = dict(job.task_metadata)
+        if "heldout_path" in tasks:  # a local corpus's haystack: the node's copy of the held-out split
+            tasks["heldout_path"] = str(data / tasks["heldout_path"])
+        job = job.model_copy(update={"data_dir": str(data), "ckpt_dir": str(local / "checkpoint"),
+                                     "export_dir": str(local / "export"), "hf_home": str(cache / "hf_home"),
+                                     "task_metadata": tasks})
+        result = fn(job)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return {**result, "worker": {"node_id": ray.get_runtime_context().get_node_id(), "data_dir": str(data)}}
 
 
 def flat_metrics(r: dict, report_context: int, trained_len: int) -> dict[str, float]:
@@ -169,7 +220,7 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
     from pipeline.evaluation.policy import evaluate_policy
     from pipeline.train_stage import mlflow_run_ids
 
-    verify_prepared(data_dir)
+    manifest = verify_prepared(data_dir)
     jobs = eval_jobs(params, root, data_dir, ckpt_root, export_root)
     results, todo = {}, {}
     for name, job in jobs.items():
@@ -188,16 +239,21 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
     results_dir.mkdir(parents=True, exist_ok=True)
     failures = []
     if todo:
-        with fanout.cluster(params.compute, root) as cluster:
-            device = cluster.device
+        with fanout.cluster(params.compute, root, custom=True) as cluster:
+            device, sent, where = cluster.device, todo, ""
+            if storage.is_uri(params.compute.storage):  # the nodes share nothing but the storage
+                sent = through_storage(storage.Storage(params.compute.storage), todo, data_dir, ckpt_root,
+                                       export_root, manifest)
+                where = f"; storage {params.compute.storage} (no shared filesystem)"
             refs = {}
             for fn, policy in ((evaluate_run, False), (evaluate_policy, True)):
-                mine = {n: j.model_copy(update={"device": device}) for n, j in todo.items()
+                mine = {n: j.model_copy(update={"device": device}) for n, j in sent.items()
                         if (j.policy is not None) == policy}
                 if mine:
-                    refs |= fanout.submit(fn, mine, "evaluate", params.compute.cpus_per_job, cluster.gpus_per_job)
-            print(f"[evaluate] {len(todo)} run(s) on Ray ({cluster.where}), {cluster.gpus_per_job} GPU(s) per job",
-                  flush=True)
+                    refs |= fanout.submit(in_node_cache, mine, "evaluate", params.compute.cpus_per_job,
+                                          cluster.gpus_per_job, fn, resources=params.compute.resources)
+            print(f"[evaluate] {len(todo)} run(s) on Ray ({cluster.where}), {cluster.gpus_per_job} GPU(s) per "
+                  f"job{where}", flush=True)
             for name, r in fanout.as_completed(refs):
                 if r["status"] != "ok":
                     failures.append(name)
@@ -205,10 +261,13 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
                           file=sys.stderr, flush=True)
                     continue
                 r["key"], r["eval_fingerprint"] = name, todo[name].fingerprint
+                worker = r.pop("worker", None)  # through storage: where it ran (not part of the result)
                 checkpoint.write_json(results_dir / f"{name}.json", r)
                 results[name] = r
                 seconds = r["time_quality_s"] + r.get("time_lm_eval_s", 0) + r["time_decode_s"]
-                print(f"[evaluate] {name}: done in {seconds:.1f}s", flush=True)
+                print(f"[evaluate] {name}: done in {seconds:.1f}s" + (
+                    f" (on node {worker['node_id']}, data read from {worker['data_dir']})" if worker else ""),
+                    flush=True)
 
     tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
     context, trained = params.eval.report_context, params.train.seq_len

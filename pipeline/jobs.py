@@ -37,6 +37,17 @@ class StorageKeys(BaseModel):
     checkpoints: str  # the run's checkpoint folder: checkpoints/<run>-<fingerprint[:12]>
 
 
+class EvalStorage(BaseModel):
+    """What an evaluation's worker fetches from `compute.storage` (a URI) into its node's cache:
+    the prepared data, and the run's checkpoint and export as the driver uploaded them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str
+    data: str  # data/<digest of its manifest>
+    run: str  # evaluate/<run>: `checkpoint/` and `export/` below it
+
+
 class TrainJob(_Job):
     """Train one run to `train.steps`, resuming from its checkpoint when its fingerprint matches:
     at `ckpt_dir`, reading `data_dir` (paths every node sees), or, with `storage`, from storage
@@ -71,9 +82,10 @@ class EvalJob(_Job):
     reach: Optional[tuple[int, int]]  # the study's shortest and longest window reach (MQAR split)
     min_window: Optional[int] = None  # the study's smallest window (bits per byte by distance)
     task_metadata: dict
-    ckpt_dir: str
-    export_dir: str
-    data_dir: str
-    hf_home: str
+    ckpt_dir: Optional[str]
+    export_dir: Optional[str]
+    data_dir: Optional[str]
+    hf_home: Optional[str]
+    storage: Optional[EvalStorage] = None  # no shared filesystem: the worker fetches these, fills the paths
     policy: Optional[CachePolicy] = None  # measure the checkpoint under this inference-time cache policy
     checkpoint_run: Optional[str] = None  # with a policy: the trained run it cuts (`run` is `<it>+<policy>`)

@@ -195,6 +195,34 @@ def test_train_stage_on_the_second_node_through_storage(two_nodes, tiny_project,
     assert third.returncode == 0, log[-4000:]
     assert log.count("unchanged since its last completed run, skipped") == 2 and "run(s) on Ray" not in log
 
+    # 4. export (the driver's) and evaluate: its jobs, a cache policy's among them, run on node 2
+    # from the data, checkpoint and export they fetch through storage
+    _set_eval(root)
+    assert run_stage(root, "export", timeout=300, **client).returncode == 0
+    fourth = run_stage(root, "evaluate", timeout=400, **client)
+    log = fourth.stdout + fourth.stderr
+    assert fourth.returncode == 0, log[-4000:]
+    assert f"storage file://{store} (no shared filesystem)" in log
+    for key in ("mha", "swa", "mha+window4"):
+        line = next(x for x in log.splitlines() if x.startswith(f"[evaluate] {key}: done"))
+        assert f"(on node {node2}, data read from {data})" in line, line
+        result = json.loads((root / "results" / "eval" / f"{key}.json").read_text())
+        assert "worker" not in result and result["bpb"]["32"] > 0
+    assert result["lm_eval"] == {} and json.loads((root / "results" / "eval" / "mha.json").read_text())["lm_eval"]
+    for run in ("mha", "swa"):  # what the workers fetched
+        assert (store / "evaluate" / run / "checkpoint" / "model.json").exists()
+        assert (store / "evaluate" / run / "export" / "config.json").exists()
+    assert not list((Path(node2_temp) / "kvf-cache" / "evaluate").iterdir())  # each job's copy removed
+
+
+def _set_eval(root: Path) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["eval"] = {"context_lengths": [32, 64], "bpb_tokens": 128, "mqar_pairs": [2], "mqar_examples": 8,
+                      "capacity_pairs": [1], "lm_eval_tasks": ["kvf_passkey_mc"], "task_context_lengths": [256],
+                      "limit": 1, "decode_lengths": [64], "decode_new_tokens": 4, "generate_lengths": [],
+                      "report_context": 1024, "cache_policies": [{"policy": "window", "window": 4, "points": ["mha"]}]}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
 
 def test_ray_train_workers_on_the_second_node_through_storage(two_nodes, tiny_project, tmp_path_factory):
     """`workers_per_run: 2`: Ray Train keeps its checkpoints in the storage URI, each worker reads
@@ -248,3 +276,27 @@ def test_a_job_sent_to_a_worker_carries_storage_keys_and_no_driver_path(tiny_pro
     assert sent.storage.model_dump() == {"uri": store, "data": "data/0123",
                                          "checkpoints": f"checkpoints/{run.name}-{job.fingerprint[:12]}"}
     assert str(tiny_project) not in sent.model_dump_json()
+
+
+def test_an_evaluation_sent_through_storage_carries_keys_and_no_driver_path(tiny_project, tmp_path_factory):
+    """An evaluate job with storage a URI: the run's checkpoint and export go to storage, the job
+    names them by key; a local corpus's haystack is named inside the data, not on this machine."""
+    from pipeline import checkpoint as ckpt
+    from pipeline.data import verify_prepared
+    from pipeline.evaluate import through_storage
+    from pipeline.jobs import EvalJob
+    from pipeline.params import EvalConfig, MQARConfig
+    from pipeline.storage import Storage
+
+    root, store = tiny_project, tmp_path_factory.mktemp("storage")
+    (root / "checkpoints" / "mha").mkdir(parents=True)
+    ckpt.write_json(root / "checkpoints" / "mha" / "model.json", {"step": 30})
+    job = EvalJob(run="mha", variant="mha", seed=0, family="mha", lr=1e-3, lr_candidates={}, eval=EvalConfig(),
+                  mqar=MQARConfig(), fingerprint="f" * 64, reach=None, ckpt_dir=str(root / "checkpoints" / "mha"),
+                  export_dir=str(root / "exports" / "mha"), data_dir=str(root / "data"), hf_home=str(root / "hf"),
+                  task_metadata={"seed": 0, "heldout_path": str(root / "data" / "text" / "heldout.bin")})
+    sent = through_storage(Storage(f"file://{store}"), {"mha": job}, root / "data", root / "checkpoints",
+                           root / "exports", verify_prepared(root / "data"))["mha"]
+    assert str(root) not in sent.model_dump_json() and sent.task_metadata["heldout_path"] == "text/heldout.bin"
+    assert sent.storage.run == "evaluate/mha" and (store / "evaluate" / "mha" / "checkpoint" / "model.json").exists()
+    assert (store / sent.storage.data / "manifest.json").read_bytes() == (root / "data" / "manifest.json").read_bytes()

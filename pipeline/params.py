@@ -179,14 +179,21 @@ class LocalTokenizer(_Block):
     path: str = Field(min_length=1, description="a folder written by save_pretrained (relative to the repo, "
                       "or absolute); it must hold a fast tokenizer (tokenizer.json)")
 
-    @field_validator("path")
-    @classmethod
-    def _loads(cls, path: str) -> str:
+    _ids: int = PrivateAttr(0)  # how many ids it has, read when it is loaded (once) here
+
+    @model_validator(mode="after")
+    def _loads(self) -> "LocalTokenizer":
+        if self._ids:  # pydantic runs this again on the instance `_tokenizer_form` returns
+            return self
         try:
-            tokenizer.load_local(path)  # a bad folder fails here, naming it
+            self._ids = tokenizer.n_ids(tokenizer.load_local(self.path))  # a bad folder fails here, naming it
         except tokenizer.TokenizerError as err:
-            raise ValueError(str(err).removeprefix("data.tokenizer.path: ")) from None
-        return path
+            raise ValueError(str(err).removeprefix("data.tokenizer.")) from None
+        return self
+
+    @property
+    def n_ids(self) -> int:
+        return self._ids
 
 
 def _tokenizer_form(value):
@@ -200,8 +207,8 @@ def _tokenizer_form(value):
             return form.model_validate(value)
         except ValidationError as err:
             e = err.errors()[0]
-            loc = ".".join(str(x) for x in e["loc"])
-            raise ValueError(f"{loc}: {e['msg'].removeprefix('Value error, ')}") from None
+            loc, msg = ".".join(str(x) for x in e["loc"]), e["msg"].removeprefix("Value error, ")
+            raise ValueError(f"{loc}: {msg}" if loc else msg) from None
     raise ValueError(f"must be bytes, {{path: <a tokenizer folder>}} or {{train: {{vocab_size: N}}}}; got {value!r}")
 
 
@@ -433,7 +440,7 @@ class ComputeConfig(_Block):
                          "(file:///abs/path, s3://bucket/prefix, gs://, hdfs://): then the nodes share "
                          "nothing but it (pipeline/storage.py)")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each "
-                                        "train job (each Ray Train worker) asks for, e.g. {node2: 1}: "
+                                        "train and evaluate job (each Ray Train worker) asks for, e.g. {node2: 1}: "
                                         "pins the jobs to the nodes that declare them")
     max_failures: int = Field(2, ge=0, description="data-parallel runs: worker-group restarts "
                               "(from the last checkpoint) before the run fails")

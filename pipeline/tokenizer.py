@@ -144,4 +144,4 @@ def vocab_size(cfg) -> int:
         return VOCAB_SIZE
     if hasattr(cfg, "train"):
         return cfg.train.vocab_size
-    return n_ids(load_local(cfg.path))
+    return cfg.n_ids  # counted when the config was validated (`pipeline.params.LocalTokenizer`)

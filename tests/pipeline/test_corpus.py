@@ -392,7 +392,7 @@ def test_dvc_reruns_prepare_when_a_corpus_file_changes(tmp_path):
     """DVC itself, in a copy of the project: a changed corpus file re-runs prepare, a touched
     (unchanged) one does not; the default params resolve `${data.corpus.path}` too."""
     repo = tmp_path / "repo"
-    for rel in ("dvc.yaml", "requirements.lock", "stages/__init__.py", "stages/prepare.py", "pipeline/params.py",
+    for rel in ("dvc.yaml", "uv.lock", "stages/__init__.py", "stages/prepare.py", "pipeline/params.py",
                 "pipeline/data.py", "pipeline/corpus.py", "pipeline/tokenizer.py", "pipeline/tokens.py"):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, repo / rel)

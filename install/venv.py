@@ -111,8 +111,11 @@ def fetch_cpu_torch(pip_python: str, version: str, python_version: str, dest: Pa
     wheels = sorted(dest.glob("torch-*.whl"))
     if run.returncode == 0 and wheels:
         return wheels[0], ""
-    last = [line for line in (run.stderr + run.stdout).splitlines() if line.startswith("ERROR")]
-    return None, (last[-1] if last else f"pip exited {run.returncode}")
+    lines = (run.stderr + run.stdout).splitlines()
+    unreachable = any("/whl/cpu/" in line and ("connection" in line or "Failed" in line) for line in lines)
+    errors = [line for line in lines if line.startswith("ERROR")]
+    said = errors[0] if errors else f"pip exited {run.returncode}"
+    return None, ("PyTorch's CPU index unreachable; pip: " if unreachable else "pip: ") + said
 
 
 def choose(want: str, version: str, python_version: str, pip_python: str, wheels: Path) -> tuple[str, str, Path | None]:

@@ -28,6 +28,9 @@ export UV_PYTHON_DOWNLOADS := never
 HOST_PATH := $(PATH)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
+# make gpu-wheels (here) and make gpu-check (on a GPU machine): benchmarks/gpu.mk
+include benchmarks/gpu.mk
+
 .PHONY: venv test repro bench lock lock-targets mlflow-server
 
 venv: $(VENV)/.installed
@@ -43,7 +46,7 @@ $(VENV)/.installed: uv.lock pyproject.toml install/venv.py | $(UV)
 
 test: venv
 	$(UV) lock --check --offline
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=25 tests
 
 repro: venv
 	$(PY) -m pipeline.dvc_setup

@@ -16,7 +16,8 @@ FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def use_triton(kernel, *tensors: torch.Tensor, dtypes: tuple = FLOAT, backward: bool) -> bool:
-    """Whether `kernel` (None when triton did not import) should run on `tensors`."""
+    """Whether `kernel` (None when its library, triton or fla-core, is missing) should run on
+    `tensors`."""
     if kernel is None or not all(t.is_cuda for t in tensors):
         return False
     if any(t.dtype not in dtypes for t in tensors if t.is_floating_point()):

@@ -41,8 +41,12 @@ $(UV):
 
 # Exactly the locked set (uv sync --frozen: nothing resolved, hashes checked), then this project
 # (editable); the torch build per machine, printed with the reason (install/venv.py).
-$(VENV)/.installed: uv.lock pyproject.toml install/venv.py | $(UV)
-	PATH="$(HOST_PATH)" .uv/tool/bin/python install/venv.py --uv $(UV) --python $(PYTHON) --venv $(VENV) --torch $(TORCH)
+# .uv/venv-args holds PYTHON and TORCH: rewritten only when they change, so asking for another
+# interpreter or torch build reinstalls, and nothing else does.
+VENV_ARGS := --python $(PYTHON) --torch $(TORCH)
+$(shell mkdir -p .uv && [ "$$(cat .uv/venv-args 2>/dev/null)" = "$(VENV_ARGS)" ] || echo "$(VENV_ARGS)" > .uv/venv-args)
+$(VENV)/.installed: uv.lock pyproject.toml install/venv.py .uv/venv-args | $(UV)
+	PATH="$(HOST_PATH)" .uv/tool/bin/python install/venv.py --uv $(UV) --venv $(VENV) $(VENV_ARGS)
 
 test: venv
 	$(UV) lock --check --offline

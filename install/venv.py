@@ -166,7 +166,11 @@ def main() -> None:
     sync += [arg for name in skip for arg in ("--no-install-package", name)]
     subprocess.run(sync, env=env, check=True)
     if wheel is not None:
-        subprocess.run([args.uv, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"),
+        python = str(venv / "bin" / "python")
+        # a venv that had another build: its CUDA packages go (uv sync leaves skipped ones in place)
+        subprocess.run([args.uv, "pip", "uninstall", "--quiet", "--python", python, *skip[1:]], env=env,
+                       check=True, capture_output=True)
+        subprocess.run([args.uv, "pip", "install", "--quiet", "--python", python,
                         "--no-deps", "--reinstall-package", "torch", str(wheel)], env=env, check=True)
 
     probe = ("import json, sys, torch; print(json.dumps({'python': sys.version.split()[0], 'torch': torch.__version__,"

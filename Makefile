@@ -5,13 +5,16 @@
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
-# The interpreter the venv is made from (3.11-3.13), and the torch build: auto picks the CUDA
-# build with an NVIDIA GPU, the CPU build without one (make venv TORCH=cpu|cuda overrides).
+# The interpreter the venv is made from (CPython 3.11-3.13), and the torch build: auto picks the
+# lock's CUDA build with an NVIDIA GPU; on Linux without one the CPU build where one can be had,
+# else the lock's build (it runs on a CPU); on macOS the lock's CPU/MPS build. TORCH=cpu|cuda
+# overrides auto (install/venv.py, docs/install.md).
 PYTHON ?= python3
 TORCH  ?= auto
 # uv, the lock's resolver and installer, pinned and kept in .uv/ with its cache.
 UV_VERSION := 0.13.9
 UV    := .uv/tool/bin/uv
+UV_STAMP := .uv/tool/uv-$(UV_VERSION)
 
 # Keep tool state inside the repo, not in $HOME or /tmp defaults.
 export DVC_NO_ANALYTICS := 1
@@ -23,29 +26,30 @@ export TRANSFORMERS_OFFLINE := 1
 export TRITON_CACHE_DIR := $(CURDIR)/runs/triton_cache
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export UV_CACHE_DIR ?= $(CURDIR)/.uv/cache
+export PIP_CACHE_DIR ?= $(CURDIR)/.uv/pip-cache
 export UV_PYTHON_DOWNLOADS := never
 # $(PYTHON) is looked up on the PATH you came with, not in the venv that PATH puts first.
 HOST_PATH := $(PATH)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-# make gpu-wheels (here) and make gpu-check (on a GPU machine): benchmarks/gpu.mk
-include benchmarks/gpu.mk
-
 .PHONY: venv test repro bench lock lock-targets mlflow-server
 
 venv: $(VENV)/.installed
 
-$(UV):
+$(UV_STAMP):
 	rm -rf .uv/tool && PATH="$(HOST_PATH)" $(PYTHON) -m venv .uv/tool
 	.uv/tool/bin/pip install -q uv==$(UV_VERSION)
+	touch $@
 
-# Exactly the locked set (uv sync --frozen: nothing resolved, hashes checked), then this project
-# (editable); the torch build per machine, printed with the reason (install/venv.py).
-# .uv/venv-args holds PYTHON and TORCH: rewritten only when they change, so asking for another
-# interpreter or torch build reinstalls, and nothing else does.
+# Exactly the locked set (uv sync --locked: the lock must match pyproject.toml, nothing is
+# resolved, hashes are checked), then this project (editable); the torch build per machine,
+# printed with the reason (install/venv.py).
+# .uv/venv-args holds the interpreter (as it resolves now) and TORCH: rewritten only when they
+# change, so another interpreter or torch build reinstalls, and nothing else does.
 VENV_ARGS := --python $(PYTHON) --torch $(TORCH)
-$(shell mkdir -p .uv && [ "$$(cat .uv/venv-args 2>/dev/null)" = "$(VENV_ARGS)" ] || echo "$(VENV_ARGS)" > .uv/venv-args)
-$(VENV)/.installed: uv.lock pyproject.toml install/venv.py .uv/venv-args | $(UV)
+VENV_KEY := $(VENV_ARGS) $(shell PATH="$(HOST_PATH)" $(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null)
+$(shell mkdir -p .uv && [ "$$(cat .uv/venv-args 2>/dev/null)" = "$(VENV_KEY)" ] || echo "$(VENV_KEY)" > .uv/venv-args)
+$(VENV)/.installed: uv.lock pyproject.toml install/venv.py .uv/venv-args $(UV_STAMP)
 	PATH="$(HOST_PATH)" .uv/tool/bin/python install/venv.py --uv $(UV) --venv $(VENV) $(VENV_ARGS)
 
 test: venv
@@ -74,10 +78,13 @@ bench: venv
 #   make lock UPGRADE=transformers   move only that package (and what it requires) to its newest
 #                                 allowed version;  UPGRADE=all: everything
 # then `make test`, and commit the lock with the change that needed it.
-lock: | $(UV)
+lock: $(UV_STAMP)
 	$(UV) lock $(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p)))
 
 # Check, from this machine, that uv.lock has a wheel of every pin for each target (Linux x86_64
 # and aarch64, macOS arm64; CPython 3.11-3.13). Needs the package index (install/targets.py).
-lock-targets: | $(UV)
+lock-targets: $(UV_STAMP)
 	.uv/tool/bin/python install/targets.py --uv $(UV)
+
+# make gpu-wheels (here) and make gpu-check (on a GPU machine): benchmarks/gpu.mk
+include benchmarks/gpu.mk

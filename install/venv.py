@@ -9,8 +9,8 @@ MPS build on macOS. On Linux this script picks the build per machine:
   can be had: from pip's own configuration (its indexes and find-links) or PyTorch's CPU index;
 - no GPU and no CPU build reachable: the lock's build again, which runs on a CPU.
 
-Every other package is the lock's, installed by `uv sync --frozen` (hashes checked, nothing
-resolved). With the CPU build, the lock's CUDA-only packages (those only torch needs) are left
+Every other package is the lock's, installed by `uv sync --locked` (the lock must match
+pyproject.toml; nothing resolved, hashes checked). With the CPU build, the lock's CUDA-only packages (those only torch needs) are left
 out and the CPU wheel is installed in torch's place, without dependencies: they are the lock's.
 `--torch cpu|cuda` (make venv TORCH=...) overrides the choice; cpu fails when no CPU build can be
 had. The choice and its reason are printed and written to .venv/.installed.
@@ -25,9 +25,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
+
+if not (3, 11) <= sys.version_info[:2] <= (3, 13):  # before tomllib: 3.10 has none
+    sys.exit(f"make venv: Python {sys.version_info[0]}.{sys.version_info[1]}: uv.lock is for CPython 3.11-3.13; "
+             "name one with PYTHON=, e.g. make venv PYTHON=python3.12 (then rm -rf .uv/tool)")
+import tomllib  # noqa: E402
 
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 ROOT = "kv-frontier"
@@ -40,7 +44,7 @@ def say(msg: str) -> None:
 def interpreter(python: str) -> tuple[str, str]:
     """The interpreter's own path (not a version manager's shim) and its X.Y version."""
     out = subprocess.run([python, "-c", "import sys; print(sys.executable); print('%d.%d' % sys.version_info[:2])"],
-                         capture_output=True, text=True, check=True).stdout.split()
+                         capture_output=True, text=True, check=True).stdout.splitlines()
     return out[0], out[1]
 
 
@@ -97,18 +101,21 @@ def only_torch_needs(lock: dict, keep: list[str]) -> list[str]:
 
 def fetch_cpu_torch(pip_python: str, version: str, python_version: str, dest: Path) -> tuple[Path | None, str]:
     """Download `torch==version+cpu` for this machine's tags with pip (its configured sources,
-    plus PyTorch's CPU index). Returns the wheel, or None and pip's last words."""
+    plus PyTorch's CPU index; a wheel already in `dest` is reused). Returns the wheel, or None
+    and what pip said."""
     dest.mkdir(parents=True, exist_ok=True)
-    for old in dest.glob("torch-*.whl"):
-        old.unlink()
     abi = "cp" + python_version.replace(".", "")
+    wanted = f"torch-{version}+cpu-{abi}-{abi}-"
+    for old in dest.glob("torch-*.whl"):
+        if not old.name.startswith(wanted):
+            old.unlink()
     cmd = [pip_python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest),
            "--python-version", python_version, "--implementation", "cp", "--abi", abi,
            "--platform", f"manylinux_2_28_{platform.machine()}",
            "--extra-index-url", CPU_INDEX, "--retries", "1", "--timeout", "15", "--progress-bar", "off",
            f"torch=={version}+cpu"]
     run = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = sorted(dest.glob("torch-*.whl"))
+    wheels = sorted(dest.glob(wanted + "*.whl"))
     if run.returncode == 0 and wheels:
         return wheels[0], ""
     lines = (run.stderr + run.stdout).splitlines()
@@ -162,14 +169,15 @@ def main() -> None:
     venv = Path(args.venv).absolute()
     env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(venv), "UV_PYTHON_DOWNLOADS": "never"}
     skip = ["torch", *only_torch_needs(lock, wheel_requires(wheel))] if wheel is not None else []
-    sync = [args.uv, "sync", "--frozen", "--all-extras", "--python", exe, "--quiet"]
+    sync = [args.uv, "sync", "--locked", "--all-extras", "--python", exe]
     sync += [arg for name in skip for arg in ("--no-install-package", name)]
     subprocess.run(sync, env=env, check=True)
     if wheel is not None:
         python = str(venv / "bin" / "python")
         # a venv that had another build: its CUDA packages go (uv sync leaves skipped ones in place)
-        subprocess.run([args.uv, "pip", "uninstall", "--quiet", "--python", python, *skip[1:]], env=env,
-                       check=True, capture_output=True)
+        if skip[1:]:
+            subprocess.run([args.uv, "pip", "uninstall", "--quiet", "--python", python, *skip[1:]], env=env,
+                           check=True, capture_output=True)
         subprocess.run([args.uv, "pip", "install", "--quiet", "--python", python,
                         "--no-deps", "--reinstall-package", "torch", str(wheel)], env=env, check=True)
 
@@ -179,6 +187,8 @@ def main() -> None:
                                     check=True).stdout)
     if got["torch"].split("+")[0] != version:
         sys.exit(f"make venv: installed torch {got['torch']}, but uv.lock pins {version}")
+    if (build == "cpu") != got["torch"].endswith("+cpu") or (build == "cuda" and not got["cuda"]):
+        sys.exit(f"make venv: installed torch {got['torch']} (CUDA {got['cuda']}), not the {build} build chosen")
     say(f"installed torch {got['torch']} (CUDA {got['cuda'] or 'none'}, a GPU usable now: {got['cuda_available']}) "
         f"on Python {got['python']}; left out for the CPU build: {', '.join(skip[1:]) or 'nothing'}")
     (venv / ".installed").write_text(json.dumps({"build": build, "reason": reason, **got}, indent=1) + "\n")

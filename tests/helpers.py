@@ -1,5 +1,13 @@
-"""What the tests share: one way to compare a computed tensor with its reference."""
+"""What the tests share: one way to compare a computed tensor with its reference, and the mark
+for tests of Triton kernels."""
+import importlib.util
+
+import pytest
 import torch
+
+# Triton ships Linux wheels only (the lock installs it there); on macOS the torch paths are tested.
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton not installed (Linux only)")
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-30) -> float:

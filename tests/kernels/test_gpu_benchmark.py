@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..helpers import needs_triton
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@needs_triton
 def test_window_table_smoke():
     cmd = [sys.executable, "benchmarks/gpu_kernels.py", "--smoke", "--tables", "window"]
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..helpers import needs_triton
+
 REPO = Path(__file__).resolve().parents[2]
 FAMILIES = ["mha", "gqa", "mla", "tpa", "swa", "linear", "tensor_cache", "tensor_cache_chunk_mean",
             "tensor_cache_delta"]
@@ -30,6 +32,7 @@ def table(all_tables, start: str):
     return rows
 
 
+@needs_triton
 def test_gpu_check_smoke(tmp_path):
     out = tmp_path / "tables.md"
     cmd = [sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(out)]

@@ -8,7 +8,7 @@ import torch
 
 from kernels.l2_scan import evicted_scan, evicted_scan_triton
 
-from ..helpers import assert_all_close, rel_err
+from ..helpers import assert_all_close, needs_triton, rel_err
 from kernels.l2_scan.reference import (chunk_mean_scan, chunk_mean_scan_loop,
                                        evicted_scan_chunked, evicted_scan_loop)
 
@@ -152,6 +152,7 @@ TRITON_SHAPES = [(2, 3, 37, 5, 16, 16, 16), (1, 1, 20, 0, 16, 16, 16), (2, 2, 20
                  (1, 2, 40, 21, 16, 8, 16), (1, 2, 20, 3, 16, 16, 40)]
 
 
+@needs_triton
 @pytest.mark.parametrize("B,H,T,W,C,Dk,Dv", TRITON_SHAPES)
 def test_triton_equals_loop(B, H, T, W, C, Dk, Dv):
     inputs = make_inputs(B, H, T, Dk, Dv, dtype=torch.float32, seed=T + W)
@@ -159,6 +160,7 @@ def test_triton_equals_loop(B, H, T, W, C, Dk, Dv):
     assert_scan_close(run_with_grads(triton_scan(W, C), inputs), want, 1e-5)
 
 
+@needs_triton
 def test_triton_without_initial_or_final_state():
     inputs = make_inputs(2, 2, 30, 16, 16, dtype=torch.float32)[:5]
     leaves = [x.requires_grad_(True) for x in inputs]

@@ -8,7 +8,7 @@ from kernels.tc_decode import tc_decode, tc_decode_triton
 from kernels.tc_decode.reference import tc_decode_reference
 from models.rope import rope_cos_sin
 
-from ..helpers import rel_err
+from ..helpers import needs_triton, rel_err
 
 
 def make_step(B=2, h=4, g=2, d=16, W=5, pos=9, dtype=torch.float64, seed=0, device="cpu"):
@@ -92,6 +92,7 @@ def test_dispatcher_on_cpu_uses_reference():
     assert rel_err(a["state"], want_state) <= 1e-5
 
 
+@needs_triton
 @pytest.mark.parametrize("B,h,g,d,W,pos,normalize,block_w", [
     (2, 4, 2, 16, 37, 50, True, 16),   # three window tiles, the last ragged; GQA; batch 2
     (1, 3, 3, 24, 6, 2, True, 4),      # d = 24: padded to 32; early position: whole tile empty

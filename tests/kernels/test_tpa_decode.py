@@ -7,7 +7,7 @@ import torch
 from kernels.tpa_decode import tpa_decode, tpa_decode_triton
 from kernels.tpa_decode.reference import tpa_decode_reference
 
-from ..helpers import rel_err
+from ..helpers import needs_triton, rel_err
 
 
 def make_factors(B=2, L=37, h=4, d=16, Rq=6, Rk=2, Rv=3, dtype=torch.float64, seed=0,
@@ -27,6 +27,7 @@ def materialised_attention(a_q, b_q, a_k, b_k, a_v, b_v):
     return torch.einsum("bhl,blhd->bhd", p, V)
 
 
+@needs_triton
 @pytest.mark.parametrize("B,L,h,d,Rq,Rk,Rv", [(2, 37, 4, 16, 6, 2, 3), (1, 1, 3, 8, 1, 1, 1),
                                               (3, 50, 8, 32, 12, 1, 2)])
 def test_reference_equals_materialised_attention(B, L, h, d, Rq, Rk, Rv):

@@ -16,7 +16,7 @@ from kernels.tc_decode.reference import tc_decode_reference
 from models import build_model
 from models.rope import rope_cos_sin
 
-from ..helpers import assert_all_close, rel_err
+from ..helpers import assert_all_close, needs_triton, rel_err
 from ..variants import ATTENTION, config
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -201,7 +201,7 @@ def decode_step_inputs(B=2, h=4, g=2, d=8, W=5, pos=9, seed=0):
                 write_rate=torch.rand(h, generator=gen), gate=torch.rand(h, generator=gen)), pos
 
 
-@pytest.mark.parametrize("kernel", ["reference", "triton"])
+@pytest.mark.parametrize("kernel", ["reference", pytest.param("triton", marks=needs_triton)])
 def test_decode_step_writes_the_prediction_error(kernel):
     """The fused step with delta=True minus the same step with delta=False is exactly the
     correction -g eta q (k_e^T (k_e A)) in the output and -eta k_e^T (k_e A) in the state."""

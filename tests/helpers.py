@@ -22,3 +22,17 @@ def assert_all_close(names, got, want, tol: float, floor: float = 1e-30) -> None
     for name, a, b in zip(names, got, want, strict=True):
         assert a.shape == b.shape, (name, tuple(a.shape), tuple(b.shape))
         assert rel_err(a, b, floor) <= tol, (name, rel_err(a, b, floor))
+
+
+def with_grads(fn, inputs, seed=1):
+    """fn(*inputs) -> (o, final_state), then the backward of a fixed random linear functional of
+    both (weights drawn in fp64, then cast, so every dtype sees the same ones). Returns o, the
+    final state and every input's gradient (zeros where an input got none: a key never evicted)."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    o, final = fn(*leaves)
+    g = torch.Generator().manual_seed(seed)
+    w_o = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)
+    w_f = torch.randn(final.shape, generator=g, dtype=torch.float64).to(final)
+    ((o * w_o).sum() + (final * w_f).sum()).backward()
+    return [o.detach(), final.detach()] + [
+        torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]

@@ -15,7 +15,7 @@ import kernels.l2_scan as l2_scan
 from kernels.l2_scan import (delta_kernel, delta_scan_chunked, delta_scan_fla, delta_scan_loop,
                              evicted_scan, to_gated_delta_rule)
 
-from ..helpers import assert_all_close, rel_err
+from ..helpers import assert_all_close, rel_err, with_grads
 from .test_dispatch import FakeTensor
 
 NAMES = ["o", "final_state", "dq", "dk", "dv", "ddecay", "dwrite_rate", "dinitial_state"]
@@ -55,18 +55,6 @@ def make_inputs(B, H, T, Dk=8, Dv=6, dtype=torch.float64, seed=0, device="cpu"):
     rates = torch.promote_types(dtype, torch.float32)  # decay and write rate: fp32 parameters
     return [q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), decay.to(device, rates),
             write_rate.to(device, rates), initial_state.to(device, dtype)]
-
-
-def with_grads(fn, inputs, seed=1):
-    """Forward, then backward of a fixed random linear functional of (o, final_state)."""
-    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-    o, final = fn(*leaves)
-    g = torch.Generator().manual_seed(seed)
-    w_o = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)
-    w_f = torch.randn(final.shape, generator=g, dtype=torch.float64).to(final)
-    ((o * w_o).sum() + (final * w_f).sum()).backward()
-    return [o.detach(), final.detach()] + [
-        torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]
 
 
 @pytest.mark.parametrize("B,H,T,W", [(2, 3, 29, 0), (1, 2, 37, 5), (2, 2, 9, 12)])

@@ -8,7 +8,7 @@ import torch
 
 from kernels.l2_scan import evicted_scan, evicted_scan_triton
 
-from ..helpers import assert_all_close, needs_triton, rel_err
+from ..helpers import assert_all_close, needs_triton, rel_err, with_grads
 from kernels.l2_scan.reference import (chunk_mean_scan, chunk_mean_scan_loop,
                                        evicted_scan_chunked, evicted_scan_loop)
 
@@ -28,21 +28,6 @@ def make_inputs(B, H, T, Dk=8, Dv=6, dtype=torch.float64, seed=0, device="cpu"):
     write_rate = (0.5 + torch.rand(H, generator=g, dtype=dtype)).to(device)
     initial_state = rnd(B, H, Dk, Dv)
     return q, k, v, decay, write_rate, initial_state
-
-
-def run_with_grads(fn, inputs, seed=1):
-    """Forward, then backward of a random linear functional of (o, final_state)."""
-    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-    q, k, v, decay, write_rate, h0 = leaves
-    o, final = fn(q, k, v, decay, write_rate, h0)
-    g = torch.Generator().manual_seed(seed)
-    # Drawn in fp64 then cast, so every dtype sees the same weights.
-    w_o = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)
-    w_f = torch.randn(final.shape, generator=g, dtype=torch.float64).to(final)
-    ((o * w_o).sum() + (final * w_f).sum()).backward()
-    # A key never evicted (W >= T) gets no gradient at all from the loop: that is a zero.
-    return [o.detach(), final.detach()] + [
-        torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]
 
 
 def assert_scan_close(got, want, tol):
@@ -70,8 +55,8 @@ def test_loop_matches_parallel_form():
 @pytest.mark.parametrize("B,H,T,W,C", SHAPES)
 def test_chunked_equals_loop(B, H, T, W, C, dtype):
     inputs = make_inputs(B, H, T, dtype=dtype, seed=T + W + C)
-    want = run_with_grads(loop(W), inputs)
-    got = run_with_grads(lambda q, k, v, lam, eta, h0: evicted_scan_chunked(
+    want = with_grads(loop(W), inputs)
+    got = with_grads(lambda q, k, v, lam, eta, h0: evicted_scan_chunked(
         q, k, v, lam, eta, W, C, initial_state=h0, output_final_state=True), inputs)
     assert_scan_close(got, want, TOL[dtype])
 
@@ -108,9 +93,9 @@ def test_prefill_then_decode_hand_off(W, T1):
 @pytest.mark.parametrize("B,H,T,W,C", SHAPES)
 def test_chunk_mean_equals_its_loop(B, H, T, W, C, dtype):
     inputs = make_inputs(B, H, T, dtype=dtype, seed=T * W + C)
-    want = run_with_grads(lambda q, k, v, lam, eta, h0: chunk_mean_scan_loop(
+    want = with_grads(lambda q, k, v, lam, eta, h0: chunk_mean_scan_loop(
         q, k, v, lam, eta, W, C, initial_state=h0, output_final_state=True), inputs)
-    got = run_with_grads(lambda q, k, v, lam, eta, h0: evicted_scan(
+    got = with_grads(lambda q, k, v, lam, eta, h0: evicted_scan(
         q, k, v, lam, eta, W, C, mode="chunk_mean", initial_state=h0, output_final_state=True),
         inputs)
     assert_scan_close(got, want, TOL[dtype])
@@ -131,8 +116,8 @@ def test_chunk_mean_loop_is_the_formula():
 
 def test_chunk_mean_is_exact_at_c1_and_differs_beyond():
     inputs = make_inputs(2, 2, 40, dtype=torch.float64)
-    exact = run_with_grads(loop(3), inputs)
-    mean_c1 = run_with_grads(lambda q, k, v, lam, eta, h0: chunk_mean_scan(
+    exact = with_grads(loop(3), inputs)
+    mean_c1 = with_grads(lambda q, k, v, lam, eta, h0: chunk_mean_scan(
         q, k, v, lam, eta, 3, 1, initial_state=h0, output_final_state=True), inputs)
     assert_scan_close(mean_c1, exact, 1e-12)
     q, k, v, lam, eta, _ = inputs
@@ -156,8 +141,8 @@ TRITON_SHAPES = [(2, 3, 37, 5, 16, 16, 16), (1, 1, 20, 0, 16, 16, 16), (2, 2, 20
 @pytest.mark.parametrize("B,H,T,W,C,Dk,Dv", TRITON_SHAPES)
 def test_triton_equals_loop(B, H, T, W, C, Dk, Dv):
     inputs = make_inputs(B, H, T, Dk, Dv, dtype=torch.float32, seed=T + W)
-    want = run_with_grads(loop(W), inputs)
-    assert_scan_close(run_with_grads(triton_scan(W, C), inputs), want, 1e-5)
+    want = with_grads(loop(W), inputs)
+    assert_scan_close(with_grads(triton_scan(W, C), inputs), want, 1e-5)
 
 
 @needs_triton
@@ -187,6 +172,6 @@ def test_triton_on_gpu_low_precision(dtype, tol):
     inputs = [x.float() if i in (3, 4) else x.to(dtype) for i, x in enumerate(inputs)]
     fast = lambda q, k, v, lam, eta, h0: evicted_scan(  # noqa: E731
         q, k, v, lam, eta, 37, 64, initial_state=h0, output_final_state=True)
-    got = [x.double() for x in run_with_grads(fast, inputs)]
-    want = run_with_grads(loop(37), [x.double() for x in inputs])
+    got = [x.double() for x in with_grads(fast, inputs)]
+    want = with_grads(loop(37), [x.double() for x in inputs])
     assert_scan_close(got, want, tol)

@@ -16,7 +16,7 @@ from kernels.tc_decode.reference import tc_decode_reference
 from models import build_model
 from models.rope import rope_cos_sin
 
-from ..helpers import assert_all_close, needs_triton, rel_err
+from ..helpers import assert_all_close, needs_triton, rel_err, with_grads
 from ..variants import ATTENTION, config
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -52,18 +52,6 @@ def make_inputs(B, H, T, W, Dk=8, Dv=6, dtype=torch.float64, seed=0):
     write_rate = 0.05 + 0.9 * torch.rand(H, generator=g, dtype=torch.float64)  # sigmoid's range
     initial_state = 0.3 * rnd(B, H, Dk, Dv)
     return [x.to(dtype) for x in (q, k, v, decay, write_rate, initial_state)]
-
-
-def with_grads(fn, inputs, seed=1):
-    """Forward, then backward of a fixed random linear functional of (o, final_state)."""
-    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-    o, final = fn(*leaves)
-    g = torch.Generator().manual_seed(seed)
-    w_o = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)
-    w_f = torch.randn(final.shape, generator=g, dtype=torch.float64).to(final)
-    ((o * w_o).sum() + (final * w_f).sum()).backward()
-    return [o.detach(), final.detach()] + [
-        torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]
 
 
 def test_loop_is_the_scalar_recurrence():

@@ -238,6 +238,25 @@ def section(title: str, *tables: Callable[[], None]) -> None:
             print(f"\ntable {failure(e)}", flush=True)
 
 
+def _output(*cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def provenance(device: str) -> str:
+    """What BENCHMARKS.md records with the tables: the machine, GPU, driver, torch, triton, commit."""
+    import triton
+
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "no GPU"
+    driver = _output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader").split("\n")[0]
+    commit = _output("git", "rev-parse", "--short", "HEAD") or "unknown"
+    return (f"machine: {platform.platform()}, {gpu}, driver {driver or 'none'}, CUDA "
+            f"{torch.version.cuda or 'none'}, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"triton {triton.__version__}, commit {commit}")
+
+
 class Tee:
     """stdout, also written to a file."""
 
@@ -274,9 +293,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout = Tee(sys.stdout, out)
     budget = Budget(args.budget)
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.machine()
-    print(f"## GPU check\n\ncommand: `python {' '.join(sys.argv)}`  \nmachine: {platform.platform()}, "
-          f"{name}, Python {platform.python_version()}, torch {torch.__version__}, budget "
+    print(f"## GPU check\n\ncommand: `python {' '.join(sys.argv)}`  \n{provenance(device)}, budget "
           f"{args.budget:.0f} s" + (" (smoke: CPU, Triton interpreter, tiny sizes)" * args.smoke))
     torch.manual_seed(0)
 

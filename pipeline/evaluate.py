@@ -24,7 +24,7 @@ from pipeline.selection import select
 
 # The code a result depends on besides the checkpoint: changing any of it re-evaluates.
 EVAL_CODE = ("pipeline/evaluation", "pipeline/tasks", "pipeline/export.py", "pipeline/hf/modeling_kvf.py",
-             "pipeline/tokens.py")
+             "pipeline/tokens.py", "pipeline/data.py")  # data.py: the MQAR and retrieval generators
 
 
 def reaches(params: Params) -> tuple[int, int] | None:

@@ -1,12 +1,19 @@
 """Fingerprints: a short hash of everything a result depends on, so unchanged work is skipped.
 
 `digest` hashes any JSON-able description (configs, seeds, other fingerprints); `source_hash`
-hashes the code a result is computed by (files under `pipeline.SOURCE_ROOT`, by relative path).
+hashes the code a result is computed by (files under `pipeline.SOURCE_ROOT`), by what it says,
+not where it sits: each top-level statement of each Python file is hashed on its own (its
+text, less import lines and comment-only lines), a module's docstring and its imports are left
+out, and the statements' hashes are sorted. Moving a file, or a function from one module to
+another, or re-pointing an import retrains nothing; changing a statement's text does. YAML files
+count by their bytes.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline import SOURCE_ROOT
@@ -33,9 +40,37 @@ def source_files(paths: Iterable[str]) -> list[str]:
     return out
 
 
+def statements(source: str) -> list[str]:
+    """The top-level statements of a Python module as text: decorators included, the module
+    docstring and every import statement (at any depth) left out, comment-only and blank lines
+    dropped. A statement that was only imports is no statement."""
+    tree, lines = ast.parse(source), source.splitlines()
+    imports = {n for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+               for n in range(node.lineno, node.end_lineno + 1)}
+    body = tree.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    out = []
+    for node in body:
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        kept = [lines[i - 1].rstrip() for i in range(first, node.end_lineno + 1)
+                if i not in imports and lines[i - 1].strip() and not lines[i - 1].lstrip().startswith("#")]
+        if kept:
+            out.append("\n".join(kept))
+    return out
+
+
 def source_hash(paths: Iterable[str]) -> str:
-    """sha256 over the named source files (name and bytes of each, in the given order)."""
-    h = hashlib.sha256()
+    """sha256 over the sorted hashes of the named files' statements (Python) and bytes (YAML)."""
+    parts = []
     for rel in source_files(paths):
-        h.update(rel.encode() + b"\0" + (SOURCE_ROOT / rel).read_bytes() + b"\0")
+        path = Path(SOURCE_ROOT / rel)
+        if rel.endswith(".py"):
+            parts += [hashlib.sha256(s.encode()).hexdigest() for s in statements(path.read_text())]
+        else:
+            parts.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    h = hashlib.sha256()
+    for part in sorted(parts):
+        h.update(part.encode())
     return h.hexdigest()

@@ -1,18 +1,19 @@
 """Fingerprints: a short hash of everything a result depends on, so unchanged work is skipped.
 
 `digest` hashes any JSON-able description (configs, seeds, other fingerprints); `source_hash`
-hashes the code a result is computed by (files under `pipeline.SOURCE_ROOT`), by what it says,
-not where it sits: each top-level statement of each Python file is hashed on its own (its
-text, less import lines and comment-only lines), a module's docstring and its imports are left
-out, and the statements' hashes are sorted. Moving a file, or a function from one module to
-another, or re-pointing an import retrains nothing; changing a statement's text does. YAML files
-count by their bytes.
+hashes the code a result is computed by (files under `pipeline.SOURCE_ROOT`), by what it does,
+not where it sits or how it is explained: each top-level statement of each Python file is hashed
+on its own, without its imports, docstrings and comments, and the statements' hashes are sorted.
+Moving a file, a function from one module to another, re-pointing an import or editing a
+docstring or a comment reruns nothing; changing code does. YAML files count by their bytes.
 """
 from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import json
+import tokenize
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -40,22 +41,36 @@ def source_files(paths: Iterable[str]) -> list[str]:
     return out
 
 
-def statements(source: str) -> list[str]:
-    """The top-level statements of a Python module as text: decorators included, the module
-    docstring and every import statement (at any depth) left out, comment-only and blank lines
-    dropped. A statement that was only imports is no statement."""
-    tree, lines = ast.parse(source), source.splitlines()
-    imports = {n for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-               for n in range(node.lineno, node.end_lineno + 1)}
-    body = tree.body
+def _docstring(node) -> ast.AST | None:
+    body = getattr(node, "body", None)
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
             and isinstance(body[0].value.value, str):
-        body = body[1:]
+        return body[0]
+    return None
+
+
+def statements(source: str) -> list[str]:
+    """The top-level statements of a Python module as text, decorators included. Left out: every
+    import statement and every docstring (module, class, function), comments, blank lines. A
+    statement that was only these is no statement."""
+    tree, lines = ast.parse(source), source.splitlines()
+    drop = set()
+    for node in ast.walk(tree):
+        doc = _docstring(node) if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                                    ast.AsyncFunctionDef)) else None
+        if doc is not None and (isinstance(node, ast.Module) or doc.lineno > node.lineno):
+            drop.update(range(doc.lineno, doc.end_lineno + 1))
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            drop.update(range(node.lineno, node.end_lineno + 1))
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            row, col = tok.start
+            lines[row - 1] = lines[row - 1][:col]
     out = []
-    for node in body:
+    for node in tree.body:
         first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
         kept = [lines[i - 1].rstrip() for i in range(first, node.end_lineno + 1)
-                if i not in imports and lines[i - 1].strip() and not lines[i - 1].lstrip().startswith("#")]
+                if i not in drop and lines[i - 1].strip()]
         if kept:
             out.append("\n".join(kept))
     return out

@@ -38,11 +38,11 @@ def write(root, rel, text):
     path.write_text(textwrap.dedent(text))
 
 
-def test_statements_leave_out_docstring_imports_and_comments():
+def test_statements_leave_out_docstrings_imports_and_comments():
     assert fingerprint.statements(A) == [
-        "SCALE = 3  # a constant",
+        "SCALE = 3",
         "@staticmethod\ndef f(x):\n    return np.sum(x) * SCALE",
-        'def g(y):\n    """g."""\n    return y + 1',
+        "def g(y):\n    return y + 1",
     ]
 
 
@@ -65,13 +65,21 @@ def test_moving_code_keeps_the_hash(root):
     lambda s: s.replace("* SCALE", "* SCALE + 1"),         # a body
     lambda s: s.replace("SCALE = 3", "SCALE = 4"),          # a constant
     lambda s: s.replace("@staticmethod\n", ""),             # a decorator
-    lambda s: s.replace('"""g."""', '"""g, said otherwise."""'),  # a function's docstring counts
+    lambda s: s.replace("return y + 1", "return y + 2"),
 ])
 def test_changing_a_statement_changes_the_hash(root, edit):
     write(root, "a.py", A)
     before = fingerprint.source_hash(["a.py"])
     write(root, "a.py", edit(A))
     assert fingerprint.source_hash(["a.py"]) != before
+
+
+def test_docstrings_and_comments_do_not_count(root):
+    write(root, "a.py", A)
+    before = fingerprint.source_hash(["a.py"])
+    write(root, "a.py", A.replace('"""g."""', '"""g, said otherwise\n\n    over two lines."""')
+          .replace("# a constant", "# another word").replace("    # a comment\n", ""))
+    assert fingerprint.source_hash(["a.py"]) == before
 
 
 def test_yaml_counts_by_its_bytes(root):

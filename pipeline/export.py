@@ -75,7 +75,7 @@ def _write_bundle(out_dir: Path, sources: dict[str, str]) -> None:
     path = out_dir / "kvf_bundle.py"
     text = path.read_text()
     marker = "SOURCES: dict[str, str] = {}"
-    assert marker in text, "pipeline/hf/kvf_bundle.py lost its SOURCES marker"
+    assert marker in text, "the template kvf_bundle.py (hf/, beside this module) lost its SOURCES marker"
     path.write_text(text.replace(marker, f"SOURCES: dict[str, str] = {sources!r}", 1))
 
 

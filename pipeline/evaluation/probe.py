@@ -77,7 +77,7 @@ def _die_with_parent() -> None:
 
 
 def probe_subprocess(ckpt_dir: Path, context_len: int, new_tokens: int, mode: str, threads: int) -> dict:
-    cmd = [sys.executable, "-m", "pipeline.evaluation.probe", str(ckpt_dir), str(context_len),
+    cmd = [sys.executable, "-m", __name__, str(ckpt_dir), str(context_len),
            str(new_tokens), mode, str(threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True,
                           preexec_fn=_die_with_parent if sys.platform == "linux" else None)

@@ -57,16 +57,16 @@ test: venv
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=25 tests
 
 repro: venv
-	$(PY) -m pipeline.dvc_setup
+	$(PY) -m pipeline.core.dvc_setup
 	cd $(CURDIR) && dvc repro
 	$(PY) -m stages.mlflow_sync
 
 # A shared MLflow tracking server on this machine (loopback only, one worker, sqlite, artifacts in
 # runs/mlflow-server): point a study at it with `tracking.uri: http://127.0.0.1:5000`; its train
-# workers then log their curves live. Ctrl-C stops it (pipeline/mlflow_server.py).
+# workers then log their curves live. Ctrl-C stops it (pipeline/core/mlflow_server.py).
 MLFLOW_PORT ?= 5000
 mlflow-server: venv
-	$(PY) -m pipeline.mlflow_server --port $(MLFLOW_PORT)
+	$(PY) -m pipeline.core.mlflow_server --port $(MLFLOW_PORT)
 
 bench: venv
 	$(PY) benchmarks/l2_scan.py

@@ -1,5 +1,5 @@
 """Decode memory and speed per variant (random weights: speed and memory do not depend on
-training), each measurement in a fresh process (pipeline.evaluation.probe).
+training), each measurement in a fresh process (pipeline.evaluate.probe).
 
     python benchmarks/decode.py --lengths 1024 8192 32768 65536 --variants mha tensor_cache
     python benchmarks/decode.py --generate 1024 65536 --variants tensor_cache   # flat-memory check
@@ -24,9 +24,9 @@ import torch
 
 from cache_size import DEFAULT_POLICIES, DEFAULT_VARIANTS
 from models import CachePolicy, ModelConfig, build_model
-from pipeline import checkpoint
-from pipeline.evaluation import probe as probe_module
-from pipeline.params import load_params
+from pipeline.core import checkpoint
+from pipeline.evaluate import probe as probe_module
+from pipeline.core.params import load_params
 
 
 def probe_under_policy(ckpt: Path, length: int, new: int, mode: str, threads: int, policy: CachePolicy) -> dict:

@@ -4,7 +4,7 @@ first tensor_cache point with `write: delta`):
 
 1. tokens/s of a training step (forward + cross-entropy + backward + AdamW) under bf16 autocast
    and in fp32, at T = 2k and 8k (batch 8 and 2), median of a few steps after two warm-up steps;
-2. one real run per family through the project's training function (pipeline.train.train_run,
+2. one real run per family through the project's training function (pipeline.train.loop.train_run,
    what a Ray worker calls) on the plays, in bf16 and in fp32, side by side: the logged training
    loss every `log_every` steps and the largest |bf16 - fp32| over the last quarter of the run.
 
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 from gpu_kernels import SKIPPED, failure, out_of_time  # noqa: E402
 from models import ModelConfig, build_model  # noqa: E402
-from pipeline import sweep  # noqa: E402
+from pipeline.core import sweep  # noqa: E402
 
 SMOKE_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2}  # d_head 16
 
@@ -102,10 +102,10 @@ def throughput_table(configs, lengths, device, steps, deadline=None) -> None:
 
 
 def prepare_plays(out_dir: Path, smoke: bool) -> Path:
-    """The plays through prepare (pipeline.data.prepare), with configs/gpu.yaml's MQAR layout and
+    """The plays through prepare (pipeline.prepare.prepare.prepare), with configs/gpu.yaml's MQAR layout and
     fewer examples (--smoke: a small layout), and one retrieval cell: what train_run reads."""
-    from pipeline.data import prepare
-    from pipeline.params import DataConfig
+    from pipeline.prepare.prepare import prepare
+    from pipeline.core.params import DataConfig
 
     study = yaml.safe_load((REPO / "configs" / "gpu.yaml").read_text())["data"]
     mqar = dict(study["mqar"], num_train=4096, num_eval=64)
@@ -121,7 +121,7 @@ def prepare_plays(out_dir: Path, smoke: bool) -> Path:
 
 
 def train_config(bf16: bool, smoke: bool):
-    from pipeline.params import TrainConfig
+    from pipeline.core.params import TrainConfig
 
     if smoke:
         return TrainConfig(steps=20, seq_len=64, batch_size=2, mqar_batch_size=2, lr=3e-3,
@@ -135,8 +135,8 @@ def train_config(bf16: bool, smoke: bool):
 def loss_curves(configs, device, smoke, work_dir: Path, deadline=None) -> dict:
     """{family: {"bf16": [(step, loss)], "fp32": [...]}} from train_run, or {family: why not}
     for a family the budget did not reach or whose run failed."""
-    from pipeline.jobs import TrainJob
-    from pipeline.train import train_run
+    from pipeline.core.jobs import TrainJob
+    from pipeline.train.loop import train_run
 
     data_dir = prepare_plays(work_dir / "data", smoke)
     curves = {}

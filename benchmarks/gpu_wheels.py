@@ -22,14 +22,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # What benchmarks/gpu_check.py imports beyond torch, triton, numpy and pytest, and why.
 PACKAGES = {
-    "pydantic": "models.ModelConfig, pipeline.params and pipeline.jobs",
+    "pydantic": "models.ModelConfig, pipeline.core.params and pipeline.core.jobs",
     "pydantic-core": "pydantic",
     "annotated-types": "pydantic",
     "typing-inspection": "pydantic",
     "typing-extensions": "pydantic (a newer one than torch needs)",
-    "pyyaml": "configs/gpu.yaml, pipeline.params",
-    "safetensors": "pipeline.checkpoint: train_run's checkpoints",
-    "tqdm": "pipeline.corpus: prepare's progress",
+    "pyyaml": "configs/gpu.yaml, pipeline.core.params",
+    "safetensors": "pipeline.core.checkpoint: train_run's checkpoints",
+    "tqdm": "pipeline.prepare.corpus: prepare's progress",
     "fla-core": "the delta write's CUDA path; the fla baselines",
     "einops": "fla-core",
     "packaging": "fla-core (transformers usually brings it)",

@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 
 def bench_repro() -> None:
     """Copy the tracked tree to a fresh temp repo (no data, checkpoints, mlflow.db), run the
-    Makefile's steps (`python -m pipeline.dvc_setup; dvc repro`), then a no-op `dvc repro`."""
+    Makefile's steps (`python -m pipeline.core.dvc_setup; dvc repro`), then a no-op `dvc repro`."""
     work = Path(tempfile.mkdtemp(prefix="kvfbench"))
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
@@ -37,7 +37,7 @@ def bench_repro() -> None:
     subprocess.run([*git, "add", "-A"], cwd=work, check=True)
     subprocess.run([*git, "commit", "-qm", "bench"], cwd=work, check=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.dvc_setup"], cwd=work, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "pipeline.core.dvc_setup"], cwd=work, env=env, check=True)
     log = open(work / "repro.log", "w")
     subprocess.run(["dvc", "repro"], cwd=work, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
     full = time.perf_counter() - t0
@@ -62,8 +62,8 @@ def bench_speed(T: int = 1024, batch: int = 4, rounds: int = 6, threads: int = 1
     import torch.nn.functional as F
 
     from models import build_model
-    from pipeline.params import load_params
-    from pipeline.train import make_optimizer
+    from pipeline.core.params import load_params
+    from pipeline.train.loop import make_optimizer
 
     torch.set_num_threads(threads)
     params = load_params(REPO / "params.yaml")

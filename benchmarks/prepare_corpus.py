@@ -7,7 +7,7 @@ both writing token ids to disk.
     .venv/bin/python benchmarks/prepare_corpus.py --mb 50 --tokenizer bpe  # a BPE of 8192 ids, both sides
 
 The corpus is generated once (stretches of the plays in random order, 2-40 KB documents; a
-seed) under runs/bench/prepare_corpus/<format>-<mb>MB and reused. Ours: `pipeline.corpus.
+seed) under runs/bench/prepare_corpus/<format>-<mb>MB and reused. Ours: `pipeline.prepare.corpus.
 write_splits` (read, check UTF-8 / JSON / field, tokenise, write text/<split>.bin as uint8
 memmaps, 1 validation + 1 held-out document). Peer: `datasets.load_dataset` (json / text) then
 `Dataset.map` (batched, its default 1000 rows a batch) with a byte-level `tokenizers` tokenizer
@@ -17,12 +17,12 @@ built here (ids = ByT5's, byte + 3; nothing downloaded) wrapped as `PreTrainedTo
 own time (imports excluded); CPU seconds and peak memory (PSS summed over the process and its
 workers, shared pages once) of the whole process. Prints one JSON object per measurement.
 
-`--tokenizer bpe`: one byte-level BPE of 8192 ids (`pipeline.tokenizer.train_bpe` on the first
+`--tokenizer bpe`: one byte-level BPE of 8192 ids (`pipeline.core.tokenizer.train_bpe` on the first
 10 MB of documents of the corpus it is first run on: the same documents for any JSONL size from
 10 MB, the generator being seeded), saved under runs/bench/prepare_corpus/tokenizer-bpe-8192 and
 reused at every size and format; its training time is printed apart and counted in neither side.
 Ours: what prepare does with `data.tokenizer: {path: <that folder>}`: `write_splits`, then
-`pipeline.tokens.prepare_tokenizer` (load it with `tokenizer.load_local`, save it with the data,
+`pipeline.core.tokens.prepare_tokenizer` (load it with `tokenizer.load_local`, save it with the data,
 `write_tokens`: uint16 ids of every split, byte counts of validation and held-out). Peer: the
 same as above with that folder loaded as `PreTrainedTokenizerFast`. Check: the peer's ids for
 our validation document (one document, one block) equal the ids we wrote for it.
@@ -51,7 +51,7 @@ def generate(fmt: str, mb: int, seed: int = 0) -> Path:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from pipeline.corpus import list_plays, read_play
+    from pipeline.core.plays import list_plays, read_play
 
     root = BENCH / f"{fmt}-{mb}MB"
     if (root / "DONE").exists():
@@ -108,7 +108,7 @@ def bpe_tokenizer(corpus_dir: Path, fmt: str) -> dict:
     if info_file.exists():
         return json.loads(info_file.read_text()) | {"reused": True}
     sys.path.insert(0, str(REPO))
-    from pipeline.tokenizer import train_bpe
+    from pipeline.core.tokenizer import train_bpe
 
     shutil.rmtree(BPE_DIR, ignore_errors=True)
     t0 = time.perf_counter()
@@ -146,10 +146,10 @@ def run_ours(corpus_dir: str, fmt: str, out: str, workers: int, tokenizer: str) 
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from pipeline import corpus
-    from pipeline.corpus import write_splits
-    from pipeline.params import DataConfig
-    from pipeline.tokens import prepare_tokenizer
+    from pipeline.prepare import corpus
+    from pipeline.prepare.corpus import write_splits
+    from pipeline.core.params import DataConfig
+    from pipeline.core.tokens import prepare_tokenizer
 
     if workers > 1:
         corpus.IN_PROCESS_BYTES = 0  # the worker pool a large corpus gets, at any size

@@ -30,12 +30,14 @@ def main() -> None:
     import ray
     from ray.util.queue import Queue
 
-    from pipeline import fanout
-    from pipeline.data import prepare, verify_prepared
-    from pipeline.fingerprint import source_hash
-    from pipeline.params import load_params
-    from pipeline.train_ddp import fit_run
-    from pipeline.train_stage import TRAIN_CODE, train_job, train_task
+    from pipeline.core import fanout
+    from pipeline.prepare.prepare import prepare
+    from pipeline.core.data import verify_prepared
+    from pipeline.core.fingerprint import source_hash
+    from pipeline.core.params import load_params
+    from pipeline.train.ddp import fit_run
+    from pipeline.core.runs import TRAIN_CODE, train_job
+    from pipeline.train.driver import train_task
 
     params = load_params(REPO / "params.yaml")
     params.train.steps, params.train.checkpoint_every = args.steps, args.steps // 2

@@ -39,7 +39,7 @@ from models import ModelConfig, build_model  # noqa: E402
 def study_configs(window: int) -> dict[str, ModelConfig]:
     """params.yaml's widths and families (a swept family: its first point); windows of swa /
     tensor_cache set to `window`."""
-    from pipeline.sweep import expand
+    from pipeline.core.sweep import expand
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     out = {}

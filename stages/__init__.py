@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from pipeline.params import Params, ParamsError, load_params
+from pipeline.core.params import Params, ParamsError, load_params
 
 # Tool state stays out of $HOME and /tmp defaults, however the stage is started.
 _QUIET_TOOLS = {
@@ -43,10 +43,10 @@ def load_or_exit(path: str) -> Params:
 def run_stage(params_path: str, job: Callable[[], int]) -> None:
     """Run a stage; a cluster that cannot serve the request, or an input file that is not the one
     written (data, checkpoint), exits 2 with one line that names it and what to do."""
-    from pipeline.checkpoint import CorruptCheckpoint
-    from pipeline.data import DataCorrupt
-    from pipeline.export import CorruptExport
-    from pipeline.fanout import ComputeError
+    from pipeline.core.checkpoint import CorruptCheckpoint
+    from pipeline.core.data import DataCorrupt
+    from pipeline.core.exports import CorruptExport
+    from pipeline.core.fanout import ComputeError
 
     try:
         code = job()

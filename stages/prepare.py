@@ -10,8 +10,8 @@ from stages import load_or_exit, parse_args
 def main() -> None:
     args = parse_args(__doc__)
     params = load_or_exit(args.params)
-    from pipeline.corpus import CorpusError
-    from pipeline.data import prepare
+    from pipeline.prepare.corpus import CorpusError
+    from pipeline.prepare.prepare import prepare
 
     try:
         manifest = prepare(params.data, Path("data"))

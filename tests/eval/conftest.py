@@ -14,8 +14,8 @@ def exports(tmp_path_factory):
     """Tiny random-weight checkpoints of several kinds, each exported; (root, {kind: model})."""
     os.environ.setdefault("HF_HOME", str(REPO / "runs" / "hf_home"))
     from models import build_model
-    from pipeline import checkpoint
-    from pipeline.export import export_variant
+    from pipeline.core import checkpoint
+    from pipeline.export.bundle import export_variant
 
     root = tmp_path_factory.mktemp("exports")
     models = {}
@@ -36,11 +36,11 @@ def bpe_export(tmp_path_factory):
     with that tokenizer (what `data.tokenizer: {train: ...}` gives); (export dir, model, tokenizer)."""
     os.environ.setdefault("HF_HOME", str(REPO / "runs" / "hf_home"))
     from models import build_model
-    from pipeline import checkpoint, data, tokenizer
-    from pipeline.export import export_variant
+    from pipeline.core import checkpoint, plays, tokenizer
+    from pipeline.export.bundle import export_variant
 
     root = tmp_path_factory.mktemp("bpe")
-    tok = tokenizer.train_bpe([data.split_bytes(["hamlet"]).decode()], vocab_size=512)
+    tok = tokenizer.train_bpe([plays.split_bytes(["hamlet"]).decode()], vocab_size=512)
     tok.save_pretrained(str(root / "tokenizer"))
     cfg = config("mha", vocab_size=len(tok))
     torch.manual_seed(0)

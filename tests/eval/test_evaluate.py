@@ -1,5 +1,5 @@
 """Measured memory: a Tensor Cache holds a constant state while generating."""
-from pipeline.evaluation.probe import probe_subprocess
+from pipeline.evaluate.probe import probe_subprocess
 
 
 def test_tensor_cache_memory_is_flat_while_generating(exports):

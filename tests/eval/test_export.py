@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from pipeline import tokenizer
+from pipeline.core import tokenizer
 
 from .conftest import KINDS, REPO
 
@@ -54,7 +54,7 @@ def test_export_round_trip_without_repo(exports, tmp_path):
 
 
 def test_generate_keeps_the_variant_cache(exports):
-    from pipeline.hf.modeling_kvf import CACHE_FIELD, KVFCache, KVFForCausalLM
+    from pipeline.export.hf.modeling_kvf import CACHE_FIELD, KVFCache, KVFForCausalLM
 
     root, models = exports
     hf = KVFForCausalLM.from_pretrained(root / "hf" / "tensor_cache").eval()
@@ -74,7 +74,7 @@ def test_generate_decodes_one_token_per_step_into_one_cache(exports, kind, promp
     variant cache, and picks the tokens `models` greedy decoding picks; for exact kinds each is
     also the argmax of a no-cache forward over everything before it (so a cache that is lost or
     rebuilt between steps fails here whatever the transformers version)."""
-    from pipeline.hf.modeling_kvf import KVFCache, KVFForCausalLM
+    from pipeline.export.hf.modeling_kvf import KVFCache, KVFForCausalLM
 
     root, models = exports
     new_tokens = 10

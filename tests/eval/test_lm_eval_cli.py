@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import tokenizer
+from pipeline.core import tokenizer
 
 from .conftest import REPO
 
@@ -19,7 +19,7 @@ NEW_KINDS = ("tensor_cache_delta", "tensor_cache_sinks", "swa_sinks", "infini", 
 def cli_args(export: Path, tasks: str, out: Path) -> list[str]:
     """The arguments of `lm_eval` on one export: 2 episodes per task at 256 bytes of context."""
     return ["--model", "hf", "--model_args", f"pretrained={export},trust_remote_code=True",
-            "--include_path", "pipeline/tasks", "--tasks", tasks, "--device", "cpu", "--limit", "2",
+            "--include_path", "pipeline/evaluate/tasks", "--tasks", tasks, "--device", "cpu", "--limit", "2",
             "--metadata", json.dumps({"context_lengths": [256]}), "--output_path", str(out)]
 
 

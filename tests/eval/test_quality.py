@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from models import ModelConfig, build_model
-from pipeline import tokenizer
-from pipeline.evaluation.quality import _split, bits_by_distance, heldout_bits
-from pipeline.tokens import TokenStream
+from pipeline.core import tokenizer
+from pipeline.evaluate.quality import _split, bits_by_distance, heldout_bits
+from pipeline.core.tokens import TokenStream
 
 
 def _stream(root, ids: np.ndarray, nbytes: np.ndarray | None) -> TokenStream:

@@ -4,8 +4,10 @@ import csv
 import numpy as np
 import pytest
 
-from pipeline import stats
-from pipeline.report import points, rows_from_results, write_report
+from pipeline.report import stats
+from pipeline.report.points import points
+from pipeline.core.results import rows_from_results
+from pipeline.report.frontier import write_report
 
 REACH = [10, 30]  # shortest and longest window reach of the fake study
 CONTEXT, TRAINED = 32768, 128

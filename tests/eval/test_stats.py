@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import stats
+from pipeline.report import stats
 
 T_975_DF2 = 4.302652729749464  # Student's t, 97.5 % quantile, 2 degrees of freedom (tables)
 Z_975 = 1.959963984540054

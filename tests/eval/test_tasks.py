@@ -1,7 +1,7 @@
 """Task data: deterministic by seed, evidence where the document says it is."""
 import re
 
-from pipeline.tasks import utils
+from pipeline.evaluate.tasks import utils
 
 META = {"seed": 5, "context_lengths": [512, 1024], "distances": [0.1, 0.9], "episodes_per_cell": 2}
 

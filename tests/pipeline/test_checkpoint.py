@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from models import ModelConfig, build_model
-from pipeline import checkpoint
-from pipeline.params import TrainConfig
-from pipeline.train import make_optimizer
+from pipeline.core import checkpoint
+from pipeline.core.params import TrainConfig
+from pipeline.train.loop import make_optimizer
 
 
 def _model_and_optimizer(seed):

@@ -11,9 +11,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline import corpus, data
-from pipeline.corpus import CorpusError
-from pipeline.params import DataConfig, MQARConfig, ParamsError, RetrievalConfig, load_params
+from pipeline.core import data, plays
+from pipeline.core.params import DataConfig, MQARConfig, ParamsError, RetrievalConfig, load_params
+from pipeline.prepare import corpus
+from pipeline.prepare.corpus import CorpusError
+from pipeline.prepare.prepare import prepare
 
 from .conftest import REPO, run_stage, stage_env, write_params
 
@@ -27,13 +29,13 @@ RETRIEVAL = RetrievalConfig(tasks=["passkey"], context_lengths=[256], distances=
 def _documents(n: int = 9, seed: int = 0) -> list[str]:
     """Real text (stretches of the plays) and random text (any code point, so multi-byte UTF-8)."""
     rng = np.random.default_rng(seed)
-    plays = data.split_bytes(["hamlet", "macbeth"]).decode()
+    text = plays.split_bytes(["hamlet", "macbeth"]).decode()
     docs = []
     for i in range(n):
         length = int(rng.integers(300, 2000))
         if i % 2 == 0:
-            start = int(rng.integers(0, len(plays) - length))
-            docs.append(plays[start : start + length])
+            start = int(rng.integers(0, len(text) - length))
+            docs.append(text[start : start + length])
         else:
             points = rng.integers(0x20, 0x2FFF, size=length)
             docs.append("".join(chr(c) for c in points if not 0xD800 <= c < 0xE000) + "\nend of a random one")
@@ -87,13 +89,13 @@ def _split(out, name) -> bytes:
 def test_the_built_in_plays_are_the_bytes_they_were(tmp_path):
     """The default corpus through the streaming pass: the split files and retrieval episodes of
     the default study (params.yaml's data block) are byte for byte those written before issue 16."""
-    data.prepare(DataConfig(mqar=MQAR), tmp_path)
+    prepare(DataConfig(mqar=MQAR), tmp_path)
     assert _digest(tmp_path)["text/train.bin"] == "d17b5b7f0b4d24c5f4a49554a9592d5bdfe4b4dc5772184ed91e29885f700c63"
     assert _digest(tmp_path)["text/validation.bin"] == "c5b4d57be85a1d5ecca697614f9adba7c782822316daef5e6339e4df4b750296"
     assert _digest(tmp_path)["text/heldout.bin"] == "d55e88f2e4b7cfdb8516732ec97863199f5d50d80dcbbc6b560d0ec1471b653c"
     assert _digest(tmp_path)["retrieval/episodes.jsonl"] == \
         "492046c6183ac23a5e2ea37910732933b37c8153a0691907d4fa2217ada7bc72"
-    assert _split(tmp_path, "heldout") == data.split_bytes(["hamlet", "macbeth"])
+    assert _split(tmp_path, "heldout") == plays.split_bytes(["hamlet", "macbeth"])
 
 
 FORMATS = ["txt", "jsonl", "parquet", "hf_dataset"]
@@ -105,7 +107,7 @@ def test_every_format_splits_by_whole_documents_the_same_way(tmp_path):
     splits = {}
     for fmt in FORMATS:
         out = tmp_path / f"out_{fmt}"
-        manifest = data.prepare(_cfg(_write(fmt, tmp_path / fmt, docs)), out)
+        manifest = prepare(_cfg(_write(fmt, tmp_path / fmt, docs)), out)
         assert manifest["documents"] == {"train": 5, "validation": 2, "heldout": 2}
         assert manifest["corpus"]["format"] == fmt and not (out / ".shards").exists()
         splits[fmt] = {s: _split(out, s) for s in data.SPLITS}
@@ -132,7 +134,7 @@ def test_every_format_splits_by_whole_documents_the_same_way(tmp_path):
 def test_listed_documents_keep_the_listed_order(tmp_path):
     docs = _documents()
     block = _write("jsonl", tmp_path / "c", docs) | {"name_field": "id"}
-    manifest = data.prepare(_cfg(block, validation_docs=["d6", "d1"], heldout_docs=["d3", "d8"]), tmp_path / "out")
+    manifest = prepare(_cfg(block, validation_docs=["d6", "d1"], heldout_docs=["d3", "d8"]), tmp_path / "out")
     assert manifest["splits"] == {"validation": ["d6", "d1"], "heldout": ["d3", "d8"]}
     assert _split(tmp_path / "out", "validation") == docs[6].encode() + SEP + docs[1].encode()
     assert _split(tmp_path / "out", "heldout") == docs[3].encode() + SEP + docs[8].encode()
@@ -141,9 +143,9 @@ def test_listed_documents_keep_the_listed_order(tmp_path):
 
 def test_same_seed_same_bytes_other_seed_other_split(tmp_path):
     block = _write("txt", tmp_path / "c", _documents(12))
-    a = data.prepare(_cfg(block, seed=1), tmp_path / "a")
-    b = data.prepare(_cfg(block, seed=1), tmp_path / "b")
-    c = data.prepare(_cfg(block, seed=2), tmp_path / "c_out")
+    a = prepare(_cfg(block, seed=1), tmp_path / "a")
+    b = prepare(_cfg(block, seed=1), tmp_path / "b")
+    c = prepare(_cfg(block, seed=2), tmp_path / "c_out")
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") and a["splits"] == b["splits"]
     assert c["splits"] != a["splits"] and _split(tmp_path / "c_out", "heldout") != _split(tmp_path / "a", "heldout")
     assert len(_split(tmp_path / "a", "train")) + len(_split(tmp_path / "a", "validation")) + len(
@@ -154,10 +156,10 @@ def test_same_seed_same_bytes_other_seed_other_split(tmp_path):
 @pytest.mark.parametrize("fmt", ["jsonl", "txt"])
 def test_worker_processes_write_what_one_process_writes(tmp_path, monkeypatch, fmt):
     block = _write(fmt, tmp_path / "c", _documents(14))
-    one = data.prepare(_cfg(block), tmp_path / "one", workers=1)
+    one = prepare(_cfg(block), tmp_path / "one", workers=1)
     monkeypatch.setattr(corpus, "IN_PROCESS_BYTES", 0)  # a pool even for a tiny corpus
     monkeypatch.setattr(corpus, "UNIT_BYTES", 2048)     # many units: byte ranges of one JSONL file
-    many = data.prepare(_cfg(block), tmp_path / "many", workers=2)
+    many = prepare(_cfg(block), tmp_path / "many", workers=2)
     assert _digest(tmp_path / "one") == _digest(tmp_path / "many") and one["splits"] == many["splits"]
 
 
@@ -263,7 +265,7 @@ CASES = ["missing path", "glob matches nothing", "empty txt file", "empty jsonl 
 def test_a_bad_corpus_is_named_before_anything_is_written(tmp_path, name):
     block, fields, message = _case(name, tmp_path / "c")
     with pytest.raises(CorpusError) as err:
-        data.prepare(_cfg(block, **fields), tmp_path / "out")
+        prepare(_cfg(block, **fields), tmp_path / "out")
     assert str(err.value).startswith(message), str(err.value)
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
 
@@ -319,9 +321,9 @@ def test_prepare_train_evaluate_on_a_local_corpus_with_a_trained_bpe(tmp_path):
     assert np.isfinite(result["bpb"]["64"]) and 0 < result["bpb"]["64"] < 9
     assert result["lm_eval"]["scores"]["kvf_passkey_mc"]  # the lm-eval task ran on this corpus
     # ... with its haystack the prepared held-out split (the plays' names are empty here)
-    from pipeline.evaluate import task_metadata
-    from pipeline.params import load_params
-    from pipeline.tasks.utils import _haystack, _settings
+    from pipeline.evaluate.driver import task_metadata
+    from pipeline.core.params import load_params
+    from pipeline.evaluate.tasks.utils import _haystack, _settings
 
     metadata = task_metadata(load_params(tmp_path / "params.yaml"), tmp_path / "data")
     assert metadata["heldout_plays"] == [] and _haystack(_settings(metadata)) == heldout
@@ -329,8 +331,8 @@ def test_prepare_train_evaluate_on_a_local_corpus_with_a_trained_bpe(tmp_path):
     assert manifest["tokenizer"]["name"] == "bpe" and 259 < manifest["tokenizer"]["vocab_size"] <= 400
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline import checkpoint
-    from pipeline.tokenizer import load_prepared
+    from pipeline.core import checkpoint
+    from pipeline.core.tokenizer import load_prepared
 
     ours, meta = checkpoint.load_model(tmp_path / "checkpoints" / "mha")
     assert meta["model_config"]["vocab_size"] == 400
@@ -377,7 +379,7 @@ def test_every_study_names_what_dvc_watches(path):
     ({"format": "csv", "path": "books"}, "data.corpus.format: Input should be"),
 ])
 def test_corpus_params_errors_name_the_field(block, message):
-    from pipeline.params import parse_params
+    from pipeline.core.params import parse_params
 
     raw = yaml.safe_load((REPO / "configs" / "pg19-local.yaml").read_text())
     raw["data"]["corpus"] = block
@@ -392,8 +394,8 @@ def test_dvc_reruns_prepare_when_a_corpus_file_changes(tmp_path):
     """DVC itself, in a copy of the project: a changed corpus file re-runs prepare, a touched
     (unchanged) one does not; the default params resolve `${data.corpus.path}` too."""
     repo = tmp_path / "repo"
-    for rel in ("dvc.yaml", "uv.lock", "stages/__init__.py", "stages/prepare.py", "pipeline/params.py",
-                "pipeline/data.py", "pipeline/corpus.py", "pipeline/tokenizer.py", "pipeline/tokens.py"):
+    for rel in ("dvc.yaml", "uv.lock", "stages/__init__.py", "stages/prepare.py", "pipeline/core/params.py",
+                "pipeline/core/data.py", "pipeline/prepare/corpus.py", "pipeline/core/tokenizer.py", "pipeline/core/tokens.py"):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, repo / rel)
     _write("txt", repo / "corpus", _documents(6))

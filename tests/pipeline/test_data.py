@@ -2,8 +2,9 @@ import hashlib
 
 import pytest
 
-from pipeline import data, tokenizer
-from pipeline.params import DataConfig, MQARConfig
+from pipeline.core import data, plays, tokenizer
+from pipeline.core.params import DataConfig, MQARConfig
+from pipeline.prepare.prepare import prepare
 
 
 def _digest(root):
@@ -14,9 +15,9 @@ def _digest(root):
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     cfg = DataConfig(mqar=MQARConfig(seq_len=64, num_pairs=3, num_train=64, num_eval=8,
                                      train_gaps=(2, 50), eval_gaps={"near": (2, 12), "far": (30, 50)}))
-    data.prepare(cfg, tmp_path / "a")
-    data.prepare(cfg, tmp_path / "b")
-    data.prepare(cfg.model_copy(update={"seed": cfg.seed + 1}), tmp_path / "c")
+    prepare(cfg, tmp_path / "a")
+    prepare(cfg, tmp_path / "b")
+    prepare(cfg.model_copy(update={"seed": cfg.seed + 1}), tmp_path / "c")
     a, b, c = _digest(tmp_path / "a"), _digest(tmp_path / "b"), _digest(tmp_path / "c")
     assert a == b and len(a) >= 10
     assert a["mqar/train.tokens.npy"] != c["mqar/train.tokens.npy"]
@@ -26,11 +27,11 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 def test_split_by_whole_plays():
     cfg = DataConfig()
     splits = data.split_plays(cfg)
-    assert len(data.list_plays()) == 42
+    assert len(plays.list_plays()) == 42
     assert splits["validation"] == ["julius_caesar", "twelfth_night"]
     assert not set(splits["train"]) & set(splits["validation"] + splits["heldout"])
     assert len(splits["train"]) == 42 - 4
-    assert b"HAMLET" in data.split_bytes(["hamlet"])[:200]
+    assert b"HAMLET" in plays.split_bytes(["hamlet"])[:200]
 
 
 @pytest.mark.parametrize("pair_tokens", [1, 2])
@@ -70,7 +71,7 @@ def test_batches_are_pure_functions_of_seed_and_step(tiny_data):
 def test_retrieval_evidence_distance():
     cfg = DataConfig().retrieval.model_copy(update={"context_lengths": [512], "distances": [0.2, 0.8],
                                                     "episodes_per_cell": 2})
-    haystack = data.split_bytes(["macbeth"])
+    haystack = plays.split_bytes(["macbeth"])
     eps = data.make_retrieval(cfg, haystack, seed=1)
     assert len(eps) == 3 * 2 * 2
     for e in eps:

@@ -206,7 +206,7 @@ def _kept(study: SimpleNamespace, root: Path, *, exports: bool = True, evaluatio
 def test_kill_9_in_export_then_rerun(study, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.export import CorruptExport, verify_export
+    from pipeline.core.exports import CorruptExport, verify_export
 
     root = _copy(study, tmp_path / "study")
     out = _kill_mid_work(root, "export", _line("[export] mha: "))

@@ -3,7 +3,7 @@ import textwrap
 
 import pytest
 
-from pipeline import fingerprint
+from pipeline.core import fingerprint
 
 A = '''"""Module a."""
 from __future__ import annotations

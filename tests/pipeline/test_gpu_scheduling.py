@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from pipeline import fanout
-from pipeline.params import ComputeConfig, load_params
+from pipeline.core import fanout
+from pipeline.core.params import ComputeConfig, load_params
 
 from .conftest import REPO, short_tmp
 

@@ -1,5 +1,5 @@
 """The tiny study against a real MLflow tracking server over HTTP (the one `make mlflow-server`
-starts: pipeline/mlflow_server.py, on 127.0.0.1 with a sqlite store): the train workers log their
+starts: pipeline/core/mlflow_server.py, on 127.0.0.1 with a sqlite store): the train workers log their
 curves while they train, the driver the rest, and afterwards runs, params, metrics, registered
 models and the report's artifacts are all read back through the REST API. Only the server this
 test started is stopped."""
@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 import yaml
 
-from pipeline.mlflow_server import command
+from pipeline.core.mlflow_server import command
 
 from .conftest import run_stage, stage_env
 

@@ -4,7 +4,7 @@ import copy
 import pytest
 import yaml
 
-from pipeline.params import ParamsError, load_params, parse_params
+from pipeline.core.params import ParamsError, load_params, parse_params
 
 from .conftest import REPO, TINY, run_stage, write_params
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import psutil
 
-from pipeline import fanout
-from pipeline.params import ComputeConfig
+from pipeline.core import fanout
+from pipeline.core.params import ComputeConfig
 
 from .conftest import kill_ray_in, short_tmp
 

@@ -53,7 +53,7 @@ def test_workers_split_each_batch_without_overlap():
     """Every row of a step's global batch goes to exactly one of the N workers, N equal shares."""
     import numpy as np
 
-    from pipeline.train_ddp import DataParallel
+    from pipeline.train.ddp import DataParallel
 
     rows = np.random.default_rng(0).integers(0, 1000, size=(12, 5))
     for world in (1, 2, 3, 4):

@@ -6,8 +6,8 @@ import random
 import pytest
 import yaml
 
-from pipeline import checkpoint, selection
-from pipeline.params import parse_params
+from pipeline.core import checkpoint, selection
+from pipeline.core.params import parse_params
 
 from .conftest import REPO
 

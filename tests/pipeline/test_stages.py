@@ -180,6 +180,6 @@ def test_a_damaged_export_stops_evaluate_before_any_work(tiny_project):
     assert result.stderr.strip().splitlines()[-1].startswith(f"{weights}: not the bytes the export stage wrote")
     assert not (root / "results").exists() and not (root / "metrics" / "eval.json").exists()
     _ok(run_stage(root, "export"))
-    from pipeline.export import verify_export
+    from pipeline.core.exports import verify_export
 
     assert verify_export(root / "exports" / "swa")["variant"] == "swa"

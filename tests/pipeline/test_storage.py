@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from pipeline import storage
-from pipeline.data import DataCorrupt
-from pipeline.storage import Storage
+from pipeline.core import storage
+from pipeline.core.data import DataCorrupt
+from pipeline.core.storage import Storage
 
 
 @pytest.fixture(params=["uri", "path"])

@@ -6,8 +6,8 @@ import torch
 import yaml
 
 from models import ModelConfig, build_model
-from pipeline.params import ParamsError, parse_params
-from pipeline.train_stage import train_job
+from pipeline.core.params import ParamsError, parse_params
+from pipeline.core.runs import train_job
 
 from .conftest import REPO
 
@@ -99,7 +99,7 @@ def test_matching_works_both_ways_and_names_a_point_outside_tolerance():
 
 def test_meta_count_equals_a_real_model():
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, attention={"kind": "tensor_cache", "window": 4})
-    from pipeline.sweep import count_parameters
+    from pipeline.core.sweep import count_parameters
 
     assert count_parameters({"d_model": 32, "n_layers": 2, "n_heads": 4}, {"kind": "tensor_cache", "window": 4}) \
         == sum(p.numel() for p in build_model(cfg).parameters())

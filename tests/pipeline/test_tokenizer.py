@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline import tokenizer
+from pipeline.core import tokenizer
 
 
 def test_byt5_layout():
@@ -24,8 +24,9 @@ import shutil  # noqa: E402
 import pytest  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from pipeline import data, tokens  # noqa: E402
-from pipeline.params import DataConfig, MQARConfig, ParamsError, RetrievalConfig, parse_params  # noqa: E402
+from pipeline.core import data, plays, tokens  # noqa: E402
+from pipeline.core.params import DataConfig, MQARConfig, ParamsError, RetrievalConfig, parse_params  # noqa: E402
+from pipeline.prepare.prepare import prepare  # noqa: E402
 
 MQAR = MQARConfig(seq_len=32, num_pairs=2, pair_tokens=1, num_keys=4, num_values=4, num_fillers=8,
                   train_gaps=(2, 24), eval_gaps={"near": (2, 6), "far": (12, 24)}, num_train=16, num_eval=4)
@@ -35,12 +36,12 @@ RETRIEVAL = RetrievalConfig(tasks=["passkey"], context_lengths=[256], distances=
 
 def _random_text(rng, n: int) -> str:
     """Words of the plays and random code points (1- to 4-byte UTF-8), lines of random length."""
-    plays = data.split_bytes(["macbeth"]).decode()
+    text = plays.split_bytes(["macbeth"]).decode()
     parts = []
     while sum(map(len, parts)) < n:
         if rng.random() < 0.6:
-            at = int(rng.integers(0, len(plays) - 400))
-            parts.append(plays[at : at + int(rng.integers(20, 400))])
+            at = int(rng.integers(0, len(text) - 400))
+            parts.append(text[at : at + int(rng.integers(20, 400))])
         else:
             points = rng.choice([rng.integers(0x20, 0x7F), rng.integers(0xA0, 0x7FF), rng.integers(0x800, 0xD7FF),
                                  rng.integers(0x10000, 0x1FFFF)], size=int(rng.integers(1, 60)))
@@ -57,7 +58,7 @@ def _corpus(root, rng, n_docs: int = 12) -> dict:
 
 def _prepare(root, corpus: dict, tok) -> dict:
     cfg = DataConfig(corpus=corpus, mqar=MQAR, retrieval=RETRIEVAL, validation_docs=2, heldout_docs=2, tokenizer=tok)
-    return data.prepare(cfg, root / "data", workers=1)
+    return prepare(cfg, root / "data", workers=1)
 
 
 def test_blocks_end_at_line_ends_and_join_to_the_file(tmp_path):
@@ -72,7 +73,7 @@ def test_blocks_end_at_line_ends_and_join_to_the_file(tmp_path):
 def test_each_token_covers_its_bytes(tmp_path):
     rng = np.random.default_rng()
     tok = tokenizer.train_bpe([_random_text(rng, 30_000)], vocab_size=400)
-    ascii_text = data.split_bytes(["hamlet"]).decode()[: 5000]
+    ascii_text = plays.split_bytes(["hamlet"]).decode()[: 5000]
     enc = tok.backend_tokenizer.encode(ascii_text, add_special_tokens=False)
     counts = tokens.token_bytes(ascii_text, enc.offsets)  # ASCII: a token's bytes are its text
     assert counts.tolist() == [len(tok.decode([i])) for i in enc.ids]
@@ -127,15 +128,15 @@ def test_a_trained_bpe_round_trips_every_split_and_a_saved_one_tokenises_alike(t
 
 def test_block_cuts_tokenise_as_the_whole_text(tmp_path, monkeypatch):
     """Prose cut into blocks (`tokens._cut`) gives the ids of the text tokenised whole."""
-    plays = data.split_bytes(["macbeth", "hamlet"]).decode()
-    tok = tokenizer.train_bpe([plays], vocab_size=800)
+    text = plays.split_bytes(["macbeth", "hamlet"]).decode()
+    tok = tokenizer.train_bpe([text], vocab_size=800)
     (tmp_path / "text").mkdir()
     for split in ("train", "validation", "heldout"):
-        (tmp_path / "text" / f"{split}.bin").write_bytes(plays.encode())
+        (tmp_path / "text" / f"{split}.bin").write_bytes(text.encode())
     monkeypatch.setattr(tokens, "BLOCK_BYTES", 3000)
     tokens.write_tokens(tok, tmp_path / "text", tmp_path / "tokens", workers=1)
     ids = np.fromfile(tmp_path / "tokens" / "heldout.bin", dtype=np.uint16)
-    assert ids.tolist() == tok.backend_tokenizer.encode(plays, add_special_tokens=False).ids
+    assert ids.tolist() == tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def test_prepared_data_must_fit_the_params(tmp_path):
@@ -167,7 +168,7 @@ def test_the_model_vocabulary_follows_the_tokenizer(tmp_path):
     assert parse_params(_params()).model_config_for("mha").vocab_size == 259
     trained = parse_params(_params(tokenizer={"train": {"vocab_size": 1000}}))
     assert trained.model_config_for("mha").vocab_size == 1000
-    tok = tokenizer.train_bpe([data.split_bytes(["macbeth"]).decode()], vocab_size=700)
+    tok = tokenizer.train_bpe([plays.split_bytes(["macbeth"]).decode()], vocab_size=700)
     tok.save_pretrained(str(tmp_path / "tok"))
     local = parse_params(_params(tokenizer={"path": str(tmp_path / "tok")}))
     assert local.model_config_for("mha").vocab_size == len(tok) == 700

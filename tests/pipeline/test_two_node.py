@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import checkpoint, fanout
-from pipeline.params import ComputeConfig
+from pipeline.core import checkpoint, fanout
+from pipeline.core.params import ComputeConfig
 
 from .conftest import REPO, run_stage, stage_env, write_params
 
@@ -261,10 +261,11 @@ def test_a_resource_no_node_declares_fails_at_once(two_nodes, tiny_project, tmp_
 
 def test_a_job_sent_to_a_worker_carries_storage_keys_and_no_driver_path(tiny_project, tmp_path_factory):
     """What crosses to a worker when storage is a URI: keys in storage, nothing of this machine."""
-    from pipeline.data import verify_prepared
-    from pipeline.params import load_params
-    from pipeline.storage import Storage
-    from pipeline.train_stage import _start_in_storage, train_job
+    from pipeline.core.data import verify_prepared
+    from pipeline.core.params import load_params
+    from pipeline.core.storage import Storage
+    from pipeline.train.driver import _start_in_storage
+    from pipeline.core.runs import train_job
 
     params = load_params(tiny_project / "params.yaml")
     run = params.runs()[0]
@@ -281,12 +282,12 @@ def test_a_job_sent_to_a_worker_carries_storage_keys_and_no_driver_path(tiny_pro
 def test_an_evaluation_sent_through_storage_carries_keys_and_no_driver_path(tiny_project, tmp_path_factory):
     """An evaluate job with storage a URI: the run's checkpoint and export go to storage, the job
     names them by key; a local corpus's haystack is named inside the data, not on this machine."""
-    from pipeline import checkpoint as ckpt
-    from pipeline.data import verify_prepared
-    from pipeline.evaluate import through_storage
-    from pipeline.jobs import EvalJob
-    from pipeline.params import EvalConfig, MQARConfig
-    from pipeline.storage import Storage
+    from pipeline.core import checkpoint as ckpt
+    from pipeline.core.data import verify_prepared
+    from pipeline.evaluate.driver import through_storage
+    from pipeline.core.jobs import EvalJob
+    from pipeline.core.params import EvalConfig, MQARConfig
+    from pipeline.core.storage import Storage
 
     root, store = tiny_project, tmp_path_factory.mktemp("storage")
     (root / "checkpoints" / "mha").mkdir(parents=True)

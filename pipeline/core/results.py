@@ -1,0 +1,95 @@
+"""What an evaluation result (`results/eval/<key>.json`) says, as the report's row and as the
+headline metrics MLflow records: the evaluate stage logs them, the report stage draws them."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+class Measure(NamedTuple):
+    column: str
+    title: str
+    unit: str
+    higher_is_better: bool
+    panel: bool = True  # drawn on the frontier (lm-eval: too few episodes to rank, table only)
+
+
+MEASURES = [
+    Measure("mqar_far", "MQAR recall, keys beyond every window's reach", "accuracy", True),
+    Measure("bpb", "held-out text at the trained length", "bits per byte (lower is better)", False),
+    Measure("mqar_near", "MQAR recall, keys inside every window", "accuracy", True),
+    Measure("bpb_longest", "held-out text at the longest context (extrapolation)",
+            "bits per byte (lower is better)", False),
+    Measure("lm_eval", "lm-eval tasks (mean score)", "score", True, panel=False),
+]
+
+
+BY_COLUMN = {m.column: m for m in MEASURES}
+
+
+def _examples(result: dict, trained_len: int) -> dict[str, list[float]]:
+    """Per-example values of each measure, in the same order for every run (same eval sets)."""
+    out: dict[str, list[float]] = {"mqar_far": [], "mqar_near": []}
+    reach = result.get("reach")
+    for bucket in result.get("mqar", {}).values():
+        if reach is None or "hits" not in bucket:
+            continue
+        for hit, gap in zip(bucket["hits"], bucket["gaps"]):
+            if gap > reach[1]:
+                out["mqar_far"].append(float(hit))
+            elif gap <= reach[0]:
+                out["mqar_near"].append(float(hit))
+    windows = result.get("bpb_windows", {})
+    if windows:
+        out["bpb"] = windows.get(str(trained_len), [])
+        out["bpb_longest"] = windows[max(windows, key=int)]
+    return {k: v for k, v in out.items() if v}
+
+
+def row(result: dict, report_context: int, trained_len: int) -> dict:
+    """The scalars of one result, and `_examples` (per measure, per example) for the intervals."""
+    examples = _examples(result, trained_len)
+    mq = result.get("mqar", {})
+    decoded = [v["decode"] for v in mq.values() if "decode" in v]
+    scores = [next(iter(s.values())) for s in result.get("lm_eval", {}).get("scores", {}).values() if s]
+    decode = result.get("decode", [])
+    longest = max(decode, key=lambda d: d["tokens_held"]) if decode else None
+
+    def mean_of(key: str, buckets: list[dict]) -> float | None:
+        values = [b[key] for b in buckets if b.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    bytes_ = result["cache_bytes_per_token_analytic"] * report_context
+    return {
+        "key": result.get("key", result.get("run")), "run": result.get("run"),
+        "point": result["variant"], "family": result.get("family", result["variant"]),
+        "kind": result["kind"], "seed": result.get("seed", 0), "lr": result.get("lr"),
+        "params": result["params"], "cache_bytes": bytes_,
+        **{m: (float(np.mean(examples[m])) if m in examples else None)
+           for m in ("mqar_far", "mqar_near", "bpb", "bpb_longest")},
+        "lm_eval": float(np.mean(scores)) if scores else None,
+        "mqar_far_decode": mean_of("acc_beyond_window", decoded),
+        "decode_tokens_per_s": longest["decode_tokens_per_s"] if longest else None,
+        "peak_rss_mib": longest["peak_rss_bytes"] / 2**20 if longest else None,
+        "measured_context": longest["tokens_held"] if longest else None,
+        "_examples": examples, "_attention": result.get("attention", {}),
+        "_capacity": {int(k): v.get("acc_beyond_window") for k, v in result.get("capacity", {}).items()},
+        "_by_distance": result.get("bpb_by_distance"),
+        "_lr_candidates": result.get("lr_candidates", {}),
+    }
+
+
+def rows_from_results(results: list[dict], report_context: int, trained_len: int) -> list[dict]:
+    return [row(r, report_context, trained_len) for r in results]
+
+
+def headline(result: dict, report_context: int, trained_len: int) -> dict[str, float]:
+    """The report's measures of one run as MLflow metrics, so the UI draws the same frontier
+    (`frontier/log10_cache_bytes`: the UI's scatter has no log axis)."""
+    r = row(result, report_context, trained_len)
+    out = {"frontier/cache_bytes": r["cache_bytes"], "frontier/log10_cache_bytes": float(np.log10(max(r["cache_bytes"], 1)))}
+    for m in MEASURES:
+        if r[m.column] is not None:
+            out[f"frontier/{m.column}"] = r[m.column]
+    return out
+

@@ -1,0 +1,100 @@
+"""A training run's identity, shared by the stages that follow it: its job and fingerprint
+(`train_job`: the config, the seed, the data's sha256, the code it runs) and its MLflow run,
+found by name and fingerprint or rebuilt from its checkpoint (`mlflow_run_ids`)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.core import checkpoint, sweep, tracking
+from pipeline.core.data import verify_prepared
+from pipeline.core.fingerprint import digest, source_hash
+from pipeline.core.jobs import TrainJob
+from pipeline.core.params import Params, Run
+
+# The code a trained model depends on: changing any of it retrains.
+TRAIN_CODE = ("models", "kernels", "pipeline/train/loop.py", "pipeline/core/data.py", "pipeline/core/tokenizer.py",
+              "pipeline/core/tokens.py", "pipeline/core/checkpoint.py", "pipeline/prepare/prepare.py")
+
+
+def train_job(params: Params, run: Run, code: str, data_dir: Path, ckpt_root: Path,
+              data_files: dict[str, str]) -> TrainJob:
+    """Everything one run depends on, and its fingerprint: the config (the train block holds
+    only this run's seed and rate, so adding a seed or a rate retrains nothing else), the code and the sha256 of
+    every prepared data file (`data_files`, from the verified manifest)."""
+    model = params.model_config_for(run.variant)
+    train = params.train.model_copy(update={"seeds": [run.seed], "lr": run.lr})
+    fingerprint = digest({"model": model.model_dump(mode="json"), "train": train.model_dump(mode="json"),
+                          "data": params.data.model_dump(mode="json"), "code": code,
+                          "data_files": data_files})
+    return TrainJob(run=run.name, variant=run.variant, seed=run.seed, model=model, train=train,
+                    fingerprint=fingerprint, data_dir=str(data_dir.resolve()),
+                    ckpt_dir=str((ckpt_root / run.name).resolve()), threads=params.compute.cpus_per_job,
+                    fault=os.environ.get("KVF_FAULT"))
+
+
+def mlflow_params(params: Params, job: TrainJob) -> dict[str, str]:
+    """The full config (`train.lr`, `seed` among it), plus `family` and one `knob.<field>` per field swept anywhere
+    in the study (`-` where this point has none), so that the UI's charts plot against them."""
+    point = params.points[job.variant]
+    swept = dict.fromkeys(k for p in params.points.values() for k in p.knobs)
+    knobs = {f"knob.{k}": sweep.token(point.knobs[k]) if k in point.knobs else "-" for k in swept}
+    config = {"variant": job.variant, "seed": job.seed, "model": job.model.model_dump(mode="json"),
+              "train": job.train.model_dump(mode="json"), "data": params.data.model_dump(mode="json"),
+              "fingerprint": job.fingerprint}
+    return {**knobs, "family": point.family, **tracking.flatten(config)}
+
+
+def mlflow_tags(job: TrainJob, source: dict[str, str]) -> dict[str, str]:
+    return {tracking.TAG_KIND: job.model.attention.kind, **source,
+            tracking.TAG_VARIANT: job.variant, tracking.TAG_SEED: str(job.seed)}
+
+
+def run_result(job: TrainJob, run_id: str, step: int, metrics: dict, trained: bool) -> dict:
+    return {"status": "ok", "trained": trained, "step": step, "run_id": run_id,
+            "variant": job.variant, "seed": job.seed, **metrics}
+
+
+def adopt_completed(params: Params, tracker: tracking.Tracker, job: TrainJob, final: dict,
+                     source: dict[str, str], quiet: bool = False) -> dict:
+    """A run whose checkpoint is complete and current: find its MLflow run, or rebuild it from
+    the checkpoint's history (e.g. a fresh mlflow.db)."""
+    run = tracker.find_run(job.run, job.fingerprint, finished=True)
+    if run is None:
+        run_id = tracker.open_run(job.run, job.fingerprint, mlflow_params(params, job), mlflow_tags(job, source))
+        tracker.log_records(run_id, final["history"])
+        tracker.log_final(run_id, final["metrics"], final["step"])
+        tracker.finish(run_id, ok=True)
+    else:
+        run_id = run.info.run_id
+    if not quiet:
+        print(f"[train] {job.run}: unchanged since its last completed run, skipped", flush=True)
+    return run_result(job, run_id, final["step"], final["metrics"], trained=False)
+
+
+def mlflow_run_ids(params: Params, root: Path, data_dir: Path, ckpt_root: Path, names: list[str],
+                   rebuilt: set[str] | None = None) -> dict[str, str]:
+    """The MLflow run of each completed run in `names`, found by name and fingerprint in the
+    store, or rebuilt there from its checkpoint (a deleted or fresh store; its name is added to
+    `rebuilt`): what export and evaluate log to, so losing mlflow.db never leaves them pointing
+    at runs that are gone."""
+    code, data_files = source_hash(TRAIN_CODE), verify_prepared(data_dir)["files"]
+    by_name = {run.name: run for run in params.runs()}
+    tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
+    source, out = tracking.source_tags(root), {}
+    for name in names:
+        final = checkpoint.load_final_meta(ckpt_root / name, check=False)
+        if final is None:
+            continue
+        job = train_job(params, by_name[name], code, data_dir, ckpt_root, data_files)
+        job = job.model_copy(update={"fingerprint": final["fingerprint"]})
+        run = tracker.find_run(name, final["fingerprint"], finished=True)
+        if run is None:
+            print(f"[mlflow] {name}: no run in {tracker.uri}; rebuilt from its checkpoint", flush=True)
+            out[name] = adopt_completed(params, tracker, job, final, source, quiet=True)["run_id"]
+            if rebuilt is not None:
+                rebuilt.add(name)
+        else:
+            out[name] = run.info.run_id
+    return out
+

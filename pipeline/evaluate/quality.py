@@ -1,0 +1,114 @@
+"""Quality measures of one trained model: held-out bits per byte, and MQAR recall split by each
+query's gap against the window, from the parallel forward and through the decode cache."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+
+def _device(model) -> torch.device:
+    return model.embed.weight.device
+
+
+@torch.no_grad()
+def heldout_bits(model, text, context_len: int, n_windows: int, policy=None) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-entropy in bits of every predicted token, and the bytes of text it covers, both
+    (n_windows, context_len), over evenly spaced windows of the held-out split (`text`: a
+    `pipeline.core.tokens.TokenStream`; the same windows for every model of a study: the report's
+    intervals resample them, paired). Column t is the token at distance t into its window.
+    With a cache `policy`, every window is decoded token by token through it (all at once)."""
+    if len(text) < context_len + 1:
+        raise ValueError(f"eval.context_lengths: {context_len} tokens, but the held-out split holds {len(text):,}; "
+                         "hold out more text (data.heldout_docs / heldout_plays) or evaluate shorter contexts")
+    starts = np.linspace(0, len(text) - context_len - 1, n_windows).astype(np.int64)
+    ids = torch.stack([torch.from_numpy(text.ids(s, s + context_len + 1)) for s in starts]).to(_device(model))
+    nbytes = np.stack([text.nbytes(s + 1, s + context_len + 1) for s in starts])
+    bits = lambda logits, i: (torch.nn.functional.cross_entropy(  # noqa: E731 -- one window's row
+        logits.float(), ids[i, 1:], reduction="none") / math.log(2)).cpu().numpy()
+    if policy is not None:
+        logits = decode_logits(model, ids[:, :-1], policy)
+        return np.stack([bits(logits[i], i) for i in range(len(starts))]), nbytes
+    return np.stack([bits(model(ids[i : i + 1, :-1])[0], i) for i in range(len(starts))]), nbytes
+
+
+def bits_by_distance(bits: np.ndarray, nbytes: np.ndarray, window: int) -> dict[str, float | None]:
+    """Bits per byte split by the token's distance into its context: `t < W`, `t >= W`, `t >= 4W`
+    (Tensor Cache's measure: what a model does once the window no longer holds the start)."""
+    t = np.arange(bits.shape[1])
+    parts = {"lt_W": t < window, "ge_W": t >= window, "ge_4W": t >= 4 * window}
+    return {name: (float(bits[:, mask].sum() / max(1, nbytes[:, mask].sum())) if mask.any() else None)
+            for name, mask in parts.items()}
+
+
+@torch.no_grad()
+def decode_logits(model, ids: torch.Tensor, policy=None) -> torch.Tensor:
+    """Logits of `ids` computed one token at a time through the variant's own cache (or a full-
+    attention cache cut by `policy`): what a deployed model computes (for chunk_mean this differs
+    from its parallel training forward)."""
+    cache = model.init_cache(ids.shape[0], policy=policy)
+    return torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])], dim=1)
+
+
+def _split(hit: np.ndarray, gap: np.ndarray, reach: tuple[int, int] | None) -> dict:
+    """Accuracy over all queries, over those inside the shortest reach and beyond the longest."""
+    out = {"acc": float(hit.mean()), "n": int(hit.size)}
+    if reach is not None:
+        inside, beyond = gap <= reach[0], gap > reach[1]
+        out["acc_inside_window"] = float(hit[inside].mean()) if inside.any() else None
+        out["acc_beyond_window"] = float(hit[beyond].mean()) if beyond.any() else None
+        out["n_inside_window"], out["n_beyond_window"] = int(inside.sum()), int(beyond.sum())
+    return out
+
+
+@torch.no_grad()
+def mqar_accuracy(model, mqar_cfg, num_pairs: int, gaps: tuple[int, int], n: int, seed: int,
+                  reach: tuple[int, int] | None, decode: bool = True, policy=None) -> dict:
+    """Accuracy on `n` fresh MQAR sequences, also split by each query's gap against the study's
+    reach (`_split`); "hits" and "gaps" keep every query (0/1, gap) for the report's intervals.
+    With `decode`, the same queries are also scored through the decode cache ("decode": {...}).
+    With a cache `policy`, they are scored through the decode path only (it is the model)."""
+    from pipeline.core.data import make_mqar
+
+    cfg = mqar_cfg.model_copy(update={"num_pairs": num_pairs})
+    data = make_mqar(cfg, n, tuple(gaps), seed)
+    tokens = torch.from_numpy(data["tokens"].astype(np.int64)).to(_device(model))
+    mask = torch.from_numpy(data["answer_mask"][:, 1:]).to(tokens.device)
+    gap = data["gaps"].reshape(-1)
+    hits = lambda logits: (logits.argmax(-1) == tokens[:, 1:])[mask].cpu().numpy()  # noqa: E731 -- row order
+    hit = hits(model(tokens[:, :-1]) if policy is None else decode_logits(model, tokens[:, :-1], policy))
+    out = {**_split(hit, gap, reach), "hits": hit.astype(int).tolist(), "gaps": gap.astype(int).tolist()}
+    if decode and policy is None:
+        out["decode"] = _split(hits(decode_logits(model, tokens[:, :-1])), gap, reach)
+    return out
+
+
+def measure(model, text: np.ndarray, job, policy=None) -> dict:
+    """The quality fields of one evaluation result (`job`: a `pipeline.core.jobs.EvalJob`; `text`: the
+    held-out `TokenStream`): bits per byte per context length (in tokens; a length's bpb is the mean
+    of its windows' bits per byte) (and by distance into the longest), MQAR per pair count and gap
+    bucket, and the capacity curve; through the cache `policy` when one is given."""
+    cfg, mqar_cfg = job.eval, job.mqar
+    out = {"bpb": {}, "bpb_windows": {}, "mqar": {}}
+    for length in cfg.context_lengths:
+        bits, nbytes = heldout_bits(model, text, length, max(1, cfg.bpb_tokens // length), policy)
+        windows = (bits.sum(axis=1) / np.maximum(1, nbytes.sum(axis=1))).tolist()  # each window's bits per byte
+        out["bpb"][str(length)], out["bpb_windows"][str(length)] = float(np.mean(windows)), windows
+        if length == max(cfg.context_lengths) and job.reach is not None:
+            out["bpb_by_distance"] = {"context": length, "window": job.min_window,
+                                      **bits_by_distance(bits, nbytes, job.min_window)}
+    for pairs in cfg.mqar_pairs:
+        for bucket, gaps in mqar_cfg.eval_gaps.items():
+            out["mqar"][f"p{pairs}_{bucket}"] = {
+                "num_pairs": pairs, "bucket": bucket, "gaps": list(gaps),
+                **mqar_accuracy(model, mqar_cfg, pairs, gaps, cfg.mqar_examples, cfg.seed, job.reach,
+                                policy=policy)}
+    for pairs in cfg.capacity_pairs:  # recall beyond every window as the stored pairs grow
+        far = max(mqar_cfg.eval_gaps.values(), key=lambda g: g[0])
+        r = mqar_accuracy(model, mqar_cfg, pairs, far, cfg.mqar_examples, cfg.seed + 1, job.reach,
+                          decode=False, policy=policy)
+        out.setdefault("capacity", {})[str(pairs)] = {"gaps": list(far), **{
+            k: r[k] for k in ("acc", "acc_beyond_window", "n_beyond_window") if k in r}}
+    return out

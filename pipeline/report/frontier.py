@@ -1,0 +1,317 @@
+"""The report stage: the memory-quality frontier from results/eval/*.json (one per point and seed).
+
+- report/frontier.png: one panel per quality measure, x = cache bytes at `eval.report_context`
+  tokens (log scale); per family a line through its sweep at the mean over seeds, bars of the 95 %
+  interval (over seeds when there are several, else over evaluation examples); the Pareto front
+  across families as a dashed step line.
+- report/frontier.md: every point (memory, parameters, the rate that won, each measure with both
+  intervals), the front per measure, the budget table (`eval.byte_budgets`) and the seeds' claims
+  with the interval of each difference and a verdict (`pipeline.report.claims`).
+- report/frontier.csv: one row per evaluated run (the `dvc plots` data).
+- report/capacity.png: recall beyond every window as the stored pairs grow (`eval.capacity_pairs`).
+Logged to a parent MLflow run that points to the runs it summarises.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.results import MEASURES, rows_from_results
+from pipeline.report import stats
+from pipeline.report.points import Point, by_distance, capacity, front, points
+
+
+# --------------------------------------------------------------------------- rows: one per result
+
+
+# --------------------------------------------------------------------------- points: rows grouped
+
+
+# --------------------------------------------------------------------------- the figure
+def plot_frontier(pts: list[Point], report_context: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [m for m in MEASURES if m.panel and any(p.mean(m.column) is not None for p in pts)]
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7 * ncols, 4.8 * nrows + 0.8), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    families = list(dict.fromkeys(p.family for p in pts))
+    seeds = max(len(p.rows) for p in pts)
+    for ax, m in zip(axes.flat, panels):
+        for i, family in enumerate(families):
+            mine = [p for p in pts if p.family == family and p.mean(m.column) is not None]
+            if not mine:
+                continue
+            xs, ys = [p.cache_bytes for p in mine], [p.mean(m.column) for p in mine]
+            bars = [p.interval(m.column) for p in mine]
+            yerr = np.array([[y - b.low if b else 0.0 for y, b in zip(ys, bars)],
+                             [b.high - y if b else 0.0 for y, b in zip(ys, bars)]])
+            ax.errorbar(xs, ys, yerr=np.clip(yerr, 0, None), fmt="o-", color=f"C{i % 10}", capsize=3,
+                        lw=1.2, ms=4, label=family)
+        on_front = front(pts, m)
+        if on_front:
+            fx = [p.cache_bytes for p in on_front]
+            fy = [p.mean(m.column) for p in on_front]
+            ax.step(fx, fy, where="post", color="k", ls="--", lw=1, alpha=0.6, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"cache bytes at {report_context:,} tokens (batch 1)")
+        ax.set_ylabel(m.unit)
+        ax.set_title(m.title, fontsize=10)
+        if m.unit == "accuracy":
+            ax.set_ylim(-0.03, 1.05)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7, ncol=2, loc="best")
+    bars = "95 % interval over seeds" if seeds > 1 else "95 % bootstrap interval over evaluation examples (1 seed)"
+    fig.suptitle(f"kv-frontier: memory-quality frontier\nmean over up to {seeds} seed(s); bars: {bars}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_capacity(pts: list[Point], path: Path) -> None:
+    """Recall beyond every window's reach as the number of stored pairs grows, one line per
+    point: where each bounded state saturates (a figure that says so when there is no curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {p.name: capacity(p) for p in pts}
+    curves = {k: v for k, v in curves.items() if len(v) > 1}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if not curves:
+        ax.text(0.5, 0.5, "no memory-capacity curve: set eval.capacity_pairs (two counts or more)",
+                ha="center", va="center")
+        ax.set_axis_off()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return
+    families = list(dict.fromkeys(p.family for p in pts))
+    styles = ["-", "--", ":", "-."]
+    for p in pts:
+        if p.name not in curves:
+            continue
+        i = families.index(p.family)
+        rank = [q.name for q in pts if q.family == p.family].index(p.name)
+        xs = list(curves[p.name])
+        ax.plot(xs, [curves[p.name][x] for x in xs], styles[rank % 4], marker="o", ms=3,
+                color=f"C{i % 10}", label=p.name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("stored (key, value) pairs")
+    ax.set_ylabel("MQAR recall, keys beyond every window's reach")
+    ax.set_ylim(-0.03, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=3)
+    ax.set_title("memory capacity (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the tables
+def _fmt(v, spec=".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _iv(iv: stats.Interval | None, spec=".3f") -> str:
+    return "-" if iv is None else f"[{format(iv.low, spec)}, {format(iv.high, spec)}]"
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _lrs(p: Point) -> str:
+    won = [r["lr"] for r in p.rows if r.get("lr") is not None]
+    tried = len(p.rows[0]["_lr_candidates"]) if p.rows[0]["_lr_candidates"] else 1
+    if not won:
+        return "-"
+    counts = {lr: won.count(lr) for lr in dict.fromkeys(won)}
+    text = ", ".join(f"{lr:g}" + (f" ({c}/{len(won)})" if len(won) > 1 else "") for lr, c in counts.items())
+    return text + (f" of {tried}" if tried > 1 else "")
+
+
+def points_table(pts: list[Point], report_context: int) -> list[str]:
+    cols = MEASURES
+    lines = ["| point | family | kind | params | cache bytes | seeds | lr (won) | "
+             + " | ".join(f"{m.column}: mean, seeds CI, examples CI" for m in cols) + " |",
+             "|---|---|---|---:|---:|---:|---|" + "---|" * len(cols)]
+    for p in pts:
+        cells = [f"{_fmt(p.mean(m.column))} {_iv(p.seed_interval(m.column))} {_iv(p.example_interval(m.column))}"
+                 for m in cols]
+        lines.append(f"| {p.name} | {p.family} | {p.kind} | {p.params:,} | {_bytes(p.cache_bytes)} | "
+                     f"{len(p.rows)} | {_lrs(p)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def front_table(pts: list[Point]) -> list[str]:
+    lines = ["| measure | points on the front, by cache bytes |", "|---|---|"]
+    for m in MEASURES:
+        if m.panel and any(p.mean(m.column) is not None for p in pts):
+            lines.append(f"| {m.column} | " + " -> ".join(
+                f"{p.name} ({_bytes(p.cache_bytes)}, {_fmt(p.mean(m.column))})" for p in front(pts, m)) + " |")
+    return lines
+
+
+def budget_table(pts: list[Point], budgets: list[int]) -> list[str]:
+    """Per budget and measure: the best point within it, the best of another family, the gap."""
+    lines = ["| budget | measure | best point | best of another family | difference [95 % CI] |",
+             "|---:|---|---|---|---|"]
+    for budget in budgets:
+        within = [p for p in pts if p.cache_bytes <= budget]
+        for m in MEASURES:
+            if not m.panel:
+                continue
+            have = [p for p in within if p.mean(m.column) is not None]
+            if not have:
+                continue
+            sign = 1 if m.higher_is_better else -1
+            best = max(have, key=lambda p: sign * p.mean(m.column))
+            others = [p for p in have if p.family != best.family]
+            if not others:
+                lines.append(f"| {_bytes(budget)} | {m.column} | {best.name} ({_fmt(best.mean(m.column))}) | - | - |")
+                continue
+            other = max(others, key=lambda p: sign * p.mean(m.column))
+            d = best.difference(other, m.column)
+            lines.append(f"| {_bytes(budget)} | {m.column} | {best.name} ({_fmt(best.mean(m.column))}) | "
+                         f"{other.name} ({_fmt(other.mean(m.column))}) | "
+                         + ("-" if d is None else f"{d[0]:+.3f} {_iv(d[1])}") + " |")
+    return lines
+
+
+def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: list[dict]) -> str:
+    seeds = max(len(p.rows) for p in pts)
+    lines = ["# Memory-quality frontier\n",
+             f"{len(pts)} points, {seeds} seed(s) each. Cache bytes: analytic, at {report_context:,} tokens, "
+             "batch 1. Each measure: the mean over seeds, its 95 % interval over seeds (t, needs two seeds "
+             "or more) and its 95 % bootstrap interval over evaluation examples. MQAR far / near: queries "
+             "whose key lies beyond every window's reach / inside every window. bpb: held-out bits per "
+             "byte at the trained length; bpb_longest: at the longest evaluated context "
+             "(extrapolation). lm-eval: too few episodes to rank models; shown here, not on the figure. "
+             "lr (won): the learning rate chosen on validation for each seed, of how many tried.\n",
+             "## Points\n", *points_table(pts, report_context), "",
+             "## Pareto front\n", *front_table(pts), ""]
+    if budgets:
+        lines += ["## Budgets\n", "The best point whose cache fits each budget, the best point of any "
+                  "other family within it, and their difference (bootstrap over seeds and examples).\n",
+                  *budget_table(pts, budgets), ""]
+    dist = {p.name: by_distance(p) for p in pts}
+    if any(dist.values()):
+        d0 = next(d for d in dist.values() if d)
+        lines += ["## Bits per byte by distance into the context\n",
+                  f"Held-out text at {d0['context']:,} bytes, split by the byte's position t in its window, "
+                  f"W = {d0['window']} (the study's smallest window).\n",
+                  "| point | t < W | t >= W | t >= 4W |", "|---|---:|---:|---:|"]
+        lines += [f"| {n} | {_fmt(d.get('lt_W'))} | {_fmt(d.get('ge_W'))} | {_fmt(d.get('ge_4W'))} |"
+                  for n, d in dist.items() if d] + [""]
+    curves = {p.name: capacity(p) for p in pts}
+    pairs = sorted({k for c in curves.values() for k in c})
+    if pairs:
+        lines += ["## Memory capacity\n", "MQAR recall beyond every window's reach as the number of "
+                  "stored pairs grows (report/capacity.png).\n",
+                  "| point | " + " | ".join(f"{k} pairs" for k in pairs) + " |", "|---|" + "---:|" * len(pairs)]
+        lines += [f"| {n} | " + " | ".join(_fmt(c.get(k)) for k in pairs) + " |" for n, c in curves.items() if c]
+        lines += [""]
+    from pipeline.report.claims import claims_table
+
+    lines += ["## The seeds' claims\n", *claims_table(claims, seeds), ""]
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ["key", "run", "point", "family", "kind", "seed", "lr", "params", "cache_bytes", "mqar_far",
+              "mqar_near", "bpb", "bpb_longest", "lm_eval", "mqar_far_decode", "decode_tokens_per_s",
+              "peak_rss_mib", "measured_context"]
+
+
+def report_paths(out_dir: Path) -> dict[str, Path]:
+    """The files the report stage writes (dvc.yaml lists the same)."""
+    return {"png": out_dir / "frontier.png", "md": out_dir / "frontier.md", "csv": out_dir / "frontier.csv",
+            "capacity": out_dir / "capacity.png"}
+
+
+def write_report(results: list[dict], report_context: int, trained_len: int, out_dir: Path,
+                 budgets: list[int] = ()) -> dict[str, Path]:
+    from pipeline.report.claims import evaluate_claims
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = rows_from_results(results, report_context, trained_len)
+    pts = points(rows)
+    paths = report_paths(out_dir)
+    plot_frontier(pts, report_context, paths["png"])
+    plot_capacity(pts, paths["capacity"])
+    paths["md"].write_text(markdown(pts, report_context, list(budgets), evaluate_claims(pts)))
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return paths
+
+
+def _family_run(tracker, family: str, frontier_id: str) -> str:
+    """The family's parent run (reused across reports), nested under the latest frontier run."""
+    found = tracker.client.search_runs([tracker.experiment_id], f"tags.`kvf.family_run` = '{family}'",
+                                       max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = tracker.client.create_run(tracker.experiment_id, run_name=f"family {family}",
+                                           tags={"kvf.family_run": family}).info.run_id
+        tracker.client.set_terminated(run_id, "FINISHED")
+    tracker.client.set_tag(run_id, "mlflow.parentRunId", frontier_id)
+    return run_id
+
+
+def run_report(params, root: Path, results_dir: Path, out_dir: Path) -> int:
+    keys = params.result_keys()
+    missing = [key for key in keys if not (results_dir / f"{key}.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"{results_dir}: no evaluation results for {', '.join(missing)}; "
+                                "run the evaluate stage")
+    results = [json.loads((results_dir / f"{key}.json").read_text()) for key in keys]
+    paths = write_report(results, params.eval.report_context, params.train.seq_len, out_dir,
+                         params.eval.byte_budgets)
+    run_id = log_report(params, root, results, paths)
+    print(f"[report] {len(results)} run(s), {len(params.points)} point(s) -> {paths['png']}, {paths['md']} "
+          f"(MLflow run {run_id})", flush=True)
+    return 0
+
+
+def log_report(params, root: Path, results: list[dict], paths: dict[str, Path]) -> str:
+    """A new MLflow run `frontier` with the figure and tables; each family's parent run nested
+    under it and each evaluated run under its family. Returns the frontier run's id."""
+    from pipeline.core import tracking
+
+    tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
+    for stale in tracker.client.search_runs([tracker.experiment_id], "tags.`kvf.report` = 'frontier' and "
+                                            "attributes.status = 'RUNNING'"):
+        tracker.client.set_terminated(stale.info.run_id, "KILLED")  # a report killed mid-way: not current
+    run = tracker.client.create_run(tracker.experiment_id, run_name="frontier",
+                                    tags={"kvf.report": "frontier", **tracking.source_tags(root)})
+    ids = {}
+    for r in results:  # the evaluated runs, by name (the newest finished run of that name)
+        found = tracker.client.search_runs([tracker.experiment_id], f"tags.`{tracking.TAG_RUN}` = '{r['run']}' "
+                                           "and attributes.status = 'FINISHED'",
+                                           order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            ids[r["run"]] = found[0].info.run_id
+    tracker.client.set_tag(run.info.run_id, "kvf.summarises", ",".join(ids.values()))
+    for family in dict.fromkeys(r.get("family", r["variant"]) for r in results):
+        parent = _family_run(tracker, family, run.info.run_id)
+        for r in results:
+            if r["run"] in ids and r.get("family", r["variant"]) == family:
+                tracker.client.set_tag(ids[r["run"]], "mlflow.parentRunId", parent)
+    for path in paths.values():
+        tracker.client.log_artifact(run.info.run_id, str(path), "report")
+    tracker.client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id

@@ -1,0 +1,81 @@
+"""Points: a study's result rows grouped by point (one row per seed), with their means,
+intervals, differences and Pareto fronts."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from pipeline.core.results import Measure
+from pipeline.report import stats
+
+class Point(NamedTuple):
+    name: str
+    family: str
+    kind: str
+    attention: dict
+    params: int
+    cache_bytes: float
+    rows: list[dict]  # one per seed
+
+    def mean(self, col: str) -> float | None:
+        ys = [r[col] for r in self.rows if r.get(col) is not None]
+        return float(np.mean(ys)) if ys else None
+
+    def seed_interval(self, col: str) -> stats.Interval | None:
+        return stats.seed_interval([r[col] for r in self.rows if r.get(col) is not None])
+
+    def examples(self, col: str) -> list[list[float]] | None:
+        per_seed = [r["_examples"][col] for r in self.rows if col in r["_examples"]]
+        if not per_seed or len(per_seed) != len(self.rows) or len({len(x) for x in per_seed}) != 1:
+            return None
+        return per_seed
+
+    def example_interval(self, col: str) -> stats.Interval | None:
+        ex = self.examples(col)
+        return stats.example_interval(ex) if ex else None
+
+    def difference(self, other: "Point", col: str) -> tuple[float, stats.Interval] | None:
+        """mean(self) - mean(other) and its bootstrap interval over both points' seeds and the
+        shared examples; None when the two were not scored on the same examples."""
+        ea, eb = self.examples(col), other.examples(col)
+        if ea is None or eb is None or len(ea[0]) != len(eb[0]):
+            return None
+        return self.mean(col) - other.mean(col), stats.difference_interval(ea, eb)
+
+    def interval(self, col: str) -> stats.Interval | None:
+        """What the plot's bars show: over seeds when there are several, else over examples."""
+        return self.seed_interval(col) or self.example_interval(col)
+
+
+def points(rows: list[dict]) -> list[Point]:
+    """Rows grouped by point, in order of cache bytes (then name)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["point"], []).append(r)
+    out = [Point(name, g[0]["family"], g[0]["kind"], g[0]["_attention"], g[0]["params"], g[0]["cache_bytes"],
+                 sorted(g, key=lambda r: r["seed"])) for name, g in groups.items()]
+    return sorted(out, key=lambda p: (p.cache_bytes, p.name))
+
+
+def capacity(p: Point) -> dict[int, float]:
+    """Mean over seeds of recall beyond every window, per number of stored pairs."""
+    pairs = sorted({k for r in p.rows for k, v in r["_capacity"].items() if v is not None})
+    return {k: float(np.mean([r["_capacity"][k] for r in p.rows if r["_capacity"].get(k) is not None]))
+            for k in pairs}
+
+
+def by_distance(p: Point) -> dict[str, float] | None:
+    parts = [r["_by_distance"] for r in p.rows if r.get("_by_distance")]
+    if not parts:
+        return None
+    return {k: float(np.mean([d[k] for d in parts])) for k in ("lt_W", "ge_W", "ge_4W")
+            if all(d.get(k) is not None for d in parts)} | {"window": parts[0]["window"], "context": parts[0]["context"]}
+
+
+def front(pts: list[Point], measure: Measure) -> list[Point]:
+    have = [p for p in pts if p.mean(measure.column) is not None]
+    idx = stats.pareto_front([p.cache_bytes for p in have], [p.mean(measure.column) for p in have],
+                             measure.higher_is_better)
+    return [have[i] for i in idx]
+

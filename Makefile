@@ -32,7 +32,7 @@ export UV_PYTHON_DOWNLOADS := never
 HOST_PATH := $(PATH)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv test repro bench lock lock-targets mlflow-server
+.PHONY: venv test repro bench lock lock-targets mlflow-server ui
 
 venv: $(VENV)/.installed
 
@@ -67,6 +67,12 @@ repro: venv
 MLFLOW_PORT ?= 5000
 mlflow-server: venv
 	$(PY) -m pipeline.core.mlflow_server --port $(MLFLOW_PORT)
+
+# The MLflow UI on this study's store (loopback only), with the links that open the evaluated runs
+# in Model training mode and the frontier view (pipeline/core/mlflow_ui.py). Ctrl-C stops it.
+UI_PORT ?= 5001
+ui: venv
+	$(PY) -m pipeline.core.mlflow_ui --port $(UI_PORT)
 
 bench: venv
 	$(PY) benchmarks/l2_scan.py

@@ -44,7 +44,7 @@ def sync_store(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expo
             log_export(uri, run_ids[name], name, (export_root / name).resolve(), checkpoint.read_json(card))
         tracker.client.set_tag(run_ids[name], "kvf.selected", str(name in winners).lower())
     redo = {key: r for key, r in results.items() if r.get("checkpoint_run", r["run"]) in rebuilt}
-    for key, run_id in result_run_ids(tracker, redo, run_ids).items():  # a policy's run comes back nested
+    for key, run_id in result_run_ids(tracker, redo, run_ids).items():  # a policy's run comes back beside its checkpoint's
         log_result(tracker, run_id, flat_metrics(redo[key], params.eval.report_context, params.train.seq_len),
                        redo[key])
     paths = report_paths(report_dir)

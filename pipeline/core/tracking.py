@@ -27,7 +27,8 @@ TAG_SEED = "kvf.seed"
 TAG_KIND = "kind"
 TAG_FINGERPRINT = "kvf.fingerprint"
 TAG_COMMIT = "git_commit"
-# opens the experiment in the UI on its runs (not on the GenAI traces overview)
+# the experiment's kind (MLflow 3.17's UI opens on the mode in its URL instead: `make ui`'s links
+# carry `workflowType=machine_learning`, pipeline/core/mlflow_ui.py)
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 

@@ -177,27 +177,31 @@ def flat_metrics(r: dict, report_context: int, trained_len: int) -> dict[str, fl
     return {**out, **headline(r, report_context, trained_len)}
 
 
-def policy_run_id(tracker: tracking.Tracker, r: dict, parent_id: str) -> str:
-    """The MLflow run of a cache-policy result (`<run>+<policy>`), nested under its checkpoint's
-    run: found by name and evaluation fingerprint, else created (finished: it trains nothing)."""
+def policy_run_id(tracker: tracking.Tracker, r: dict, checkpoint_id: str) -> str:
+    """The MLflow run of a cache-policy result (`<run>+<policy>`), top-level beside its checkpoint's
+    run (`kvf.checkpoint_run_id` points to it): found by name and evaluation fingerprint, else
+    created (finished: it trains nothing). A run an older version nested is un-nested."""
     from mlflow.entities import Param
 
     found = tracker.find_run(r["run"], r["eval_fingerprint"])
     if found is not None:
+        if "mlflow.parentRunId" in found.data.tags:
+            tracker.client.delete_tag(found.info.run_id, "mlflow.parentRunId")
+            tracker.client.set_tag(found.info.run_id, "kvf.checkpoint_run_id", checkpoint_id)
         return found.info.run_id
     run_id = tracker.client.create_run(tracker.experiment_id, run_name=r["run"], tags={
         tracking.TAG_RUN: r["run"], tracking.TAG_FINGERPRINT: r["eval_fingerprint"],
         tracking.TAG_VARIANT: r["variant"], tracking.TAG_SEED: str(r["seed"]), tracking.TAG_KIND: r["kind"],
-        "family": r["family"], "kvf.policy": r["policy"]["policy"], "mlflow.parentRunId": parent_id}).info.run_id
+        "family": r["family"], "kvf.policy": r["policy"]["policy"], "kvf.checkpoint_run_id": checkpoint_id}).info.run_id
     tracker.client.log_batch(run_id, params=[Param(f"policy.{k}", str(v)) for k, v in sorted(r["policy"].items())]
-                             + [Param("checkpoint_run", r["checkpoint_run"])])
+                             + [Param("checkpoint_run", r["checkpoint_run"]), Param("family", r["family"])])
     tracker.client.set_terminated(run_id, "FINISHED")
     return run_id
 
 
 def result_run_ids(tracker: tracking.Tracker, results: dict[str, dict], run_ids: dict[str, str]) -> dict[str, str]:
     """Result key -> the MLflow run its metrics go to: the trained run's own, or for a cache
-    policy a run nested under it."""
+    policy a run of its own beside it."""
     out = {}
     for key, r in results.items():
         if r.get("policy") is None:

@@ -258,20 +258,6 @@ def write_report(results: list[dict], report_context: int, trained_len: int, out
     return paths
 
 
-def _family_run(tracker, family: str, frontier_id: str) -> str:
-    """The family's parent run (reused across reports), nested under the latest frontier run."""
-    found = tracker.client.search_runs([tracker.experiment_id], f"tags.`kvf.family_run` = '{family}'",
-                                       max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-    else:
-        run_id = tracker.client.create_run(tracker.experiment_id, run_name=f"family {family}",
-                                           tags={"kvf.family_run": family}).info.run_id
-        tracker.client.set_terminated(run_id, "FINISHED")
-    tracker.client.set_tag(run_id, "mlflow.parentRunId", frontier_id)
-    return run_id
-
-
 def run_report(params, root: Path, results_dir: Path, out_dir: Path) -> int:
     keys = params.result_keys()
     missing = [key for key in keys if not (results_dir / f"{key}.json").exists()]
@@ -288,30 +274,33 @@ def run_report(params, root: Path, results_dir: Path, out_dir: Path) -> int:
 
 
 def log_report(params, root: Path, results: list[dict], paths: dict[str, Path]) -> str:
-    """A new MLflow run `frontier` with the figure and tables; each family's parent run nested
-    under it and each evaluated run under its family. Returns the frontier run's id."""
+    """A new MLflow run `frontier` with the figure and tables, tagged with the runs it summarises
+    (`kvf.summarises`). The evaluated runs stay top-level, so the UI lists them without expanding
+    anything (`family` and `kind` group them); nesting left by older versions (a family run under
+    the frontier, a run under its family) is undone. The experiment's frontier view is refreshed
+    (`pipeline.core.mlflow_ui`). Returns the frontier run's id."""
     from pipeline.core import tracking
+    from pipeline.core.mlflow_ui import write_view
 
     tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
-    for stale in tracker.client.search_runs([tracker.experiment_id], "tags.`kvf.report` = 'frontier' and "
-                                            "attributes.status = 'RUNNING'"):
-        tracker.client.set_terminated(stale.info.run_id, "KILLED")  # a report killed mid-way: not current
-    run = tracker.client.create_run(tracker.experiment_id, run_name="frontier",
-                                    tags={"kvf.report": "frontier", **tracking.source_tags(root)})
+    client, experiment = tracker.client, tracker.experiment_id
+    for stale in client.search_runs([experiment], "tags.`kvf.report` = 'frontier' and attributes.status = 'RUNNING'"):
+        client.set_terminated(stale.info.run_id, "KILLED")  # a report killed mid-way: not current
+    run = client.create_run(experiment, run_name="frontier", tags={"kvf.report": "frontier", **tracking.source_tags(root)})
     ids = {}
     for r in results:  # the evaluated runs, by name (the newest finished run of that name)
-        found = tracker.client.search_runs([tracker.experiment_id], f"tags.`{tracking.TAG_RUN}` = '{r['run']}' "
-                                           "and attributes.status = 'FINISHED'",
-                                           order_by=["attributes.start_time DESC"], max_results=1)
+        found = client.search_runs([experiment], f"tags.`{tracking.TAG_RUN}` = '{r['run']}' "
+                                   "and attributes.status = 'FINISHED'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
         if found:
             ids[r["run"]] = found[0].info.run_id
-    tracker.client.set_tag(run.info.run_id, "kvf.summarises", ",".join(ids.values()))
-    for family in dict.fromkeys(r.get("family", r["variant"]) for r in results):
-        parent = _family_run(tracker, family, run.info.run_id)
-        for r in results:
-            if r["run"] in ids and r.get("family", r["variant"]) == family:
-                tracker.client.set_tag(ids[r["run"]], "mlflow.parentRunId", parent)
+            if "mlflow.parentRunId" in found[0].data.tags:
+                client.delete_tag(found[0].info.run_id, "mlflow.parentRunId")
+    for family_run in client.search_runs([experiment], "tags.`kvf.family_run` != ''"):
+        client.delete_run(family_run.info.run_id)  # older versions' grouping runs: nothing of their own
+    client.set_tag(run.info.run_id, "kvf.summarises", ",".join(ids.values()))
     for path in paths.values():
-        tracker.client.log_artifact(run.info.run_id, str(path), "report")
-    tracker.client.set_terminated(run.info.run_id, "FINISHED")
+        client.log_artifact(run.info.run_id, str(path), "report")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    write_view(client, experiment)
     return run.info.run_id

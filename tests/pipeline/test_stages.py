@@ -90,7 +90,8 @@ def test_seeds_from_train_to_report(tiny_project):
         logged_policy = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
                                            f"tags.`kvf.run` = '{r['run']}'")
         assert len(logged_policy) == 1 and logged_policy[0].data.metrics["eval/bpb_64"] == r["bpb"]["64"]
-        assert logged_policy[0].data.tags["mlflow.parentRunId"] == runs[base["run"]]["run_id"]
+        assert logged_policy[0].data.tags["kvf.checkpoint_run_id"] == runs[base["run"]]["run_id"]
+        assert "mlflow.parentRunId" not in logged_policy[0].data.tags  # top-level: the UI lists it
     for key, r in results.items():
         assert r["run"] == winners[key] and r["variant"] == key.split(".seed")[0]
         assert r["seed"] == int(key.endswith("seed1")) and r["family"] == key.split(".")[0]
@@ -120,6 +121,17 @@ def test_seeds_from_train_to_report(tiny_project):
     assert "| mha+window4 | mha+window | mha+window |" in table
     assert len((root / "report" / "frontier.csv").read_text().splitlines()) == 1 + len(keys) + len(policy_keys)
     assert (root / "report" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+    # MLflow: every evaluated run top-level (the UI lists them without expanding anything), and
+    # the experiment's frontier view charts metrics those runs hold
+    experiment = client.get_experiment_by_name("tiny")
+    evaluated = client.search_runs([experiment.experiment_id], "metrics.`frontier/cache_bytes` > 0")
+    assert len(evaluated) == len(keys) + len(policy_keys)
+    assert not [r.info.run_name for r in evaluated if "mlflow.parentRunId" in r.data.tags]
+    view = json.loads(json.loads(experiment.tags["mlflow.sharedViewState.kvf-frontier"])["state"])
+    held = set(evaluated[0].data.metrics)
+    assert len(view["compareRunCharts"]) == 3 and all(
+        c["xaxis"]["key"] in held and c["yaxis"]["key"] in held for c in view["compareRunCharts"])
 
 
 def _lr_name(key: str) -> str:

@@ -12,7 +12,7 @@ def main() -> None:
     from pipeline.report.frontier import run_report
     from pipeline.core.tracking import repo_root
 
-    raise SystemExit(run_report(params, repo_root(), Path("results/eval"), Path("report")))
+    raise SystemExit(run_report(params, repo_root(), Path("results/eval"), Path("report"), Path("checkpoints")))
 
 
 if __name__ == "__main__":

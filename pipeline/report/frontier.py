@@ -9,7 +9,9 @@
   with the interval of each difference and a verdict (`pipeline.report.claims`).
 - report/frontier.csv: one row per evaluated run (the `dvc plots` data).
 - report/capacity.png: recall beyond every window as the stored pairs grow (`eval.capacity_pairs`).
-Logged to a parent MLflow run that points to the runs it summarises.
+- report/learning.png: validation curves per family, from the checkpoints' histories; a point
+  still learning at its last step is flagged in the tables (`pipeline.report.convergence`).
+Logged to an MLflow run `frontier` that names the runs it summarises.
 """
 from __future__ import annotations
 
@@ -21,13 +23,10 @@ import numpy as np
 
 from pipeline.core.results import MEASURES, rows_from_results
 from pipeline.report import stats
+from pipeline.report.convergence import OBJECTIVE_DROP, RECALL_RISE, histories, learning, plot_learning
 from pipeline.report.points import Point, by_distance, capacity, front, points
 
 
-# --------------------------------------------------------------------------- rows: one per result
-
-
-# --------------------------------------------------------------------------- points: rows grouped
 
 
 # --------------------------------------------------------------------------- the figure
@@ -144,14 +143,14 @@ def _lrs(p: Point) -> str:
 
 def points_table(pts: list[Point], report_context: int) -> list[str]:
     cols = MEASURES
-    lines = ["| point | family | kind | params | cache bytes | seeds | lr (won) | "
+    lines = ["| point | family | kind | params | cache bytes | seeds | lr (won) | training | "
              + " | ".join(f"{m.column}: mean, seeds CI, examples CI" for m in cols) + " |",
-             "|---|---|---|---:|---:|---:|---|" + "---|" * len(cols)]
+             "|---|---|---|---:|---:|---:|---|---|" + "---|" * len(cols)]
     for p in pts:
         cells = [f"{_fmt(p.mean(m.column))} {_iv(p.seed_interval(m.column))} {_iv(p.example_interval(m.column))}"
                  for m in cols]
         lines.append(f"| {p.name} | {p.family} | {p.kind} | {p.params:,} | {_bytes(p.cache_bytes)} | "
-                     f"{len(p.rows)} | {_lrs(p)} | " + " | ".join(cells) + " |")
+                     f"{len(p.rows)} | {_lrs(p)} | {p.training() or '-'} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -199,7 +198,11 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
              "whose key lies beyond every window's reach / inside every window. bpb: held-out bits per "
              "byte at the trained length; bpb_longest: at the longest evaluated context "
              "(extrapolation). lm-eval: too few episodes to rank models; shown here, not on the figure. "
-             "lr (won): the learning rate chosen on validation for each seed, of how many tried.\n",
+             "lr (won): the learning rate chosen on validation for each seed, of how many tried. "
+             f"training: still learning when, over the last fifth of its steps, a seed's validation "
+             f"objective fell by more than {OBJECTIVE_DROP:.0%} or an MQAR validation accuracy rose by more "
+             f"than {RECALL_RISE:g} (learning.png draws the curves); a claim on such a point is not "
+             "converged.\n",
              "## Points\n", *points_table(pts, report_context), "",
              "## Pareto front\n", *front_table(pts), ""]
     if budgets:
@@ -231,25 +234,33 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
 
 CSV_FIELDS = ["key", "run", "point", "family", "kind", "seed", "lr", "params", "cache_bytes", "mqar_far",
               "mqar_near", "bpb", "bpb_longest", "lm_eval", "mqar_far_decode", "decode_tokens_per_s",
-              "peak_rss_mib", "measured_context"]
+              "peak_rss_mib", "measured_context", "still_learning"]
 
 
 def report_paths(out_dir: Path) -> dict[str, Path]:
     """The files the report stage writes (dvc.yaml lists the same)."""
     return {"png": out_dir / "frontier.png", "md": out_dir / "frontier.md", "csv": out_dir / "frontier.csv",
-            "capacity": out_dir / "capacity.png"}
+            "capacity": out_dir / "capacity.png", "learning": out_dir / "learning.png"}
 
 
 def write_report(results: list[dict], report_context: int, trained_len: int, out_dir: Path,
-                 budgets: list[int] = ()) -> dict[str, Path]:
+                 budgets: list[int] = (), runs: dict[str, tuple[list[dict], int]] | None = None) -> dict[str, Path]:
+    """`runs`: each trained run's validation history and step count (`convergence.histories`);
+    without it no point has a convergence flag."""
     from pipeline.report.claims import evaluate_claims
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    runs = runs or {}
     rows = rows_from_results(results, report_context, trained_len)
+    for row, r in zip(rows, results):
+        trained = runs.get(r.get("checkpoint_run") or r["run"])
+        row["_learning"] = learning(*trained) if trained else None
+        row["still_learning"] = None if row["_learning"] is None else row["_learning"]["still_learning"]
     pts = points(rows)
     paths = report_paths(out_dir)
     plot_frontier(pts, report_context, paths["png"])
     plot_capacity(pts, paths["capacity"])
+    plot_learning(results, runs, paths["learning"])
     paths["md"].write_text(markdown(pts, report_context, list(budgets), evaluate_claims(pts)))
     with paths["csv"].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -258,7 +269,7 @@ def write_report(results: list[dict], report_context: int, trained_len: int, out
     return paths
 
 
-def run_report(params, root: Path, results_dir: Path, out_dir: Path) -> int:
+def run_report(params, root: Path, results_dir: Path, out_dir: Path, ckpt_root: Path) -> int:
     keys = params.result_keys()
     missing = [key for key in keys if not (results_dir / f"{key}.json").exists()]
     if missing:
@@ -266,7 +277,7 @@ def run_report(params, root: Path, results_dir: Path, out_dir: Path) -> int:
                                 "run the evaluate stage")
     results = [json.loads((results_dir / f"{key}.json").read_text()) for key in keys]
     paths = write_report(results, params.eval.report_context, params.train.seq_len, out_dir,
-                         params.eval.byte_budgets)
+                         params.eval.byte_budgets, histories(results, ckpt_root))
     run_id = log_report(params, root, results, paths)
     print(f"[report] {len(results)} run(s), {len(params.points)} point(s) -> {paths['png']}, {paths['md']} "
           f"(MLflow run {run_id})", flush=True)

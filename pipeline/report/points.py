@@ -43,6 +43,15 @@ class Point(NamedTuple):
             return None
         return self.mean(col) - other.mean(col), stats.difference_interval(ea, eb)
 
+    def training(self) -> str | None:
+        """"still learning" when any seed's run was still learning at its last step
+        (`pipeline.report.convergence`), "converged" when every seed's run was read and none
+        was, None when a run's history is missing."""
+        flags = [r.get("_learning") for r in self.rows]
+        if any(f and f["still_learning"] for f in flags):
+            return "still learning"
+        return "converged" if flags and all(flags) else None
+
     def interval(self, col: str) -> stats.Interval | None:
         """What the plot's bars show: over seeds when there are several, else over examples."""
         return self.seed_interval(col) or self.example_interval(col)

@@ -121,6 +121,10 @@ def test_seeds_from_train_to_report(tiny_project):
     assert "| mha+window4 | mha+window | mha+window |" in table
     assert len((root / "report" / "frontier.csv").read_text().splitlines()) == 1 + len(keys) + len(policy_keys)
     assert (root / "report" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    # convergence: every point's runs read from their checkpoints, flagged one way or the other
+    assert all(line.split("|")[8].strip() in ("converged", "still learning")
+               for line in table.splitlines() if line.startswith(("| mha ", "| swa.window")))
+    assert (root / "report" / "learning.png").read_bytes()[:4] == b"\x89PNG"
 
     # MLflow: every evaluated run top-level (the UI lists them without expanding anything), and
     # the experiment's frontier view charts metrics those runs hold
@@ -168,7 +172,8 @@ def test_a_deleted_mlflow_store_is_rebuilt(tiny_project):
         assert run.data.metrics["eval/bpb_64"] == logged[point]["eval/bpb_64"]
     (report,) = client.search_runs([experiment], "tags.`kvf.report` = 'frontier'")
     assert {a.path for a in client.list_artifacts(report.info.run_id, "report")} == {
-        "report/frontier.png", "report/frontier.md", "report/frontier.csv", "report/capacity.png"}
+        "report/frontier.png", "report/frontier.md", "report/frontier.csv", "report/capacity.png",
+        "report/learning.png"}
     assert "store complete" in _ok(run_stage(root, "mlflow_sync")).stdout  # a whole store: nothing done
 
     (root / "mlflow.db").unlink()

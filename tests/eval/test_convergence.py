@@ -1,0 +1,59 @@
+"""Convergence flags: a run still learning over its last fifth, the points table and the claims."""
+import numpy as np
+import pytest
+
+from pipeline.core.results import rows_from_results
+from pipeline.report import convergence
+from pipeline.report.claims import evaluate_claims
+from pipeline.report.frontier import write_report
+from pipeline.report.points import points
+
+from .test_report import CONTEXT, TRAINED, _study
+
+STEPS = 300
+
+
+def _history(objective, far, every=50):
+    """Validation records every `every` steps (and training records between, which carry no
+    val/ keys), with the given objective and MQAR far accuracy at each validation."""
+    out = []
+    for i, (obj, acc) in enumerate(zip(objective, far), start=1):
+        out.append({"step": i * every - 10, "train/loss": 9.0})
+        out.append({"step": i * every, "val/objective": obj, "val/mqar_acc_far": acc, "val/mqar_acc_near": 0.5})
+    return out
+
+
+@pytest.mark.parametrize("objective,far,expected", [
+    ([9, 8, 7.5, 7.4, 7.39, 7.389], [.1, .2, .3, .3, .3, .3], False),  # flat over steps 200-300
+    ([9, 8, 7.5, 7.4, 7.3, 7.2], [.1, .2, .3, .3, .3, .3], True),       # objective still falling 2.7 %
+    ([9, 8, 7.5, 7.4, 7.4, 7.4], [.1, .1, .1, .1, .2, .4], True),       # recall forming at the end
+])
+def test_learning_reads_the_last_fifth(objective, far, expected):
+    flag = convergence.learning(_history(objective, far), STEPS)
+    assert (flag["from_step"], flag["to_step"]) == (200, 300)  # the last validation at or before 240
+    assert flag["objective_drop"] == pytest.approx((objective[3] - objective[5]) / objective[3])
+    assert flag["recall_rise"] == pytest.approx(max(far[5] - far[3], 0.0))
+    assert flag["still_learning"] is expected
+
+
+def test_one_validation_says_nothing():
+    assert convergence.learning(_history([9.0], [0.1]), STEPS) is None
+
+
+def test_a_claim_on_a_point_still_learning_is_not_converged(tmp_path):
+    rng = np.random.default_rng()
+    results = _study(rng)
+    flat, rising = _history([9, 8, 7.5, 7.4, 7.39, 7.389], [.3] * 6), _history([9, 8, 7.5, 7.4, 7.2, 7.0], [.3] * 6)
+    runs = {r["run"]: (rising if r["variant"] == "swa.window16" else flat, STEPS) for r in results}
+    paths = write_report(results, CONTEXT, TRAINED, tmp_path, runs=runs)
+    md = paths["md"].read_text()
+    claim = next(line for line in md.splitlines() if line.startswith("| Tensor Cache > SWA at W=16"))
+    assert "**not converged**" in claim  # supported on its numbers (test_report), but SWA is still learning
+    rows = {line.split("|")[1].strip(): line.split("|")[8].strip() for line in md.splitlines()
+            if line.startswith("| ") and line.count("|") > 10}
+    assert rows["swa.window16"] == "still learning" and rows["tensor_cache.window16"] == "converged"
+    assert paths["learning"].read_bytes()[:4] == b"\x89PNG"
+    # without histories there is no flag, and the verdicts are the interval's
+    pts = points(rows_from_results(results, CONTEXT, TRAINED))
+    assert {p.training() for p in pts} == {None}
+    assert "not converged" not in {c["verdict"] for c in evaluate_claims(pts)}

@@ -1,8 +1,9 @@
-"""Data: the corpus split by whole documents, synthetic recall tasks, and the training batches.
+"""Prepared data as every stage reads it: the synthetic recall tasks (MQAR, retrieval episodes),
+the check of `data/` against its manifest, and the training batches.
 
-The corpus (`pipeline.prepare.corpus`: the built-in plays or local files) is streamed into the split
-files; everything else here is a pure function of (config, seed) -- or (config, seed, step) for
-training batches -- so `prepare` gives the same bytes for the same seed and a resumed run sees
+The prepare stage (`pipeline.prepare`) writes `data/`: the corpus streamed into split files, then
+these tasks. Everything here is a pure function of (config, seed) -- or (config, seed, step) for
+training batches -- so prepare gives the same bytes for the same seed and a resumed run sees
 exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations

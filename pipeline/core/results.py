@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+
 class Measure(NamedTuple):
     column: str
     title: str
@@ -15,9 +16,11 @@ class Measure(NamedTuple):
 
 
 MEASURES = [
-    Measure("mqar_far", "MQAR recall, keys beyond every window's reach", "accuracy", True),
+    Measure("mqar_beyond", "MQAR recall, keys beyond every model's reach", "accuracy", True),
     Measure("bpb", "held-out text at the trained length", "bits per byte (lower is better)", False),
-    Measure("mqar_near", "MQAR recall, keys inside every window", "accuracy", True),
+    Measure("mqar_one_hop", "MQAR recall, keys within the smallest window (one hop)", "accuracy", True),
+    Measure("mqar_reach", "MQAR recall, keys past the smallest window, within every model's reach "
+            "(layers must compose)", "accuracy", True),
     Measure("bpb_longest", "held-out text at the longest context (extrapolation)",
             "bits per byte (lower is better)", False),
     Measure("lm_eval", "lm-eval tasks (mean score)", "score", True, panel=False),
@@ -28,17 +31,27 @@ BY_COLUMN = {m.column: m for m in MEASURES}
 
 
 def _examples(result: dict, trained_len: int) -> dict[str, list[float]]:
-    """Per-example values of each measure, in the same order for every run (same eval sets)."""
-    out: dict[str, list[float]] = {"mqar_far": [], "mqar_near": []}
+    """Per-example values of each measure, in the same order for every run (same eval sets).
+
+    MQAR queries by what a model can reach (`reach`: the study's shortest and longest n_layers
+    (W - 1); the smallest window W_min is the one `bpb_by_distance` splits at): one hop, the key
+    within W_min - 1 tokens, which one layer of every window attends to directly; reach, past
+    that but within n_layers (W_min - 1), which every model reaches only by composing layers;
+    beyond, past n_layers (W_max - 1), which no window reaches. Gaps between the two reaches
+    are in no bucket."""
+    out: dict[str, list[float]] = {"mqar_one_hop": [], "mqar_reach": [], "mqar_beyond": []}
     reach = result.get("reach")
+    window = (result.get("bpb_by_distance") or {}).get("window")
     for bucket in result.get("mqar", {}).values():
         if reach is None or "hits" not in bucket:
             continue
         for hit, gap in zip(bucket["hits"], bucket["gaps"]):
             if gap > reach[1]:
-                out["mqar_far"].append(float(hit))
-            elif gap <= reach[0]:
-                out["mqar_near"].append(float(hit))
+                out["mqar_beyond"].append(float(hit))
+            elif window is not None and gap < window:
+                out["mqar_one_hop"].append(float(hit))
+            elif window is not None and gap <= reach[0]:
+                out["mqar_reach"].append(float(hit))
     windows = result.get("bpb_windows", {})
     if windows:
         out["bpb"] = windows.get(str(trained_len), [])
@@ -66,9 +79,9 @@ def row(result: dict, report_context: int, trained_len: int) -> dict:
         "kind": result["kind"], "seed": result.get("seed", 0), "lr": result.get("lr"),
         "params": result["params"], "cache_bytes": bytes_,
         **{m: (float(np.mean(examples[m])) if m in examples else None)
-           for m in ("mqar_far", "mqar_near", "bpb", "bpb_longest")},
+           for m in ("mqar_beyond", "mqar_one_hop", "mqar_reach", "bpb", "bpb_longest")},
         "lm_eval": float(np.mean(scores)) if scores else None,
-        "mqar_far_decode": mean_of("acc_beyond_window", decoded),
+        "mqar_beyond_decode": mean_of("acc_beyond_window", decoded),
         "decode_tokens_per_s": longest["decode_tokens_per_s"] if longest else None,
         "peak_rss_mib": longest["peak_rss_bytes"] / 2**20 if longest else None,
         "measured_context": longest["tokens_held"] if longest else None,

@@ -53,18 +53,18 @@ def evaluate_claims(pts: list["Point"]) -> list[dict]:
     for tc in exact:
         w = tc.attention.get("window")
         if w in swa:
-            out.append(_claim(f"Tensor Cache > SWA at W={w}, beyond-window recall", tc, swa[w], "mqar_far", True))
+            out.append(_claim(f"Tensor Cache > SWA at W={w}, beyond-window recall", tc, swa[w], "mqar_beyond", True))
         if w in chunk_mean:
             out.append(_claim(f"exact write > chunk_mean at W={w}, beyond-window recall", tc, chunk_mean[w],
-                              "mqar_far", True))
+                              "mqar_beyond", True))
     for tc in exact:
         rivals = [p for p in pts if (p.kind in BOUNDED_BASELINES or p.attention.get("cache_policy"))
                   and p.cache_bytes <= tc.cache_bytes
-                  and p.mean("mqar_far") is not None]
+                  and p.mean("mqar_beyond") is not None]
         if rivals:
-            best = max(rivals, key=lambda p: p.mean("mqar_far"))
+            best = max(rivals, key=lambda p: p.mean("mqar_beyond"))
             out.append(_claim(f"Tensor Cache ({tc.name}) > best bounded baseline with no more cache bytes",
-                              tc, best, "mqar_far", True))
+                              tc, best, "mqar_beyond", True))
     mha = [p for p in pts if p.kind == "mha"]
     for tpa in (p for p in pts if p.kind == "tpa"):
         for ref in mha:

@@ -194,8 +194,10 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
     lines = ["# Memory-quality frontier\n",
              f"{len(pts)} points, {seeds} seed(s) each. Cache bytes: analytic, at {report_context:,} tokens, "
              "batch 1. Each measure: the mean over seeds, its 95 % interval over seeds (t, needs two seeds "
-             "or more) and its 95 % bootstrap interval over evaluation examples. MQAR far / near: queries "
-             "whose key lies beyond every window's reach / inside every window. bpb: held-out bits per "
+             "or more) and its 95 % bootstrap interval over evaluation examples. MQAR by what a model can "
+             "reach: one_hop, the key within the smallest window (one layer attends to it); reach, "
+             "past it but within n_layers (W_min - 1) tokens (every model, by composing layers); "
+             "beyond, past every model's reach n_layers (W_max - 1). bpb: held-out bits per "
              "byte at the trained length; bpb_longest: at the longest evaluated context "
              "(extrapolation). lm-eval: too few episodes to rank models; shown here, not on the figure. "
              "lr (won): the learning rate chosen on validation for each seed, of how many tried. "
@@ -232,8 +234,8 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ["key", "run", "point", "family", "kind", "seed", "lr", "params", "cache_bytes", "mqar_far",
-              "mqar_near", "bpb", "bpb_longest", "lm_eval", "mqar_far_decode", "decode_tokens_per_s",
+CSV_FIELDS = ["key", "run", "point", "family", "kind", "seed", "lr", "params", "cache_bytes", "mqar_beyond",
+              "mqar_one_hop", "mqar_reach", "bpb", "bpb_longest", "lm_eval", "mqar_beyond_decode", "decode_tokens_per_s",
               "peak_rss_mib", "measured_context", "still_learning"]
 
 

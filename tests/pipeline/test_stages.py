@@ -6,6 +6,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipeline.core.results import MEASURES
+
 from .conftest import run_stage
 
 EVAL = {"context_lengths": [32, 64], "bpb_tokens": 128, "mqar_pairs": [2], "mqar_examples": 16,
@@ -134,7 +136,7 @@ def test_seeds_from_train_to_report(tiny_project):
     assert not [r.info.run_name for r in evaluated if "mlflow.parentRunId" in r.data.tags]
     view = json.loads(json.loads(experiment.tags["mlflow.sharedViewState.kvf-frontier"])["state"])
     held = set(evaluated[0].data.metrics)
-    assert len(view["compareRunCharts"]) == 3 and all(
+    assert len(view["compareRunCharts"]) == sum(m.panel for m in MEASURES) and all(
         c["xaxis"]["key"] in held and c["yaxis"]["key"] in held for c in view["compareRunCharts"])
 
 

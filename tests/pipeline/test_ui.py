@@ -24,7 +24,7 @@ def _store(root):
         run = client.create_run(experiment, run_name=name).info.run_id
         if cache is not None:
             client.log_batch(run, metrics=[Metric(k, v, 0, 0) for k, v in {
-                "frontier/cache_bytes": cache, "frontier/log10_cache_bytes": 1.0, "frontier/mqar_far": 0.5,
+                "frontier/cache_bytes": cache, "frontier/log10_cache_bytes": 1.0, "frontier/mqar_beyond": 0.5,
                 "eval/kvf_passkey/acc": 1.0, "train/loss": 2.0}.items()])
     return client, experiment
 

@@ -37,10 +37,11 @@ def _section(key: str) -> str:
 
 def view_state(metric_keys: list[str]) -> dict:
     """The saved view: evaluated runs only (they have frontier metrics), flat, with a scatter
-    per drawn measure first and every other metric's section collapsed."""
+    per drawn measure the runs hold (a one-layer study has no `mqar_reach`) first and every
+    other metric's section collapsed."""
     from pipeline.core.results import MEASURES
 
-    drawn = [m for m in MEASURES if m.panel]
+    drawn = [m for m in MEASURES if m.panel and f"frontier/{m.column}" in metric_keys]
     main = "kvf-frontier"
     sections = [{"uuid": main, "name": "Frontier: each measure against log10 cache bytes", "display": True,
                  "isReordered": False, "deleted": False, "isGenerated": False}]

@@ -25,6 +25,7 @@ def _store(root):
         if cache is not None:
             client.log_batch(run, metrics=[Metric(k, v, 0, 0) for k, v in {
                 "frontier/cache_bytes": cache, "frontier/log10_cache_bytes": 1.0, "frontier/mqar_beyond": 0.5,
+                "frontier/bpb": 3.0,
                 "eval/kvf_passkey/acc": 1.0, "train/loss": 2.0}.items()])
     return client, experiment
 
@@ -39,9 +40,10 @@ def test_the_view_lists_evaluated_runs_flat_with_a_scatter_per_measure(store):
     mlflow_ui.write_view(client, experiment)
     envelope = json.loads(client.get_experiment(experiment).tags[mlflow_ui.VIEW_TAG])
     state = json.loads(envelope["state"])
-    drawn = [m.column for m in MEASURES if m.panel]
+    held = [m.column for m in MEASURES if m.panel and m.column in ("mqar_beyond", "bpb")]  # what the runs hold
+    assert len(held) == 2
     assert [(c["type"], c["xaxis"]["key"], c["yaxis"]["key"]) for c in state["compareRunCharts"]] == \
-        [("SCATTER", "frontier/log10_cache_bytes", f"frontier/{col}") for col in drawn]
+        [("SCATTER", "frontier/log10_cache_bytes", f"frontier/{col}") for col in held]
     assert state["orderByKey"] == "metrics.`frontier/cache_bytes`" and state["runsHiddenMode"] == "SHOW_ALL"
     runs = client.search_runs([experiment], state["searchFilter"])  # the filter the view applies
     assert sorted(r.info.run_name for r in runs) == ["mha", "swa.window4"]

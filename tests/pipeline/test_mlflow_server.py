@@ -135,5 +135,6 @@ def test_the_tiny_study_against_a_tracking_server(tiny_project, server):
     assert {m["name"] for m in models} == {"kvf-mha", "kvf-swa"}
     artifacts = _get(url, "/api/2.0/mlflow/artifacts/list", run_id=runs["frontier"]["info"]["run_id"], path="report")
     assert {f["path"] for f in artifacts["files"]} == {"report/frontier.png", "report/frontier.md",
-                                                       "report/frontier.csv", "report/capacity.png"}
+                                                       "report/frontier.csv", "report/capacity.png",
+                                                       "report/learning.png"}
     assert any((state / "artifacts").rglob("frontier.md"))  # the server's artifact root holds them

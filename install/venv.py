@@ -169,7 +169,10 @@ def main() -> None:
     venv = Path(args.venv).absolute()
     env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(venv), "UV_PYTHON_DOWNLOADS": "never"}
     skip = ["torch", *only_torch_needs(lock, wheel_requires(wheel))] if wheel is not None else []
-    sync = [args.uv, "sync", "--locked", "--all-extras", "--python", exe]
+    # --compile-bytecode: every package's .pyc written now, once. Python writes none itself where
+    # PYTHONDONTWRITEBYTECODE is set (as on these machines), and each process (a stage, a Ray
+    # worker) would compile torch, transformers, mlflow and ray again: 5-10 s each (BENCHMARKS.md)
+    sync = [args.uv, "sync", "--locked", "--all-extras", "--compile-bytecode", "--python", exe]
     sync += [arg for name in skip for arg in ("--no-install-package", name)]
     subprocess.run(sync, env=env, check=True)
     if wheel is not None:
@@ -178,7 +181,7 @@ def main() -> None:
         if skip[1:]:
             subprocess.run([args.uv, "pip", "uninstall", "--quiet", "--python", python, *skip[1:]], env=env,
                            check=True, capture_output=True)
-        subprocess.run([args.uv, "pip", "install", "--quiet", "--python", python,
+        subprocess.run([args.uv, "pip", "install", "--quiet", "--python", python, "--compile-bytecode",
                         "--no-deps", "--reinstall-package", "torch", str(wheel)], env=env, check=True)
 
     probe = ("import json, sys, torch; print(json.dumps({'python': sys.version.split()[0], 'torch': torch.__version__,"

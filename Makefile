@@ -52,9 +52,12 @@ $(shell mkdir -p .uv && [ "$$(cat .uv/venv-args 2>/dev/null)" = "$(VENV_KEY)" ] 
 $(VENV)/.installed: uv.lock pyproject.toml install/venv.py .uv/venv-args $(UV_STAMP)
 	PATH="$(HOST_PATH)" .uv/tool/bin/python install/venv.py --uv $(UV) --venv $(VENV) $(VENV_ARGS)
 
+# The suite on TEST_WORKERS pytest-xdist workers (0: in this one process); a module whose tests
+# share a study or a cluster is one xdist_group, run by one worker (BENCHMARKS.md, issue 23).
+TEST_WORKERS ?= 2
 test: venv
 	$(UV) lock --check --offline
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=25 tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup tests
 
 repro: venv
 	$(PY) -m pipeline.core.dvc_setup

@@ -12,3 +12,9 @@ import torch  # noqa: E402
 
 # Tiny test models: one thread avoids oversubscription overheads that dwarf the math.
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """tests/pipeline first, the rest in their order: its tests run stages (seconds to minutes
+    each), so under pytest-xdist (`make test`) the short tests fill the workers' last minutes."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/pipeline/"))

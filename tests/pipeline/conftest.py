@@ -1,14 +1,18 @@
-"""A tiny project (params + prepared data) in a temp dir, and helpers to run stages in it."""
+"""A tiny project (params + prepared data) in a temp dir, the tiny study trained once for the
+tests that start from a trained study, and helpers to run stages in it."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -98,18 +102,45 @@ def kill_ray_in(temp_dir: str) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        time.sleep(1.0)
+        deadline = time.monotonic() + 1.0  # up to a second for them to go, no longer than they take
+        while (mine := [pid for pid in mine if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie has exited: its parent has yet to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def once_per_run(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder `name`, made by `make(folder)` once per test run: under pytest-xdist by the
+    first worker that asks, in the temp dir all workers share, the others waiting on its lock."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-<n>/, above each worker's own popen-gw<i>/
+    folder, done = base / name, base / f"{name}.done"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
-def tiny_data() -> Path:
-    """`data/` of the tiny project, prepared once per session."""
-    root = short_tmp("kvfdata")
-    write_params(root)
-    result = run_stage(root, "prepare")
-    assert result.returncode == 0, result.stderr
-    yield root / "data"
-    shutil.rmtree(root, ignore_errors=True)
+def tiny_data(tmp_path_factory) -> Path:
+    """`data/` of the tiny project, prepared once per test run."""
+    def prepare(root: Path) -> None:
+        root.mkdir()
+        write_params(root)
+        result = run_stage(root, "prepare")
+        assert result.returncode == 0, result.stderr
+
+    return once_per_run(tmp_path_factory, "tiny", prepare) / "data"
 
 
 @pytest.fixture
@@ -118,3 +149,44 @@ def tiny_project(tmp_path, tiny_data) -> Path:
     shutil.copytree(tiny_data, tmp_path / "data")
     write_params(tmp_path)
     return tmp_path
+
+
+def copy_study(src: Path, dest: Path) -> Path:
+    """The study at `src` as it stands, at `dest`: its own MLflow store (absolute paths in
+    mlflow.db moved along) and its own Ray temp dir. A copy is what a test changes; `src` stays."""
+    shutil.copytree(src, dest, symlinks=True)
+    old, new = str(src), str(dest)
+    db = sqlite3.connect(dest / "mlflow.db")
+    try:
+        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for column in [row[1] for row in db.execute(f'PRAGMA table_info("{table}")')]:
+                db.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                           f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0', (old, new, old))
+        db.commit()
+    finally:
+        db.close()
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["compute"]["temp_dir"] = str(short_tmp("kvfcopy"))
+    params["tracking"]["uri"] = f"sqlite:///{dest}/mlflow.db"
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def trained_study(tmp_path_factory, tiny_data) -> Path:
+    """The tiny project after one train stage (TINY's params, both variants), trained once per
+    test run; tests take a copy of it (`trained_project`) and never change this one."""
+    def train(root: Path) -> None:
+        shutil.copytree(tiny_data, root / "data")
+        write_params(root)
+        result = run_stage(root, "train")
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+    return once_per_run(tmp_path_factory, "trained", train)
+
+
+@pytest.fixture
+def trained_project(tmp_path, trained_study) -> Path:
+    """A copy of the trained tiny study, the test's own."""
+    return copy_study(trained_study, tmp_path / "study")

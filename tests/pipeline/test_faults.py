@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -35,7 +34,9 @@ from typing import Callable
 import pytest
 import yaml
 
-from .conftest import run_stage, short_tmp, stage_env, write_params
+from .conftest import copy_study, run_stage, stage_env
+
+pytestmark = pytest.mark.xdist_group(__name__)  # under pytest-xdist all on one worker, so the study runs once
 
 # the evaluate block of the tiny study: every measure, smallest sizes, no lm-eval (10 s a start)
 EVAL = {"context_lengths": [32, 64], "bpb_tokens": 128, "mqar_pairs": [2], "mqar_examples": 16,
@@ -79,12 +80,14 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, tiny_data) -> SimpleNamespace:
-    """The tiny study run once, uninterrupted; what each stage wrote is the reference."""
-    root = tmp_path_factory.mktemp("faults") / "study"
-    shutil.copytree(tiny_data, root / "data")
-    write_params(root, {"eval": EVAL})
-    for stage in ("train", "export", "evaluate", "report"):
+def study(tmp_path_factory, trained_study) -> SimpleNamespace:
+    """The tiny study run once, uninterrupted (its training the session's: `trained_study`);
+    what each stage wrote is the reference."""
+    root = copy_study(trained_study, tmp_path_factory.mktemp("faults") / "study")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["eval"].update(EVAL)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in ("export", "evaluate", "report"):
         _ok(run_stage(root, stage))
     return SimpleNamespace(
         root=root,
@@ -99,25 +102,8 @@ def study(tmp_path_factory, tiny_data) -> SimpleNamespace:
 
 
 def _copy(study: SimpleNamespace, dest: Path) -> Path:
-    """The study as it stood after its last stage, at `dest`: its own MLflow store (absolute paths
-    in mlflow.db moved along) and its own Ray temp dir."""
-    shutil.copytree(study.root, dest, symlinks=True)
-    old, new = str(study.root), str(dest)
-    db = sqlite3.connect(dest / "mlflow.db")
-    try:
-        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        for table in tables:
-            for column in [row[1] for row in db.execute(f'PRAGMA table_info("{table}")')]:
-                db.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
-                           f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0', (old, new, old))
-        db.commit()
-    finally:
-        db.close()
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["compute"]["temp_dir"] = str(short_tmp("kvffault"))
-    params["tracking"]["uri"] = f"sqlite:///{dest}/mlflow.db"
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return dest
+    """The study as it stood after its last stage, at `dest` (its own MLflow store and Ray temp dir)."""
+    return copy_study(study.root, dest)
 
 
 # --------------------------------------------------------------------------- kill -9

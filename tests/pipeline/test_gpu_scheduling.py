@@ -11,6 +11,8 @@ from pipeline.core.params import ComputeConfig, load_params
 
 from .conftest import REPO, short_tmp
 
+pytestmark = pytest.mark.xdist_group(__name__)  # under pytest-xdist all on one worker, so the cluster starts once
+
 GPUS, CPUS, JOBS = 2, 6, 6  # CPUs enough for all six jobs at once: only the GPUs can hold them back
 
 

@@ -51,13 +51,14 @@ def test_ray_job_submit_trains_on_the_cluster(local_cluster, tiny_data, tmp_path
     (work / "params.yaml").write_text(params)
     out.mkdir()
     cmd = f"python -m stages.train && cp -r metrics checkpoints {out}/"
-    for _ in range(30):  # the job agent comes up a little after `ray start` returns
+    deadline = time.monotonic() + 120  # the job agent comes up a little after `ray start` returns
+    while True:
         result = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(work),
                                  "--", "bash", "-c", cmd], env=env, capture_output=True, text=True,
                                 timeout=300)
-        if "No available agent to submit job" not in result.stderr:
+        if "No available agent to submit job" not in result.stderr or time.monotonic() > deadline:
             break
-        time.sleep(2)
+        time.sleep(0.5)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout
     assert "on Ray (" in result.stdout and "(local)" not in result.stdout  # the cluster, not a new Ray

@@ -1,4 +1,6 @@
-"""The train stage end to end on a local Ray: MLflow runs, skipping, failures, GPUs, kill -9."""
+"""The train stage end to end on a local Ray: MLflow runs, skipping, failures, GPUs, kill -9.
+Tests that start from a trained study take their own copy of the one trained once for the
+session (`trained_project`); those about a first training train their own (`tiny_project`)."""
 import json
 import os
 import signal
@@ -24,30 +26,29 @@ def _runs(root):
     return {r.data.tags["kvf.run"]: r for r in client.search_runs([exp.experiment_id])}
 
 
-def test_train_logs_one_run_per_variant_then_skips_unchanged(tiny_project):
-    result = run_stage(tiny_project, "train")
-    assert result.returncode == 0, result.stderr[-3000:]
-    m = _metrics(tiny_project)["variants"]
+def test_train_logs_one_run_per_variant_then_skips_unchanged(trained_project):
+    root = trained_project  # the session's first train stage wrote it (trained_study)
+    m = _metrics(root)["variants"]
     assert set(m) == {"mha", "swa"} and all(v["status"] == "ok" and v["trained"] for v in m.values())
     assert m["mha"]["model/cache_bytes_per_token_at_32k"] > m["swa"]["model/cache_bytes_per_token_at_32k"]
     assert m["swa"]["model/state_bytes_32k"] == 2 * 2 * 8 * 4 * 4  # ring buffer: 2*g*d_h*W fp32
-    runs = _runs(tiny_project)
+    runs = _runs(root)
     assert {n: r.info.run_id for n, r in runs.items()} == {n: v["run_id"] for n, v in m.items()}
     run = runs["swa"]
     assert run.info.status == "FINISHED" and run.data.tags["kind"] == "swa"
     assert run.data.params["model.attention.window"] == "4" and run.data.params["train.steps"] == "30"
-    history = MlflowClient(f"sqlite:///{tiny_project}/mlflow.db").get_metric_history(
+    history = MlflowClient(f"sqlite:///{root}/mlflow.db").get_metric_history(
         run.info.run_id, "train/loss")
     assert [h.step for h in sorted(history, key=lambda h: h.step)] == [5, 10, 15, 20, 25, 30]
     assert run.data.metrics["val/bpb"] == m["swa"]["val/bpb"]
 
     # change one variant: only that one retrains; the other keeps its run
-    params = yaml.safe_load((tiny_project / "params.yaml").read_text())
+    params = yaml.safe_load((root / "params.yaml").read_text())
     params["variants"]["swa"]["window"] = 8
-    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
-    result = run_stage(tiny_project, "train")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_stage(root, "train")
     assert result.returncode == 0, result.stderr[-3000:]
-    m2 = _metrics(tiny_project)["variants"]
+    m2 = _metrics(root)["variants"]
     assert m2["mha"]["trained"] is False and m2["mha"]["run_id"] == m["mha"]["run_id"]
     assert m2["swa"]["trained"] is True and m2["swa"]["run_id"] != m["swa"]["run_id"]
     assert "mha: unchanged since its last completed run, skipped" in result.stdout
@@ -71,57 +72,57 @@ def test_failing_variant_is_reported_and_others_finish(tiny_project):
     assert m["mha"]["trained"] is False and m["swa"]["trained"] is True
 
 
-def test_damaged_weights_and_data_are_caught_not_trusted(tiny_project):
+def test_damaged_weights_and_data_are_caught_not_trusted(trained_project):
     """Weights cut or changed on disk are trained again (to the same metrics: batches are pure
     functions of (seed, step)); data that is not what prepare wrote stops the stage at once."""
-    assert run_stage(tiny_project, "train").returncode == 0
-    first = _metrics(tiny_project)["variants"]["mha"]
-    ckpt = tiny_project / "checkpoints" / "mha"
+    root = trained_project
+    first = _metrics(root)["variants"]["mha"]
+    ckpt = root / "checkpoints" / "mha"
     for name in ("model.safetensors", "step-000030.safetensors"):
         data = (ckpt / name).read_bytes()
         (ckpt / name).write_bytes(data[: len(data) // 2])
-    result = run_stage(tiny_project, "train")
+    result = run_stage(root, "train")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[train] mha: checkpoints/mha/model.safetensors: its bytes do not match the sha256" in result.stdout
-    second = _metrics(tiny_project)["variants"]["mha"]
+    second = _metrics(root)["variants"]["mha"]
     assert second["trained"] is True
     assert {k: v for k, v in second.items() if k.startswith("val/")} == \
         {k: v for k, v in first.items() if k.startswith("val/")}
 
-    train_bin = tiny_project / "data" / "text" / "train.bin"
+    train_bin = root / "data" / "text" / "train.bin"
     train_bin.write_bytes(train_bin.read_bytes()[:-100])
-    result = run_stage(tiny_project, "train", timeout=120)
+    result = run_stage(root, "train", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("data/text/train.bin: missing or not the bytes prepare wrote")
 
 
-def test_a_failed_experiment_keeps_the_good_checkpoint(tiny_project):
+def test_a_failed_experiment_keeps_the_good_checkpoint(trained_project):
     """A changed config trains beside the finished run and replaces it only on success: when it
     fails, the old checkpoint is intact and reverting params.yaml retrains nothing."""
-    assert run_stage(tiny_project, "train").returncode == 0
-    good = (tiny_project / "checkpoints" / "swa" / "model.safetensors").read_bytes()
-    original = (tiny_project / "params.yaml").read_text()
+    root = trained_project
+    good = (root / "checkpoints" / "swa" / "model.safetensors").read_bytes()
+    original = (root / "params.yaml").read_text()
     params = yaml.safe_load(original)
     params["variants"]["swa"]["window"] = 6  # the experiment (swa only), made to diverge below
-    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
-    result = run_stage(tiny_project, "train", KVF_FAULT="swa:12:nan")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_stage(root, "train", KVF_FAULT="swa:12:nan")
     assert result.returncode == 1 and "FAILED run swa at step 12" in result.stderr
-    assert (tiny_project / "checkpoints" / "swa" / "model.safetensors").read_bytes() == good
-    assert (tiny_project / "checkpoints" / "swa.next" / "latest.json").exists()  # resumable
+    assert (root / "checkpoints" / "swa" / "model.safetensors").read_bytes() == good
+    assert (root / "checkpoints" / "swa.next" / "latest.json").exists()  # resumable
 
-    (tiny_project / "params.yaml").write_text(original)  # revert: both runs are current again
-    result = run_stage(tiny_project, "train")
+    (root / "params.yaml").write_text(original)  # revert: both runs are current again
+    result = run_stage(root, "train")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert all(not v["trained"] for v in _metrics(tiny_project)["variants"].values())
-    assert (tiny_project / "checkpoints" / "swa.next").exists()  # kept for the experiment
+    assert all(not v["trained"] for v in _metrics(root)["variants"].values())
+    assert (root / "checkpoints" / "swa.next").exists()  # kept for the experiment
 
-    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))  # the experiment, fixed
-    result = run_stage(tiny_project, "train")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))  # the experiment, fixed
+    result = run_stage(root, "train")
     assert result.returncode == 0, result.stderr[-3000:]
-    m = _metrics(tiny_project)["variants"]
+    m = _metrics(root)["variants"]
     assert m["swa"]["trained"] and m["swa"]["step"] == 30
-    assert not (tiny_project / "checkpoints" / "swa.next").exists()
-    assert (tiny_project / "checkpoints" / "swa" / "model.safetensors").read_bytes() != good
+    assert not (root / "checkpoints" / "swa.next").exists()
+    assert (root / "checkpoints" / "swa" / "model.safetensors").read_bytes() != good
 
 
 def test_gpu_request_on_cpu_cluster_fails_fast(tiny_project):

@@ -1,4 +1,6 @@
-"""train -> export -> evaluate -> report on the tiny project, with two seeds per variant."""
+"""train -> export -> evaluate -> report on the tiny project, with two seeds per variant. Each
+test starts from its own copy of the tiny study trained once for the session (`trained_project`:
+TINY's params, one seed; the eval block does not enter a run's fingerprint)."""
 import json
 
 import numpy as np
@@ -31,10 +33,9 @@ def _ok(result):
     return result
 
 
-def test_seeds_from_train_to_report(tiny_project):
-    root = tiny_project
+def test_seeds_from_train_to_report(trained_project):
+    root = trained_project
     _set(root, "eval", **EVAL)
-    _ok(run_stage(root, "train"))
     first = json.loads((root / "metrics" / "train.json").read_text())["variants"]
     assert set(first) == {"mha", "swa"}
 
@@ -148,13 +149,13 @@ def _lr_name(key: str) -> str:
     return f"{point}.lr0.01" + (f".seed{seed}" if seed else "")
 
 
-def test_a_deleted_mlflow_store_is_rebuilt(tiny_project):
+def test_a_deleted_mlflow_store_is_rebuilt(trained_project):
     """mlflow.db lost after a full study: `make repro`'s last step (stages.mlflow_sync) rebuilds
     every run from its checkpoint's history, with its export, evaluation metrics and a report
     run; export alone, on a store lost after training, rebuilds the runs it logs to."""
-    root = tiny_project
+    root = trained_project
     _set(root, "eval", **EVAL)
-    for stage in ("train", "export", "evaluate", "report"):
+    for stage in ("export", "evaluate", "report"):
         _ok(run_stage(root, stage, timeout=600))
     before = json.loads((root / "metrics" / "train.json").read_text())["variants"]
     logged = json.loads((root / "metrics" / "eval.json").read_text())["variants"]
@@ -185,12 +186,11 @@ def test_a_deleted_mlflow_store_is_rebuilt(tiny_project):
     assert out.count("rebuilt from its checkpoint") == 2
 
 
-def test_a_damaged_export_stops_evaluate_before_any_work(tiny_project):
+def test_a_damaged_export_stops_evaluate_before_any_work(trained_project):
     """One changed byte in an export: evaluate names the file and exits 2 before evaluating
     anything; exporting again restores it."""
-    root = tiny_project
+    root = trained_project
     _set(root, "eval", **EVAL)
-    _ok(run_stage(root, "train"))
     _ok(run_stage(root, "export"))
     weights = root / "exports" / "swa" / "model.safetensors"
     data = bytearray(weights.read_bytes())

@@ -32,6 +32,8 @@ from pipeline.core.params import ComputeConfig
 
 from .conftest import REPO, run_stage, stage_env, write_params
 
+pytestmark = pytest.mark.xdist_group(__name__)  # under pytest-xdist all on one worker, so the cluster starts once
+
 RAY = str(Path(sys.executable).with_name("ray"))
 _NODE2 = """
 import sys

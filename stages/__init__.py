@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import os
 import sys
 from pathlib import Path
@@ -48,6 +50,7 @@ def run_stage(params_path: str, job: Callable[[], int]) -> None:
     from pipeline.core.exports import CorruptExport
     from pipeline.core.fanout import ComputeError
 
+    atexit.register(gc.freeze)  # the collector skips torch's, lm-eval's... objects at exit: 3-5 s a stage
     try:
         code = job()
     except ComputeError as err:

@@ -232,3 +232,15 @@ def test_no_factors_is_the_plain_tensor_cache():
     cfg = config("tensor_cache", attention=factored(5, 3))
     assert ModelConfig.model_validate(cfg.model_dump()) == cfg
     assert cfg.model_dump()["attention"]["factors"] == {"rank_q": 3, "rank_k": 2, "rank_v": 1}
+
+
+def test_chunk_mean_trains_the_ablation_and_serves_the_exact_write():
+    """As the plain Tensor Cache: at C = 1 the chunk_mean forward is the exact write decode
+    serves; at C = 4 it is not."""
+    ids = torch.randint(0, 37, (2, 40), generator=torch.Generator().manual_seed(6))
+    gaps = {}
+    for C in (1, 4):
+        model = model_for({**factored(3, None, "chunk_mean"), "chunk_size": C}, seed=6)
+        with torch.no_grad():
+            gaps[C] = (decode(model, ids, []) - model(ids)).abs().max().item()
+    assert gaps[1] <= 1e-4 and gaps[4] > 1e-3, gaps

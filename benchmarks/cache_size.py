@@ -36,6 +36,8 @@ DEFAULT_VARIANTS = {
     "tensor_cache_delta": {"kind": "tensor_cache", "window": 64, "write": "delta"},
     "swa + 4 sinks": {"kind": "swa", "window": 64, "sinks": 4},
     "tensor_cache + 4 sinks": {"kind": "tensor_cache", "window": 64, "sinks": 4},
+    "tensor_cache_factored": {"kind": "tensor_cache", "window": 64,
+                              "factors": {"rank_q": None, "rank_k": 2, "rank_v": 2}},
     "infini (N 64)": {"kind": "infini", "segment": 64},
     "infini_delta (N 64)": {"kind": "infini", "segment": 64, "update": "delta"},
 }
@@ -57,6 +59,8 @@ PAPER_VARIANTS = {
     "mla (d_c 256, d_r 32)": (12, {"kind": "mla", "kv_lora_rank": 256, "rope_dim": 32}),
     "swa (W 512)": (12, {"kind": "swa", "window": 512}),
     "tensor_cache (W 512)": (12, {"kind": "tensor_cache", "window": 512}),
+    "tensor_cache factored (W 512, ranks k 1 v 2)": (12, {"kind": "tensor_cache", "window": 512,
+                                                          "factors": {"rank_k": 1, "rank_v": 2}}),
 }
 
 

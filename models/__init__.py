@@ -2,6 +2,7 @@
 from .cache import AppendCache, LayerCache, ModelCache, PolicyCache, RingCache, StateCache, TwoLevelCache
 from .config import (
     CachePolicy,
+    FactorRanks,
     FullAttentionConfig,
     LinearConfig,
     MLAConfig,
@@ -14,6 +15,6 @@ from .lm import FULL_KINDS, LanguageModel, build_model
 
 __all__ = [
     "ModelConfig", "FullAttentionConfig", "MLAConfig", "TPAConfig", "SWAConfig", "LinearConfig",
-    "TensorCacheConfig", "LanguageModel", "build_model", "ModelCache", "LayerCache", "AppendCache",
+    "TensorCacheConfig", "FactorRanks", "LanguageModel", "build_model", "ModelCache", "LayerCache", "AppendCache",
     "RingCache", "StateCache", "TwoLevelCache", "CachePolicy", "PolicyCache", "FULL_KINDS",
 ]

@@ -67,16 +67,18 @@ class RingCache(LayerCache):
     With `sinks` = n > 0, also the pairs of positions 0 .. n-1 (attention sinks), (B, g, n, d),
     filled as those positions pass; `sinks_held` of them are filled. A sink still inside the
     window is in both buffers: the reader drops it from one.
+
+    `value_heads` (default `heads`) gives the values their own count of rows per token: a factored
+    window keeps R_k rows of key factors and R_v rows of value factors.
     """
 
     def __init__(self, batch_size: int, heads: int, window: int, dim: int, device, dtype,
-                 sinks: int = 0):
-        shape = (batch_size, heads, window, dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        sink_shape = (batch_size, heads, sinks, dim)
-        self.sink_k = torch.zeros(sink_shape, device=device, dtype=dtype)
-        self.sink_v = torch.zeros(sink_shape, device=device, dtype=dtype)
+                 sinks: int = 0, value_heads: int | None = None):
+        value_heads = heads if value_heads is None else value_heads
+        self.k = torch.zeros((batch_size, heads, window, dim), device=device, dtype=dtype)
+        self.v = torch.zeros((batch_size, value_heads, window, dim), device=device, dtype=dtype)
+        self.sink_k = torch.zeros((batch_size, heads, sinks, dim), device=device, dtype=dtype)
+        self.sink_v = torch.zeros((batch_size, value_heads, sinks, dim), device=device, dtype=dtype)
         self.sinks_held = 0
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> RingUpdate:

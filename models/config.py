@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 
 class _AttentionBase(BaseModel):
@@ -45,6 +45,15 @@ class LinearConfig(_AttentionBase):
     chunk_size: int = Field(64, ge=1)
 
 
+class FactorRanks(_AttentionBase):
+    """A Tensor Cache whose q, k, v come from TPA's contextual factors, and whose window holds
+    only the factors (docs/design.md#a-factored-window)."""
+
+    rank_q: Optional[int] = Field(None, ge=1, description="None: a plain query projection, as TPA-KVonly")
+    rank_k: int = Field(2, ge=1)
+    rank_v: int = Field(2, ge=1)
+
+
 class TensorCacheConfig(_AttentionBase):
     """L1 sliding window + L2 outer-product memory fed only by evicted pairs.
 
@@ -60,6 +69,17 @@ class TensorCacheConfig(_AttentionBase):
     gate_init: float = -2.0
     normalize_k: bool = Field(True, description="L2-normalise the keys written to L2")
     sinks: int = Field(0, ge=0, description="n: positions i < n stay in L1 and never enter L2")
+    factors: Optional[FactorRanks] = Field(
+        None, description="q, k, v from TPA's factors, the ring holding factors; None: plain projections")
+
+    @model_serializer(mode="wrap")
+    def _omit_plain_projections(self, handler):
+        """Without factors the dump has no `factors` key: a plain Tensor Cache's config, and so
+        its fingerprint, reads as it did before the field existed."""
+        out = handler(self)
+        if self.factors is None:
+            out.pop("factors", None)
+        return out
 
 
 class InfiniConfig(_AttentionBase):
@@ -154,6 +174,9 @@ class ModelConfig(BaseModel):
         g = getattr(att, "n_kv_heads", None)
         if g is not None and (g > self.n_heads or self.n_heads % g):
             raise ValueError(f"attention.n_kv_heads: {g} must divide n_heads={self.n_heads}")
+        if getattr(att, "factors", None) is not None and g != self.n_heads:
+            raise ValueError(f"attention.n_kv_heads: a factored window (attention.factors) has one key "
+                             f"per query head: needs {self.n_heads}, got {g}")
         if isinstance(att, MLAConfig) and att.rope_dim % 2:
             raise ValueError(f"attention.rope_dim: must be even for RoPE, got {att.rope_dim}")
         return self

@@ -24,6 +24,10 @@ ATTENTION = {
     "swa_sinks": {"kind": "swa", "window": 3, "sinks": 4},
     "tensor_cache_sinks": {"kind": "tensor_cache", "window": 3, "chunk_size": 4, "gate_init": 2.0,
                            "sinks": 4},
+    "tensor_cache_factored": {"kind": "tensor_cache", "window": 5, "chunk_size": 4, "gate_init": 2.0,
+                              "factors": {"rank_q": None, "rank_k": 2, "rank_v": 1}},
+    "tensor_cache_factored_q": {"kind": "tensor_cache", "window": 3, "chunk_size": 4, "gate_init": 2.0,
+                                "write": "delta", "factors": {"rank_q": 3, "rank_k": 1, "rank_v": 2}},
     "infini": {"kind": "infini", "segment": 5},
     "infini_delta": {"kind": "infini", "segment": 5, "update": "delta"},
 }
@@ -31,12 +35,13 @@ ATTENTION = {
 
 # Every kind of cache, for the tests that need one model of each (the HF export): growing
 # (mha, gqa, mqa), latent (mla), factors (tpa, tpa_kvonly), bounded (swa, linear, tensor_cache
-# with the exact and the delta write, swa and tensor_cache with sinks, infini with its linear and
-# delta updates) and the chunk_mean ablation, whose training forward differs from its decode by design.
+# with the exact and the delta write, swa and tensor_cache with sinks, tensor_cache with a factored
+# window, infini with its linear and delta updates) and the chunk_mean ablation, whose training
+# forward differs from its decode by design.
 KINDS = {name: ATTENTION[name] for name in ("mha", "gqa", "mqa", "mla", "tpa", "tpa_kvonly", "swa",
                                             "linear", "tensor_cache", "tensor_cache_delta",
-                                            "swa_sinks", "tensor_cache_sinks", "infini",
-                                            "infini_delta")}
+                                            "swa_sinks", "tensor_cache_sinks", "tensor_cache_factored",
+                                            "infini", "infini_delta")}
 KINDS["tensor_cache_chunk_mean"] = dict(ATTENTION["tensor_cache"], write="chunk_mean")
 
 

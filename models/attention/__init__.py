@@ -1,4 +1,5 @@
 """Attention variants, one file each, looked up by the config's `kind`."""
+from .factored_window import FactoredWindowAttention
 from .full import FullAttention
 from .infini import InfiniAttention
 from .linear import DecayedLinearAttention
@@ -21,4 +22,6 @@ ATTENTION = {
 
 
 def build_attention(cfg):
+    if getattr(cfg.attention, "factors", None) is not None:  # a tensor_cache with a factored window
+        return FactoredWindowAttention(cfg)
     return ATTENTION[cfg.attention.kind](cfg)

@@ -34,7 +34,8 @@ class SlidingWindowAttention(nn.Module):
 
     def window_attention(self, q, k, v, pos: int, ring: RingCache | None):
         """L1 output (B, h, T, d_h). With a ring, keys are [sinks held (positions 0..s-1);
-        ring (positions pos-W..pos-1); new] and the ring keeps the W most recent afterwards.
+        ring (positions pos-W..pos-1); new] and the ring keeps the W most recent afterwards;
+        k and v are then the new tokens as the ring stores them, read back through `ring_pairs`.
 
         Returns (o1, evicted): the un-rotated pairs that left the window in this call, oldest
         first ((k, v) of T pairs; None without a ring), for a Tensor Cache's L2 memory.
@@ -42,9 +43,10 @@ class SlidingWindowAttention(nn.Module):
         T, evicted, held = q.shape[2], None, 0
         if ring is not None:
             held = ring.sinks_held  # positions 0 .. min(n, pos) - 1
-            sink_k, sink_v = ring.sink_k[:, :, :held], ring.sink_v[:, :, :held]
+            sink_k, sink_v = self.ring_pairs(ring.sink_k[:, :, :held], ring.sink_v[:, :, :held])
             update = ring.update(k, v)
-            k, v, evicted = update.keys, update.values, (update.evicted_keys, update.evicted_values)
+            k, v = self.ring_pairs(update.keys, update.values)
+            evicted = self.ring_pairs(update.evicted_keys, update.evicted_values)
         first = pos - self.W if ring is not None else pos  # position of k's first pair
         # ring slots at negative positions were never filled; those below `held` are read from
         # the sink buffer instead, so no key counts twice
@@ -60,6 +62,11 @@ class SlidingWindowAttention(nn.Module):
         o = attend(apply_rope(q, cos[-T:], sin[-T:]), apply_rope(k, cos, sin), v,
                    window=self.W, sinks=sinks)
         return o, evicted
+
+    def ring_pairs(self, k, v):
+        """What the ring holds -> un-rotated pairs (B, g, L, d_h): here the pairs themselves (a
+        factored window's ring holds factors, and materialises them here)."""
+        return k, v
 
     def forward(self, x, pos: int, cache: RingCache | None = None):
         q, k, v = self.project(x)

@@ -62,25 +62,33 @@ class TensorCacheAttention(SlidingWindowAttention):
         ring.update(k, v)  # the kernel wrote the leaving pair into L2 already
         return o[:, :, None]
 
+    def serve_l2(self, q, evicted, pos: int, memory: StateCache):
+        """L2 of a call with a cache, o2 (B, h, T, d_h): the pairs the ring handed back (positions
+        pos-W .. pos+T-1-W) left the window at steps pos .. pos+T-1, so this is the scan with
+        delay 0 on them from the cached A, with the per-token write; A is written back in place."""
+        lam, eta = self.memory()
+        k2, v2 = self.l2_pairs(*evicted, pos - self.W)
+        o2, A = evicted_scan(q, k2, v2, lam, eta, window=0, chunk_size=self.C, mode=self.serve_mode,
+                             initial_state=memory.state, output_final_state=True)
+        memory.write_(A)
+        return o2
+
+    def fuse(self, o1, o2):
+        """o = o1 + sigmoid(gate_h) o2, then the output projection."""
+        return self.o_proj(merge_heads(o1 + torch.sigmoid(self.gate)[None, :, None, None] * o2))
+
     def forward(self, x, pos: int, cache: TwoLevelCache | None = None):
         T = x.shape[1]
         q, k, v = self.project(x)
         if cache is not None and T == 1 and not self.sinks:
             return self.o_proj(merge_heads(self.decode_step(q, k, v, pos, cache)))
         o1, evicted = self.window_attention(q, k, v, pos, cache.ring if cache is not None else None)
-        lam, eta = self.memory()
-        if cache is None:  # training: the scan applies the W-step delay itself
-            k2, v2 = self.l2_pairs(k, v, pos)
-            o2, _ = evicted_scan(q, k2, v2, lam, eta, window=self.W, chunk_size=self.C,
-                                 mode=self.write)
-        else:  # the pairs the ring handed back left the window at steps pos..pos+T-1
-            k2, v2 = self.l2_pairs(*evicted, pos - self.W)
-            o2, A = evicted_scan(q, k2, v2, lam, eta, window=0, chunk_size=self.C,
-                                 mode=self.serve_mode, initial_state=cache.memory.state,
-                                 output_final_state=True)
-            cache.memory.write_(A)
-        o = o1 + torch.sigmoid(self.gate)[None, :, None, None] * o2
-        return self.o_proj(merge_heads(o))
+        if cache is not None:
+            return self.fuse(o1, self.serve_l2(q, evicted, pos, cache.memory))
+        lam, eta = self.memory()  # training: the scan applies the W-step delay itself
+        k2, v2 = self.l2_pairs(k, v, pos)
+        o2, _ = evicted_scan(q, k2, v2, lam, eta, window=self.W, chunk_size=self.C, mode=self.write)
+        return self.fuse(o1, o2)
 
     def init_cache(self, batch_size, device, dtype) -> TwoLevelCache:
         memory = StateCache((batch_size, self.h, self.d_h, self.d_h), device, dtype)

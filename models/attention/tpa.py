@@ -18,6 +18,14 @@ from ..rope import apply_rope, rope_cos_sin
 from .base import attend, merge_heads
 
 
+def factor_projections(d_model: int, h: int, d_h: int, ranks: dict[str, int]):
+    """The bias-free maps x -> a_r(x) (R h wide) and x -> b_r(x) (R d_h wide) of each factorised
+    name ("q", "k", "v"): two ModuleDicts, a_proj and b_proj."""
+    a_proj = nn.ModuleDict({n: nn.Linear(d_model, r * h, bias=False) for n, r in ranks.items()})
+    b_proj = nn.ModuleDict({n: nn.Linear(d_model, r * d_h, bias=False) for n, r in ranks.items()})
+    return a_proj, b_proj
+
+
 class TensorProductAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -25,8 +33,7 @@ class TensorProductAttention(nn.Module):
         self.h, self.d_h, self.rope_base = cfg.n_heads, cfg.d_head, cfg.rope_base
         self.ranks = {"k": a.rank_k, "v": a.rank_v} | ({"q": a.rank_q} if a.rank_q else {})
         self.q_proj = None if a.rank_q else nn.Linear(cfg.d_model, self.h * self.d_h, bias=False)
-        self.a_proj = nn.ModuleDict({n: nn.Linear(cfg.d_model, r * self.h, bias=False) for n, r in self.ranks.items()})
-        self.b_proj = nn.ModuleDict({n: nn.Linear(cfg.d_model, r * self.d_h, bias=False) for n, r in self.ranks.items()})
+        self.a_proj, self.b_proj = factor_projections(cfg.d_model, self.h, self.d_h, self.ranks)
         self.o_proj = nn.Linear(self.h * self.d_h, cfg.d_model, bias=False)
 
     def factors(self, x, name: str, cos=None, sin=None):

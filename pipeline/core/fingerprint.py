@@ -28,9 +28,10 @@ def digest(obj: Any, length: int = 16) -> str:
 SOURCE_SUFFIXES = (".py", ".yaml", "_yaml")  # `_yaml`: lm-eval templates that are not tasks
 
 
-def source_files(paths: Iterable[str]) -> list[str]:
-    """Relative paths: a folder stands for every source and YAML file below it; files as they are."""
-    out = []
+def source_files(paths: Iterable[str], exclude: Iterable[str] = ()) -> list[str]:
+    """Relative paths: a folder stands for every source and YAML file below it; files as they are;
+    none of `exclude` (files)."""
+    exclude, out = set(exclude), []
     for rel in paths:
         path = SOURCE_ROOT / rel
         if path.is_dir():
@@ -38,7 +39,7 @@ def source_files(paths: Iterable[str]) -> list[str]:
                           if p.name.endswith(SOURCE_SUFFIXES) and "__pycache__" not in p.parts)
         elif path.exists():
             out.append(rel)
-    return out
+    return [rel for rel in out if rel not in exclude]
 
 
 def _docstring(node) -> ast.AST | None:
@@ -76,10 +77,11 @@ def statements(source: str) -> list[str]:
     return out
 
 
-def source_hash(paths: Iterable[str]) -> str:
-    """sha256 over the sorted hashes of the named files' statements (Python) and bytes (YAML)."""
+def source_hash(paths: Iterable[str], exclude: Iterable[str] = ()) -> str:
+    """sha256 over the sorted hashes of the named files' statements (Python) and bytes (YAML),
+    `exclude` left out."""
     parts = []
-    for rel in source_files(paths):
+    for rel in source_files(paths, exclude):
         path = Path(SOURCE_ROOT / rel)
         if rel.endswith(".py"):
             parts += [hashlib.sha256(s.encode()).hexdigest() for s in statements(path.read_text())]

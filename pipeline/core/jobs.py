@@ -62,6 +62,8 @@ class TrainJob(_Job):
     fault: Optional[str] = None  # test hook, from $KVF_FAULT: "<run>:<step>:nan|raise"
     tracking_uri: Optional[str] = None  # set with a tracking server: the worker logs its own curve
     mlflow_run_id: Optional[str] = None
+    init_from: Optional[str] = None  # a retrofit: the parent run it starts from (its selected rate)
+    init_from_fingerprint: Optional[str] = None  # that run's fingerprint
 
     @model_validator(mode="after")
     def _paths_or_storage(self):

@@ -537,6 +537,18 @@ class Params(_Block):
         extra = {"mlp_hidden": self._mlp_hidden[point]} if point in self._mlp_hidden else {}
         return ModelConfig(**self.model, **extra, attention=self._points[point].attention)
 
+    def train_for(self, point: str) -> TrainConfig:
+        """The train block of one point: `train`, with a retrofit's own `steps`."""
+        steps = self._points[point].steps
+        if steps is None:
+            return self.train
+        return TrainConfig.model_validate({**self.train.model_dump(), "steps": steps})
+
+    def parent_runs(self, run: Run) -> list[Run]:
+        """A retrofit run's candidate parents: its parent point's runs of the same seed (every rate)."""
+        parent = self._points[run.variant].init_from
+        return [r for r in self.runs() if r.variant == parent and r.seed == run.seed]
+
     def policy_points(self) -> list[tuple[str, Any]]:
         """(point, `models.CachePolicy`) of every `eval.cache_policies` entry and window, in file order."""
         from models import FULL_KINDS
@@ -641,12 +653,15 @@ def _check_variants(params: Params) -> None:
             raise ParamsError(f"variants.{name}: names must match {_VARIANT_NAME.pattern}")
         if not isinstance(attention, dict) or "kind" not in attention:
             raise ParamsError(f"variants.{name}.kind: required (an attention kind)")
+        if isinstance(attention.get("init_from"), list):
+            raise ParamsError(f"variants.{name}.init_from: cannot be swept (one family has one parent)")
         try:
             family = sweep.expand(name, attention)
         except ValueError as err:
             raise ParamsError(str(err)) from None
         for point in family:
             where = f" (sweep point {point.name})" if point.knobs else ""
+            point = _split_retrofit(name, point)
             try:
                 cfg = ModelConfig(**params.model, attention=point.attention)
             except ValidationError as err:
@@ -659,8 +674,68 @@ def _check_variants(params: Params) -> None:
                                       f"{field}={length}{where}")
             points[point.name] = point
     params._points = points
+    _check_parents(params)
     if params.match_params is not None:
         _match(params)
+    _check_retrofits(params)
+
+
+RETROFIT_FIELDS = ("init_from", "steps")  # a variant's fields that are not its attention's
+
+
+def _split_retrofit(family: str, point: Point) -> Point:
+    """`init_from` and `steps` move from the point's attention config to its own fields."""
+    attention = {k: v for k, v in point.attention.items() if k not in RETROFIT_FIELDS}
+    init_from, steps = point.attention.get("init_from"), point.attention.get("steps")
+    if "steps" in point.attention and init_from is None:
+        raise ParamsError(f"variants.{family}.steps: only with init_from (a retrofit's own training length; "
+                          "the others train train.steps)")
+    if init_from is not None and not isinstance(init_from, str):
+        raise ParamsError(f"variants.{family}.init_from: names a point, got {init_from!r}")
+    if "steps" in point.attention and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ParamsError(f"variants.{family}.steps: must be an integer >= 1, got {steps!r}")
+    return point._replace(attention=attention, init_from=init_from, steps=steps)
+
+
+def _check_parents(params: Params) -> None:
+    """Each retrofit names a point of the study trained from scratch (no chains)."""
+    for point in params.points.values():
+        if point.init_from is None:
+            continue
+        parent = params.points.get(point.init_from)
+        if parent is None:
+            raise ParamsError(f"variants.{point.family}.init_from: unknown point {point.init_from!r} "
+                              f"(points: {', '.join(params.points)})")
+        if parent.init_from is not None:
+            raise ParamsError(f"variants.{point.family}.init_from: {parent.name} is itself a retrofit (from "
+                              f"{parent.init_from}); start from a point trained from scratch")
+
+
+def _check_retrofits(params: Params) -> None:
+    """Each retrofit's map exists (`models.retrofit.check`), its steps make a valid train block, and
+    its runs train in one process at a path (what the train stage supports)."""
+    from models.retrofit import WIDTHS, RetrofitError, check
+
+    for point in params.points.values():
+        if point.init_from is None:
+            continue
+        where = f"variants.{point.family}"
+        try:
+            check(params.model_config_for(point.init_from), params.model_config_for(point.name))
+        except RetrofitError as err:
+            field, msg = _split_path(str(err))
+            field = "init_from" if field in WIDTHS else field
+            raise ParamsError(f"{where}.{field}: {msg} (parent {point.init_from})") from None
+        try:
+            params.train_for(point.name)
+        except ValidationError as err:
+            raise ParamsError(f"{where}.steps: {_first_error(err)[1]}") from None
+        if params.compute.workers_per_run > 1:
+            raise ParamsError(f"compute.workers_per_run: a study with init_from ({point.family}) trains each run "
+                              "in one process; set 1")
+        if storage.is_uri(params.compute.storage):
+            raise ParamsError(f"compute.storage: a study with init_from ({point.family}) trains on a shared "
+                              "filesystem; give a path")
 
 
 def _match(params: Params) -> None:
@@ -674,6 +749,8 @@ def _match(params: Params) -> None:
         raise ParamsError("model.mlp_hidden: set by match_params; remove one of the two")
     target = sweep.count_parameters(params.model, reference[0].attention)
     for point in params.points.values():
+        if point.init_from is not None:  # its MLP is its parent's, copied
+            continue
         try:
             hidden = sweep.matched_mlp_hidden(params.model, point.attention, target)
         except ValueError as err:
@@ -683,6 +760,9 @@ def _match(params: Params) -> None:
             raise ParamsError(f"match_params.tolerance: {point.name} has {count:,} parameters at the "
                               f"closest width, {abs(count / target - 1):.1%} from {target:,}")
         params._mlp_hidden[point.name] = hidden
+    for point in params.points.values():
+        if point.init_from is not None:
+            params._mlp_hidden[point.name] = params._mlp_hidden[point.init_from]
 
 
 def _check_policies(params: Params) -> None:

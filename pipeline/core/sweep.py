@@ -25,6 +25,8 @@ class Point(NamedTuple):
     family: str
     attention: dict[str, Any]  # single values only
     knobs: dict[str, Any]  # the swept fields and this point's values (empty without a sweep)
+    init_from: str | None = None  # a retrofit: the point its weights are mapped from
+    steps: int | None = None  # a retrofit's own training length (None: train.steps)
 
 
 def token(value: Any) -> str:

@@ -32,11 +32,11 @@ from pathlib import Path
 
 from pipeline.core import checkpoint, fanout, storage, tracking
 from pipeline.core.data import check_fits, verify_prepared
-from pipeline.core.fingerprint import source_hash
 from pipeline.core.jobs import StorageKeys, TrainJob
 from pipeline.core.params import Params
-from pipeline.core.runs import TRAIN_CODE, adopt_completed, mlflow_params, mlflow_tags, run_result, train_job
+from pipeline.core.runs import adopt_completed, mlflow_params, mlflow_tags, run_result, train_code, train_jobs, with_parent
 from pipeline.train.loop import OneProcess
+from pipeline.train.retrofit import write_initial
 from pipeline.train.ddp import storage_name
 
 STAGING = ".next"  # checkpoints/<run>.next: a changed run trains here beside the finished one
@@ -215,6 +215,8 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
     for i, job in enumerate(jobs):
         if data_key is None:
             job, latest = _start_here(job, staged)
+            if latest is None and job.init_from is not None:  # a retrofit starts from its parent's weights
+                latest = write_initial(job, Path(job.ckpt_dir).parent / job.init_from)
         else:
             homes[job.run] = Path(job.ckpt_dir)
             job, latest = _start_in_storage(job, store, data_key)
@@ -240,7 +242,7 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
           + (f"storage {store.location} (no shared filesystem); " if data_key
              else f"storage {store.location}; " if compute.workers_per_run > 1 else "")
           + f"MLflow: {tracker.uri}" + (" (the workers log their curves live)" if workers_log else ""), flush=True)
-    progress = Progress([job.run for job in jobs], params.train.steps, started)
+    progress = Progress([job.run for job in jobs], max(job.train.steps for job in jobs), started)
     live = LiveLog(queue, tracker, run_ids, progress, workers_log)
     by_name = {job.run: job for job in jobs}
     results = {}
@@ -271,10 +273,10 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
 
 def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, metrics_path: Path) -> int:
     """Train every run that needs it; write `metrics_path`; 0 if all succeeded, else 1."""
-    code, manifest = source_hash(TRAIN_CODE), verify_prepared(data_dir)
+    code, manifest = train_code(), verify_prepared(data_dir)
     vocab = min(params.model_config_for(run.variant).vocab_size for run in params.runs())
     check_fits(manifest, params.data, vocab, params.train.seq_len)
-    jobs = {run.name: train_job(params, run, code, data_dir, ckpt_root, manifest["files"]) for run in params.runs()}
+    jobs = train_jobs(params, code, data_dir, ckpt_root, manifest["files"])
     complete = {}
     for name, job in jobs.items():
         try:
@@ -285,6 +287,7 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, me
         if final is not None and final["fingerprint"] == job.fingerprint:
             complete[name] = final
     todo = [job for name, job in jobs.items() if name not in complete]
+    children = {name for name, job in jobs.items() if params.points[job.variant].init_from is not None}
 
     # Ray only when something trains; outputs and MLflow are touched only after every check passed
     location, remote = params.compute.storage, storage.is_uri(params.compute.storage)
@@ -299,10 +302,28 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, me
         tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
         source = tracking.source_tags(root)
         results = {name: adopt_completed(params, tracker, jobs[name], final, source)
-                   for name, final in complete.items()}
-        if todo:
-            data_key = storage.put_prepared(store, data_dir, manifest) if remote else None
-            results.update(_train_on_ray(params, tracker, todo, cluster, source, store, data_key))
+                   for name, final in complete.items() if name not in children}
+        data_key = storage.put_prepared(store, data_dir, manifest) if remote and todo else None
+        first = [job for job in todo if job.run not in children]  # parents (and every other run) first
+        if first:
+            results.update(_train_on_ray(params, tracker, first, cluster, source, store, data_key))
+        then = []
+        for name in (n for n in jobs if n in children):
+            job, run = jobs[name], next(r for r in params.runs() if r.name == name)
+            failed = [p.name for p in params.parent_runs(run) if results[p.name]["status"] != "ok"]
+            if failed:
+                results[name] = {"status": "failed", "step": 0, "run_id": None, "variant": job.variant,
+                                 "seed": job.seed, "error": f"parent {failed[0]} failed: not trained"}
+                print(f"[train] FAILED run {name}: its parent {failed[0]} failed; not trained", file=sys.stderr,
+                      flush=True)
+                continue
+            jobs[name] = job = with_parent(params, job, ckpt_root)
+            if name in complete:
+                results[name] = adopt_completed(params, tracker, job, complete[name], source)
+            else:
+                then.append(job)
+        if then:
+            results.update(_train_on_ray(params, tracker, then, cluster, source, store, data_key))
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(metrics_path, {
         "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id},

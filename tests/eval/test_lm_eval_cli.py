@@ -12,8 +12,10 @@ from pipeline.core import tokenizer
 from .conftest import REPO
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-# The kinds added with issue 14 (tensor_cache, the first kind through the CLI, has its own test).
-NEW_KINDS = ("tensor_cache_delta", "tensor_cache_sinks", "swa_sinks", "infini", "infini_delta", "tpa_kvonly")
+# The kinds added with issue 14, and issue 24's factored window (tensor_cache, the first kind
+# through the CLI, has its own test).
+NEW_KINDS = ("tensor_cache_delta", "tensor_cache_sinks", "swa_sinks", "infini", "infini_delta", "tpa_kvonly",
+             "tensor_cache_factored")
 
 
 def cli_args(export: Path, tasks: str, out: Path) -> list[str]:

@@ -6,7 +6,8 @@ from models import build_model
 
 from ..variants import ATTENTION, config
 
-BOUNDED = {"swa", "swa_w1", "linear", "tensor_cache", "tensor_cache_w1", "tensor_cache_gqa"}
+BOUNDED = {"swa", "swa_w1", "linear", "tensor_cache", "tensor_cache_w1", "tensor_cache_gqa",
+           "tensor_cache_factored", "tensor_cache_factored_q"}
 
 
 def prefill(model, T, batch=2, piece=512):
@@ -36,6 +37,9 @@ def test_formulas_by_hand():
     assert build_model(config("swa")).cache_nbytes(100) == 2 * h * d * 5 * L * f32
     assert build_model(config("linear")).cache_nbytes(100) == h * d * d * L * f32
     assert build_model(config("tensor_cache")).cache_nbytes(100) == (2 * h * d * 5 + h * d * d) * L * f32
+    # a factored window: (R_k + R_v)(h + d_h) per window token (ranks 2, 1; W 5) + L2
+    assert build_model(config("tensor_cache_factored")).cache_nbytes(100) == \
+        ((2 + 1) * (h + d) * 5 + h * d * d) * L * f32
 
 
 @pytest.mark.parametrize("name", sorted(BOUNDED))

@@ -26,6 +26,8 @@ LEARNERS = {
     "swa": {"kind": "swa", "window": 8},
     "linear": {"kind": "linear", "chunk_size": 8},
     "tensor_cache": {"kind": "tensor_cache", "window": 4, "chunk_size": 8},
+    "tensor_cache_factored": {"kind": "tensor_cache", "window": 4, "chunk_size": 8,
+                              "factors": {"rank_k": 2, "rank_v": 2}},
 }
 
 

@@ -1,8 +1,8 @@
 """KVFForCausalLM: a `models` LanguageModel behind the Hugging Face interfaces.
 
 `generate()` decodes with the variant's own cache (`KVFCache` wraps `models.ModelCache`): a
-Tensor Cache keeps its window ring and L2 matrix, TPA its factors, MLA its latents -- never a
-DynamicCache of full keys and values.
+Tensor Cache keeps its window ring and L2 matrix (with a factored window, a ring of factors),
+TPA its factors, MLA its latents -- never a DynamicCache of full keys and values.
 
 transformers 5.24 renamed the cache argument and output field from `past_key_values` to
 `cache` (and `generate()` passes it under the new name); `forward` takes either name and

@@ -53,8 +53,9 @@ $(VENV)/.installed: uv.lock pyproject.toml install/venv.py .uv/venv-args $(UV_ST
 	PATH="$(HOST_PATH)" .uv/tool/bin/python install/venv.py --uv $(UV) --venv $(VENV) $(VENV_ARGS)
 
 # The suite on TEST_WORKERS pytest-xdist workers (0: in this one process); a module whose tests
-# share a study or a cluster is one xdist_group, run by one worker (BENCHMARKS.md, issue 23).
-TEST_WORKERS ?= 2
+# share a study or a cluster is one xdist_group, run by one worker. Three on two cores: the stage
+# tests wait on subprocesses and Ray more than they compute (BENCHMARKS.md, issue 23).
+TEST_WORKERS ?= 3
 test: venv
 	$(UV) lock --check --offline
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup tests

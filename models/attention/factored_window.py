@@ -26,7 +26,7 @@ from ..cache import RingCache, StateCache, TwoLevelCache
 from ..rope import apply_rope, rope_cos_sin
 from .base import split_heads
 from .tensor_cache import TensorCacheAttention
-from .tpa import TensorProductAttention, factor_projections
+from .tpa import TensorProductAttention, factor_projections, plain_query_factors
 
 
 class FactoredWindowAttention(TensorCacheAttention):
@@ -79,7 +79,7 @@ class FactoredWindowAttention(TensorCacheAttention):
         if self.q_proj is None:
             a_q, b_q = self.factors(x, "q")
         else:  # the plain query as h rank-one factors h e_j (outer) q_j (R_q = h), as TPA-KVonly
-            a_q = torch.eye(self.h, dtype=x.dtype, device=x.device).mul(self.h).expand(B, 1, -1, -1)
+            a_q = plain_query_factors(self.h, B, 1, x.dtype, x.device)
             b_q = self.q_proj(x).view(B, 1, self.h, self.d_h)
         q = self.materialise(a_q, b_q)  # L2 reads the un-rotated query
         b_q = apply_rope(b_q, cos[-1:, None], sin[-1:, None])

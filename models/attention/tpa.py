@@ -26,6 +26,12 @@ def factor_projections(d_model: int, h: int, d_h: int, ranks: dict[str, int]):
     return a_proj, b_proj
 
 
+def plain_query_factors(h: int, batch: int, T: int, dtype, device):
+    """TPA-KVonly's plain query as factors: a_q = h e_j (B, T, h, h), so that
+    (1/h) sum_j a_q,j (outer) q_j is q itself with b_q row j = head j's query (R_q = h)."""
+    return torch.eye(h, dtype=dtype, device=device).mul(h).expand(batch, T, -1, -1)
+
+
 class TensorProductAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -68,7 +74,7 @@ class TensorProductAttention(nn.Module):
             a_k, b_k, a_v, b_v = cache.update(a_k, b_k, a_v, b_v)
         if cache is not None and T == 1:  # decode from the factors alone
             if a_q is None:  # the plain query as h rank-one factors e_j (outer) q_j (R_q = h)
-                a_q = torch.eye(self.h, dtype=x.dtype, device=x.device).mul(self.h).expand(x.shape[0], 1, -1, -1)
+                a_q = plain_query_factors(self.h, x.shape[0], 1, x.dtype, x.device)
             o = tpa_decode(a_q[:, 0], b_q[:, 0], a_k, b_k, a_v, b_v)[:, :, None]  # (B, h, 1, d_h)
         else:
             q = self.materialise(a_q, b_q) if a_q is not None else b_q.transpose(1, 2)

@@ -1,9 +1,9 @@
 """Convergence pilot (issue 25): how many steps until validation stops moving, at a study's size?
 
 Trains a few points of a study's params for a long budget (every validation logged), then prints
-each run's learning curve and the step after which it stays within the report's convergence
-tolerances (pipeline/report/convergence.py: objective within OBJECTIVE_DROP of its final value,
-every MQAR accuracy within RECALL_RISE of its final value). The cosine schedule spans the whole
+each run's learning curve and, per measure, the step after which it stays within the report's
+convergence tolerances (pipeline/report/convergence.py): recall, every MQAR accuracy within
+RECALL_RISE of its final value; bpb, bits per byte within BPB_DROP of their final value. The cosine schedule spans the whole
 budget, so a study trained for fewer steps anneals sooner: read the settle step as a lower
 bound for the study's `train.steps`, not as its value.
 
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.core.sweep import expand  # noqa: E402
-from pipeline.report.convergence import OBJECTIVE_DROP, RECALL_RISE  # noqa: E402
+from pipeline.report.convergence import BPB_DROP, RECALL_RISE  # noqa: E402
 
 
 def pilot_params(study: dict, points: list[str], steps: int, eval_every: int) -> dict:
@@ -51,15 +51,20 @@ def pilot_params(study: dict, points: list[str], steps: int, eval_every: int) ->
     return params
 
 
-def settle_step(evals: list[dict]) -> int | None:
+def settle_step(evals: list[dict], measure: str) -> int | None:
     """The first validation step after which every later validation stays within the report's
-    tolerances of the final one; None when only the final one does."""
+    tolerance of the final one on `measure` ("recall": every MQAR accuracy, "bpb"); None when
+    only the final one does."""
     end = evals[-1]
     recall = [k for k in end if k.startswith("val/mqar_acc_")]
+
+    def within(h: dict) -> bool:
+        if measure == "bpb":
+            return h["val/bpb"] - end["val/bpb"] <= BPB_DROP * abs(end["val/bpb"])
+        return all(end[k] - h[k] <= RECALL_RISE for k in recall if k in h)
+
     for i, r in enumerate(evals[:-1]):
-        later = evals[i:]
-        if all((h["val/objective"] - end["val/objective"]) <= OBJECTIVE_DROP * abs(end["val/objective"])
-               and all(end[k] - h[k] <= RECALL_RISE for k in recall if k in h) for h in later):
+        if all(within(h) for h in evals[i:]):
             return r["step"]
     return None
 
@@ -85,14 +90,14 @@ def main() -> None:
         evals = [h for h in meta["history"] if "val/objective" in h]
         curves[point] = evals
         keys = ["val/objective", "val/bpb", *sorted(k for k in evals[-1] if k.startswith("val/mqar_acc_"))]
-        print(f"\n### {point}: settles (within the report's tolerances of its final value) at step "
-              f"{settle_step(evals)} of {args.steps}\n")
+        print(f"\n### {point}: within the report's tolerances of its final value from step "
+              f"{settle_step(evals, 'recall')} (recall) and {settle_step(evals, 'bpb')} (bpb) of {args.steps}\n")
         print("| step | " + " | ".join(k.removeprefix("val/") for k in keys) + " |")
         print("|---:|" + "---:|" * len(keys))
         for h in evals:
             print(f"| {h['step']} | " + " | ".join(f"{h[k]:.3f}" for k in keys) + " |")
     print(json.dumps({"bench": "convergence_pilot", "steps": args.steps, "points": args.points,
-                      "settle_step": {p: settle_step(e) for p, e in curves.items()},
+                      "settle_step": {p: {m: settle_step(e, m) for m in ("recall", "bpb")} for p, e in curves.items()},
                       "curves": curves}))
 
 

@@ -5,7 +5,8 @@ Each claim compares two points on one measure: the difference of their means ove
 once for both: `stats.difference_interval`) and a verdict: *supported* when the whole interval
 lies on the side the claim predicts, *contradicted* when it lies on the other side,
 *inconclusive* when it holds zero; *not converged*, whatever the interval, when either point was
-still learning when its training stopped (`pipeline.report.convergence`). With one seed the
+still learning on the claim's measure (recall or bits per byte) when its training stopped
+(`pipeline.report.convergence`). With one seed the
 interval covers evaluation examples only, not training noise: the table says so.
 
 1. Tensor Cache beats the sliding window of the same width at recall beyond the window
@@ -40,7 +41,7 @@ def _claim(text: str, a: "Point", b: "Point", column: str, higher_supports: bool
     return {"claim": text, "a": a.name, "b": b.name, "measure": column,
             "a_mean": a.mean(column), "b_mean": b.mean(column), "difference": difference,
             "interval": interval,
-            "verdict": "not converged" if "still learning" in (a.training(), b.training())
+            "verdict": "not converged" if "still learning" in (a.training(column), b.training(column))
             else stats.verdict(interval, higher_supports),
             "cache_ratio": a.cache_bytes / b.cache_bytes if b.cache_bytes else None}
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.core.results import MEASURES, rows_from_results
 from pipeline.report import stats
-from pipeline.report.convergence import OBJECTIVE_DROP, RECALL_RISE, histories, learning, plot_learning
+from pipeline.report.convergence import BPB_DROP, RECALL_RISE, histories, learning, plot_learning
 from pipeline.report.points import Point, by_distance, capacity, front, points
 
 
@@ -150,7 +150,7 @@ def points_table(pts: list[Point], report_context: int) -> list[str]:
         cells = [f"{_fmt(p.mean(m.column))} {_iv(p.seed_interval(m.column))} {_iv(p.example_interval(m.column))}"
                  for m in cols]
         lines.append(f"| {p.name} | {p.family} | {p.kind} | {p.params:,} | {_bytes(p.cache_bytes)} | "
-                     f"{len(p.rows)} | {_lrs(p)} | {p.training() or '-'} | " + " | ".join(cells) + " |")
+                     f"{len(p.rows)} | {_lrs(p)} | {p.training_cell()} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -201,10 +201,10 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
              "byte at the trained length; bpb_longest: at the longest evaluated context "
              "(extrapolation). lm-eval: too few episodes to rank models; shown here, not on the figure. "
              "lr (won): the learning rate chosen on validation for each seed, of how many tried. "
-             f"training: still learning when, over the last fifth of its steps, a seed's validation "
-             f"objective fell by more than {OBJECTIVE_DROP:.0%} or an MQAR validation accuracy rose by more "
-             f"than {RECALL_RISE:g} (learning.png draws the curves); a claim on such a point is not "
-             "converged.\n",
+             f"training: per measure, still learning when, over the last fifth of its steps, a seed's "
+             f"MQAR validation accuracy rose by more than {RECALL_RISE:g} (recall) or its validation bits per "
+             f"byte fell by more than {BPB_DROP:.0%} (bpb); learning.png draws the curves. A claim on a "
+             "measure a point is still learning is not converged.\n",
              "## Points\n", *points_table(pts, report_context), "",
              "## Pareto front\n", *front_table(pts), ""]
     if budgets:
@@ -236,7 +236,7 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
 
 CSV_FIELDS = ["key", "run", "point", "family", "kind", "seed", "lr", "params", "cache_bytes", "mqar_beyond",
               "mqar_one_hop", "mqar_reach", "bpb", "bpb_longest", "lm_eval", "mqar_beyond_decode", "decode_tokens_per_s",
-              "peak_rss_mib", "measured_context", "still_learning"]
+              "peak_rss_mib", "measured_context", "still_learning", "recall_learning", "bpb_learning"]
 
 
 def report_paths(out_dir: Path) -> dict[str, Path]:
@@ -257,7 +257,8 @@ def write_report(results: list[dict], report_context: int, trained_len: int, out
     for row, r in zip(rows, results):
         trained = runs.get(r.get("checkpoint_run") or r["run"])
         row["_learning"] = learning(*trained) if trained else None
-        row["still_learning"] = None if row["_learning"] is None else row["_learning"]["still_learning"]
+        for flag in ("still_learning", "recall_learning", "bpb_learning"):
+            row[flag] = None if row["_learning"] is None else row["_learning"][flag]
     pts = points(rows)
     paths = report_paths(out_dir)
     plot_frontier(pts, report_context, paths["png"])

@@ -43,14 +43,26 @@ class Point(NamedTuple):
             return None
         return self.mean(col) - other.mean(col), stats.difference_interval(ea, eb)
 
-    def training(self) -> str | None:
-        """"still learning" when any seed's run was still learning at its last step
-        (`pipeline.report.convergence`), "converged" when every seed's run was read and none
-        was, None when a run's history is missing."""
+    def training(self, column: str | None = None) -> str | None:
+        """On the measure `column` (recall for an mqar_* column, bits per byte for a bpb* one,
+        either when None): "still learning" when any seed's run was still learning on it at its
+        last step (`pipeline.report.convergence`), "converged" when every seed's run was read and
+        none was, None when a run's history is missing."""
+        key = ("still_learning" if column is None else
+               "recall_learning" if column.startswith("mqar") else "bpb_learning")
         flags = [r.get("_learning") for r in self.rows]
-        if any(f and f["still_learning"] for f in flags):
+        if any(f and f[key] for f in flags):
             return "still learning"
         return "converged" if flags and all(flags) else None
+
+    def training_cell(self) -> str:
+        """The points table's cell: recall and bits per byte, each converged or still learning."""
+        recall, bpb = self.training("mqar"), self.training("bpb")
+        if recall is None:
+            return "-"
+        if recall == bpb:
+            return recall
+        return f"recall {'settled' if recall == 'converged' else 'learning'}, bpb {'settled' if bpb == 'converged' else 'learning'}"
 
     def interval(self, col: str) -> stats.Interval | None:
         """What the plot's bars show: over seeds when there are several, else over examples."""

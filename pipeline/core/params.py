@@ -733,9 +733,6 @@ def _check_retrofits(params: Params) -> None:
         if params.compute.workers_per_run > 1:
             raise ParamsError(f"compute.workers_per_run: a study with init_from ({point.family}) trains each run "
                               "in one process; set 1")
-        if storage.is_uri(params.compute.storage):
-            raise ParamsError(f"compute.storage: a study with init_from ({point.family}) trains on a shared "
-                              "filesystem; give a path")
 
 
 def _match(params: Params) -> None:

@@ -88,6 +88,7 @@ def row(result: dict, report_context: int, trained_len: int) -> dict:
         "_capacity": {int(k): v.get("acc_beyond_window") for k, v in result.get("capacity", {}).items()},
         "_by_distance": result.get("bpb_by_distance"),
         "_lr_candidates": result.get("lr_candidates", {}),
+        "init_from": result.get("init_from"),  # a retrofit's parent point (the report reads it from params)
     }
 
 

@@ -141,16 +141,23 @@ def _lrs(p: Point) -> str:
     return text + (f" of {tried}" if tried > 1 else "")
 
 
+def _steps(p: Point) -> str:
+    """Its training steps; a retrofit's after its parent's (`60 from mha`)."""
+    if p.steps is None:
+        return "-"
+    return f"{p.steps} from {p.init_from}" if p.init_from else str(p.steps)
+
+
 def points_table(pts: list[Point], report_context: int) -> list[str]:
     cols = MEASURES
-    lines = ["| point | family | kind | params | cache bytes | seeds | lr (won) | training | "
+    lines = ["| point | family | kind | params | cache bytes | seeds | lr (won) | steps | training | "
              + " | ".join(f"{m.column}: mean, seeds CI, examples CI" for m in cols) + " |",
-             "|---|---|---|---:|---:|---:|---|---|" + "---|" * len(cols)]
+             "|---|---|---|---:|---:|---:|---|---|---|" + "---|" * len(cols)]
     for p in pts:
         cells = [f"{_fmt(p.mean(m.column))} {_iv(p.seed_interval(m.column))} {_iv(p.example_interval(m.column))}"
                  for m in cols]
         lines.append(f"| {p.name} | {p.family} | {p.kind} | {p.params:,} | {_bytes(p.cache_bytes)} | "
-                     f"{len(p.rows)} | {_lrs(p)} | {p.training_cell()} | " + " | ".join(cells) + " |")
+                     f"{len(p.rows)} | {_lrs(p)} | {_steps(p)} | {p.training_cell()} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -236,7 +243,8 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
 
 CSV_FIELDS = ["key", "run", "point", "family", "kind", "seed", "lr", "params", "cache_bytes", "mqar_beyond",
               "mqar_one_hop", "mqar_reach", "bpb", "bpb_longest", "lm_eval", "mqar_beyond_decode", "decode_tokens_per_s",
-              "peak_rss_mib", "measured_context", "still_learning", "recall_learning", "bpb_learning"]
+              "peak_rss_mib", "measured_context", "steps", "init_from", "still_learning", "recall_learning",
+              "bpb_learning"]
 
 
 def report_paths(out_dir: Path) -> dict[str, Path]:
@@ -257,6 +265,7 @@ def write_report(results: list[dict], report_context: int, trained_len: int, out
     for row, r in zip(rows, results):
         trained = runs.get(r.get("checkpoint_run") or r["run"])
         row["_learning"] = learning(*trained) if trained else None
+        row["steps"] = trained[1] if trained else None
         for flag in ("still_learning", "recall_learning", "bpb_learning"):
             row[flag] = None if row["_learning"] is None else row["_learning"][flag]
     pts = points(rows)
@@ -279,6 +288,9 @@ def run_report(params, root: Path, results_dir: Path, out_dir: Path, ckpt_root: 
         raise FileNotFoundError(f"{results_dir}: no evaluation results for {', '.join(missing)}; "
                                 "run the evaluate stage")
     results = [json.loads((results_dir / f"{key}.json").read_text()) for key in keys]
+    for r in results:  # a retrofit's parent point, from the params (the result names its point)
+        point = params.points.get(r["variant"])
+        r["init_from"] = point.init_from if point is not None else None
     paths = write_report(results, params.eval.report_context, params.train.seq_len, out_dir,
                          params.eval.byte_budgets, histories(results, ckpt_root))
     run_id = log_report(params, root, results, paths)

@@ -18,6 +18,16 @@ class Point(NamedTuple):
     cache_bytes: float
     rows: list[dict]  # one per seed
 
+    @property
+    def init_from(self) -> str | None:
+        """A retrofit's parent point (None for a point trained from scratch or a cache policy)."""
+        return self.rows[0].get("init_from")
+
+    @property
+    def steps(self) -> int | None:
+        """The training steps of its runs (a cache policy: its checkpoint's), None when unread."""
+        return self.rows[0].get("steps")
+
     def mean(self, col: str) -> float | None:
         ys = [r[col] for r in self.rows if r.get(col) is not None]
         return float(np.mean(ys)) if ys else None

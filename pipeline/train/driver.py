@@ -175,6 +175,21 @@ def _start_in_storage(job: TrainJob, store: storage.Storage, data_key: str) -> t
     return sent, latest
 
 
+def _initial_in_storage(job: TrainJob, store: storage.Storage, key: str) -> dict:
+    """A retrofit without a shared filesystem: its step-0 checkpoint made here, from its parent's
+    checkpoint (at the driver's path once the parent's wave brought it back), and uploaded to its
+    folder in storage; its worker resumes from it as from any checkpoint. Returns its metadata."""
+    local = Path(job.ckpt_dir + ".init")
+    shutil.rmtree(local, ignore_errors=True)
+    try:
+        parent = Path(job.ckpt_dir).parent / job.init_from
+        latest = write_initial(job.model_copy(update={"ckpt_dir": str(local)}), parent)
+        store.put_dir(local, key)
+        return latest
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
 def _prune_storage(store: storage.Storage, jobs: dict[str, TrainJob], todo: list[TrainJob]) -> None:
     """Storage's checkpoint folders of runs no longer in params.yaml, and of other configs of the
     runs about to train (as at the driver's path: one unfinished config per run is kept)."""
@@ -219,7 +234,9 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
                 latest = write_initial(job, Path(job.ckpt_dir).parent / job.init_from)
         else:
             homes[job.run] = Path(job.ckpt_dir)
-            job, latest = _start_in_storage(job, store, data_key)
+            here, (job, latest) = job, _start_in_storage(job, store, data_key)
+            if latest is None and job.init_from is not None:
+                latest = _initial_in_storage(here, store, job.storage.checkpoints)
         jobs[i], started[job.run] = job, latest["step"] if latest else 0
         run_ids[job.run] = tracker.open_run(job.run, job.fingerprint, mlflow_params(params, job),
                                             mlflow_tags(job, source))

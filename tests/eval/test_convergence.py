@@ -55,7 +55,7 @@ def test_a_claim_on_a_point_still_learning_is_not_converged(tmp_path):
     md = paths["md"].read_text()
     claim = next(line for line in md.splitlines() if line.startswith("| Tensor Cache > SWA at W=16"))
     assert "**not converged**" in claim  # supported on its numbers (test_report), but SWA is still learning
-    rows = {line.split("|")[1].strip(): line.split("|")[8].strip() for line in md.splitlines()
+    rows = {line.split("|")[1].strip(): line.split("|")[9].strip() for line in md.splitlines()
             if line.startswith("| ") and line.count("|") > 10}
     assert rows["swa.window16"] == "recall learning, bpb settled" and rows["tensor_cache.window16"] == "converged"
     assert paths["learning"].read_bytes()[:4] == b"\x89PNG"
@@ -78,7 +78,7 @@ def test_a_claim_waits_only_for_its_own_measure(tmp_path):
                if line.startswith("| ") and line.rstrip().endswith("** |")}
     assert verdict["Tensor Cache > SWA at W=16, beyond-window recall"] == "supported"  # as in test_report
     assert verdict["TPA (tpa.rank_k1) < MHA in bits per byte"] == "not converged"
-    rows = {line.split("|")[1].strip(): line.split("|")[8].strip() for line in lines
+    rows = {line.split("|")[1].strip(): line.split("|")[9].strip() for line in lines
             if line.startswith("| ") and line.count("|") > 10}
     assert {cell for name, cell in rows.items() if name != "point"} == {"recall settled, bpb learning"}
     with paths["csv"].open() as f:

@@ -13,21 +13,25 @@ DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
 
 def test_default_params_are_valid_and_typed():
     params = load_params(REPO / "params.yaml")
-    assert set(params.variants) == {"mha", "gqa", "mla", "tpa", "swa", "linear", "tensor_cache",
-                                    "tensor_cache_chunk_mean", "tensor_cache_delta", "swa_sinks"}
-    assert params.model_config_for("tensor_cache_delta").attention.write == "delta"
-    assert params.model_config_for("swa_sinks").attention.sinks == 4
-    assert params.model_config_for("tensor_cache_chunk_mean.window10").attention.write == "chunk_mean"
+    assert set(params.variants) == {"mha", "mqa", "mla", "tpa", "swa", "linear", "tensor_cache",
+                                    "tensor_cache_chunk_mean", "tensor_cache_factored", "tensor_cache_from_mha",
+                                    "swa_from_mha"}
+    assert params.model_config_for("tensor_cache_chunk_mean").attention.write == "chunk_mean"
+    assert params.model_config_for("tensor_cache_factored").attention.factors.rank_k == 1
     assert params.compute.gpus_per_job == "auto" and params.tracking.uri is None
     assert [run.name for run in params.runs()] == list(params.points)  # one seed, one rate
-    # the frontier's shape: >= 3 points per bounded family, >= 2 per growing one (MHA is the reference)
+    # the frontier's shape: a window sweep per bounded family the seeds' claims compare
     families = {}
     for point in params.points.values():
         families.setdefault(point.family, []).append(point)
-    for family in ("swa", "tensor_cache", "tensor_cache_chunk_mean"):
-        assert len(families[family]) >= 3
-    for family in ("gqa", "mla", "tpa"):
+    for family in ("swa", "tensor_cache"):
         assert len(families[family]) >= 2
+    # two retrofits of the MHA checkpoint at a window a point trained from scratch has, a fifth of the steps
+    for child in ("tensor_cache_from_mha", "swa_from_mha"):
+        point = params.points[child]
+        assert point.init_from == "mha" and 5 * point.steps == params.train.steps
+        twin = f"{point.attention['kind']}.window{point.attention['window']}"
+        assert params.model_config_for(child).attention == params.model_config_for(twin).attention
     assert params.match_params.reference == "mha"
     # inference-time cache policies on the mha checkpoint: one result key each, after the trained ones
     assert params.result_keys()[len(params.points):] == [
@@ -40,8 +44,8 @@ def test_cache_policies_default_to_every_full_attention_point():
     raw["eval"]["cache_policies"] = [{"policy": "streaming", "sinks": 2, "window": 8}]
     raw["train"]["seeds"] = [0, 1]
     keys = parse_params(raw).result_keys()
-    full = ["mha", "gqa.n_kv_heads1", "gqa.n_kv_heads2"]
-    assert keys[-6:] == [f"{p}+streaming.sinks2.window8{s}" for p in full for s in ("", ".seed1")]
+    full = ["mha", "mqa"]
+    assert keys[-4:] == [f"{p}+streaming.sinks2.window8{s}" for p in full for s in ("", ".seed1")]
 
 
 def test_runs_name_the_first_seed_by_its_variant():
@@ -80,7 +84,7 @@ def _set(path: str, value):
     (_set("eval.context_lengths", [512, 1024]), "eval.context_lengths"),
     (_set("data.mqar.eval_gaps.near", [2, 6]), "data.mqar.eval_gaps.near"),
     (_set("eval.mqar_pairs", [2, 6]), "eval.mqar_pairs.1"),
-    (_set("variants.gqa.n_kv_heads", 3), "variants.gqa.n_kv_heads"),
+    (_set("variants.gqa", {"kind": "gqa", "n_kv_heads": 3}), "variants.gqa.n_kv_heads"),
     (_set("model.d_modle", 64), "model.d_modle"),
     (_set("model.n_heads", 5), "model.n_heads"),
     (_set("train.lr", -1.0), "train.lr"),
@@ -102,7 +106,8 @@ def _set(path: str, value):
      "eval.cache_policies.0.points.0"),
     (_set("eval.cache_policies", [{"policy": "window", "window": [8, 8]}]), "eval.cache_policies"),
     (_set("eval.cache_policies", [{"policy": "evict", "window": 8}]), "eval.cache_policies.0.policy"),
-    (_set("compute.workers_per_run", 3), "train.batch_size"),
+    (lambda d: (_set("compute.workers_per_run", 3)(d), d["variants"].pop("tensor_cache_from_mha"),
+                d["variants"].pop("swa_from_mha")), "train.batch_size"),
     (_set("compute.workers_per_run", 0), "compute.workers_per_run"),
     (_set("compute.storage", "file://relative/ckpts"), "compute.storage"),
     (_set("compute.storage", "ftp://host/ckpts"), "compute.storage"),

@@ -137,3 +137,19 @@ def test_train_stage_trains_parents_then_children_and_skips_what_did_not_change(
     parent_meta = json.loads((root / "checkpoints" / "mha" / "model.json").read_text())
     run = client.get_run(runs["swa_from_mha"]["run_id"])
     assert run.data.params["init_from_fingerprint"] == parent_meta["fingerprint"]
+
+
+def test_a_retrofit_trains_where_nodes_share_only_storage(tiny_project, tmp_path):
+    """compute.storage a URI: the child's step-0 checkpoint is made at the driver from the parent
+    it brought back, uploaded, and resumed by the worker from storage like any checkpoint."""
+    root = tiny_project
+    write_params(root, {"variants": RETRO, "compute": {"storage": f"file://{tmp_path / 'store'}"}})
+    result, runs = _train(root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert runs["mha"]["trained"] and runs["swa_from_mha"]["trained"] and runs["swa_from_mha"]["step"] == 10
+    assert "[train] swa_from_mha: file://" in result.stdout  # brought back from storage
+    meta = json.loads((root / "checkpoints" / "swa_from_mha" / "model.json").read_text())
+    parent_meta = json.loads((root / "checkpoints" / "mha" / "model.json").read_text())
+    assert meta["train"]["steps"] == 10 and meta["history"][-1]["step"] == 10
+    assert meta["history"][0]["train/loss"] < parent_meta["history"][0]["train/loss"] - 0.5  # the parent's weights
+    assert not list((root / "checkpoints").glob("*.init"))

@@ -33,6 +33,10 @@ def _ok(result):
     return result
 
 
+def _train_steps(root) -> int:
+    return yaml.safe_load((root / "params.yaml").read_text())["train"]["steps"]
+
+
 def test_seeds_from_train_to_report(trained_project):
     root = trained_project
     _set(root, "eval", **EVAL)
@@ -126,8 +130,10 @@ def test_seeds_from_train_to_report(trained_project):
     assert (root / "report" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     # convergence: every point's runs read from their checkpoints, flagged one way or the other
     points_table = table.split("## Points")[1].split("\n## ")[0].splitlines()
-    flags = [line.split("|")[8].strip() for line in points_table if line.startswith(("| mha ", "| swa.window"))]
-    assert len(flags) == 3 and set(flags) <= {"converged", "still learning"}
+    cells = [line.split("|")[8:10] for line in points_table if line.startswith(("| mha ", "| swa.window"))]
+    assert len(cells) == 3 and {steps.strip() for steps, _ in cells} == {str(_train_steps(root))}
+    assert {flag.strip() for _, flag in cells} <= {"converged", "still learning", "recall settled, bpb learning",
+                                                   "recall learning, bpb settled"}
     assert (root / "report" / "learning.png").read_bytes()[:4] == b"\x89PNG"
 
     # MLflow: every evaluated run top-level (the UI lists them without expanding anything), and

@@ -538,11 +538,15 @@ class Params(_Block):
         return ModelConfig(**self.model, **extra, attention=self._points[point].attention)
 
     def train_for(self, point: str) -> TrainConfig:
-        """The train block of one point: `train`, with a retrofit's own `steps`."""
+        """The train block of one point: `train`, with a retrofit's own `steps`, validated at least
+        ten times (`eval_every` cut to a multiple of `log_every` near steps / 10) so the report's
+        last fifth of it holds validations of its own."""
         steps = self._points[point].steps
         if steps is None:
             return self.train
-        return TrainConfig.model_validate({**self.train.model_dump(), "steps": steps})
+        log = self.train.log_every
+        every = min(self.train.eval_every, max(log, steps // 10 // log * log))
+        return TrainConfig.model_validate({**self.train.model_dump(), "steps": steps, "eval_every": every})
 
     def parent_runs(self, run: Run) -> list[Run]:
         """A retrofit run's candidate parents: its parent point's runs of the same seed (every rate)."""

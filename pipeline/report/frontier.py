@@ -30,6 +30,14 @@ from pipeline.report.points import Point, by_distance, capacity, front, points
 
 
 # --------------------------------------------------------------------------- the figure
+def _style(i: int, p: Point) -> dict:
+    """The i-th family's look: ten colours, then squares; a retrofit hollow diamonds on a dotted
+    line, labelled with where it came from (`tensor_cache<-mha`)."""
+    if p.init_from:
+        return {"fmt": "D:", "color": f"C{i % 10}", "mfc": "none", "label": f"{p.family} ({p.kind}<-{p.init_from})"}
+    return {"fmt": "o-" if i < 10 else "s--", "color": f"C{i % 10}", "label": p.family}
+
+
 def plot_frontier(pts: list[Point], report_context: int, path: Path) -> None:
     import matplotlib
 
@@ -53,8 +61,7 @@ def plot_frontier(pts: list[Point], report_context: int, path: Path) -> None:
             bars = [p.interval(m.column) for p in mine]
             yerr = np.array([[y - b.low if b else 0.0 for y, b in zip(ys, bars)],
                              [b.high - y if b else 0.0 for y, b in zip(ys, bars)]])
-            ax.errorbar(xs, ys, yerr=np.clip(yerr, 0, None), fmt="o-", color=f"C{i % 10}", capsize=3,
-                        lw=1.2, ms=4, label=family)
+            ax.errorbar(xs, ys, yerr=np.clip(yerr, 0, None), capsize=3, lw=1.2, ms=4, **_style(i, mine[0]))
         on_front = front(pts, m)
         if on_front:
             fx = [p.cache_bytes for p in on_front]

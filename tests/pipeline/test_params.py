@@ -30,6 +30,7 @@ def test_default_params_are_valid_and_typed():
     for child in ("tensor_cache_from_mha", "swa_from_mha"):
         point = params.points[child]
         assert point.init_from == "mha" and 5 * point.steps == params.train.steps
+        assert params.train_for(child).eval_every == 10  # twelve validations in its 120 steps
         twin = f"{point.attention['kind']}.window{point.attention['window']}"
         assert params.model_config_for(child).attention == params.model_config_for(twin).attention
     assert params.match_params.reference == "mha"
@@ -162,6 +163,9 @@ def test_gpu_config_is_valid():
     windows = [p.attention["window"] for p in params.points.values() if "window" in p.attention]
     assert far_lo > params.model["n_layers"] * max(windows)
     assert len(params.lrs) >= 2 and len(params.train.seeds) == 3 and params.match_params is not None
+    assert params.points["swa_from_mha"].steps * 5 == params.train.steps  # a fifth, as in params.yaml
+    for name in params.points:
+        params.model_config_for(name)  # builds
 
 
 def test_seeds_config_is_valid():

@@ -38,6 +38,8 @@ def test_a_retrofit_point_has_its_parents_widths_and_its_own_steps(tmp_path):
     assert "init_from" not in params.points["tc.steps20"].attention
     assert params.model_config_for("tc.steps10").mlp_hidden == params.model_config_for("mha").mlp_hidden
     assert params.train_for("mha") is params.train
+    # a retrofit validates at least ten times: every 5 steps (log_every) for 20, not every 10
+    assert params.train.eval_every == 10 and params.train_for("tc.steps20").eval_every == 5
     grouped = parse({"mha": {"kind": "mha"}, "q": {"kind": "mqa"},
                      "x": {"kind": "swa", "window": 4, "n_kv_heads": 1, "init_from": "q"}},
                     match_params={"reference": "mha"})  # q's matched MLP is wider than mha's

@@ -41,7 +41,8 @@ def study_configs(smoke: bool, path: Path = REPO / "configs" / "gpu.yaml") -> di
     chunks and MLA's widths cut to fit), SwiGLU widths matched as its match_params says."""
     study = yaml.safe_load(path.read_text())
     model = dict(study["model"], **(SMOKE_MODEL if smoke else {}))
-    families = {name: sweep.expand(name, att)[0].attention for name, att in study["variants"].items()}
+    families = {name: sweep.expand(name, att)[0].attention for name, att in study["variants"].items()
+                if "init_from" not in att}  # a retrofit trains as its kind does
     families["tensor_cache_delta"] = dict(families["tensor_cache"], write="delta")
     if smoke:
         cut = {"window": 8, "chunk_size": 16, "kv_lora_rank": 16, "rope_dim": 8}

@@ -12,7 +12,7 @@ from ..helpers import needs_triton
 
 REPO = Path(__file__).resolve().parents[2]
 FAMILIES = ["mha", "gqa", "mla", "tpa", "swa", "linear", "tensor_cache", "tensor_cache_chunk_mean",
-            "tensor_cache_delta"]
+            "tensor_cache_factored", "tensor_cache_delta"]
 
 
 def tables(text: str) -> dict[str, list[list[str]]]:

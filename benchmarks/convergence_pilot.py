@@ -3,9 +3,9 @@
 Trains a few points of a study's params for a long budget (every validation logged), then prints
 each run's learning curve and, per measure, the step after which it stays within the report's
 convergence tolerances (pipeline/report/convergence.py): recall, every MQAR accuracy within
-RECALL_RISE of its final value; bpb, bits per byte within BPB_DROP of their final value. The cosine schedule spans the whole
-budget, so a study trained for fewer steps anneals sooner: read the settle step as a lower
-bound for the study's `train.steps`, not as its value.
+RECALL_RISE of its final value; bpb, bits per byte within BPB_DROP of their final value. The
+cosine schedule spans the whole budget, so a study trained for fewer steps anneals sooner: read
+the settle step as a lower bound for the study's `train.steps`, not as its value.
 
     .venv/bin/python benchmarks/convergence_pilot.py --steps 1500 --eval-every 100 \\
         --points mha tensor_cache.window6 linear mla.kv_lora_rank8

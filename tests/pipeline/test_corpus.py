@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.core import data, plays
 from pipeline.core.params import DataConfig, MQARConfig, ParamsError, RetrievalConfig, load_params
-from pipeline.prepare import corpus
+from pipeline.prepare import corpus, readers
 from pipeline.prepare.corpus import CorpusError
 from pipeline.prepare.prepare import prepare
 
@@ -158,7 +158,7 @@ def test_worker_processes_write_what_one_process_writes(tmp_path, monkeypatch, f
     block = _write(fmt, tmp_path / "c", _documents(14))
     one = prepare(_cfg(block), tmp_path / "one", workers=1)
     monkeypatch.setattr(corpus, "IN_PROCESS_BYTES", 0)  # a pool even for a tiny corpus
-    monkeypatch.setattr(corpus, "UNIT_BYTES", 2048)     # many units: byte ranges of one JSONL file
+    monkeypatch.setattr(readers, "UNIT_BYTES", 2048)     # many units: byte ranges of one JSONL file
     many = prepare(_cfg(block), tmp_path / "many", workers=2)
     assert _digest(tmp_path / "one") == _digest(tmp_path / "many") and one["splits"] == many["splits"]
 

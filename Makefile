@@ -32,7 +32,7 @@ export UV_PYTHON_DOWNLOADS := never
 HOST_PATH := $(PATH)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv test repro bench lock lock-targets mlflow-server ui
+.PHONY: venv test lint repro bench lock lock-targets mlflow-server ui
 
 venv: $(VENV)/.installed
 
@@ -56,27 +56,31 @@ $(VENV)/.installed: uv.lock pyproject.toml install/venv.py .uv/venv-args $(UV_ST
 # share a study or a cluster is one xdist_group, run by one worker. Three on two cores: the stage
 # tests wait on subprocesses and Ray more than they compute (BENCHMARKS.md, issue 23).
 TEST_WORKERS ?= 3
-test: venv
+test: venv lint
 	$(UV) lock --check --offline
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup tests
 
+# The stated style (pyproject.toml's [tool.ruff], docs/contributing.md#style): seconds.
+lint: venv
+	$(VENV)/bin/ruff check .
+
 repro: venv
-	$(PY) -m pipeline.core.dvc_setup
+	$(PY) -m tools.dvc_setup
 	cd $(CURDIR) && dvc repro
-	$(PY) -m stages.mlflow_sync
+	$(PY) -m tools.mlflow_sync
 
 # A shared MLflow tracking server on this machine (loopback only, one worker, sqlite, artifacts in
 # runs/mlflow-server): point a study at it with `tracking.uri: http://127.0.0.1:5000`; its train
-# workers then log their curves live. Ctrl-C stops it (pipeline/core/mlflow_server.py).
+# workers then log their curves live. Ctrl-C stops it (tools/mlflow_server.py).
 MLFLOW_PORT ?= 5000
 mlflow-server: venv
-	$(PY) -m pipeline.core.mlflow_server --port $(MLFLOW_PORT)
+	$(PY) -m tools.mlflow_server --port $(MLFLOW_PORT)
 
 # The MLflow UI on this study's store (loopback only), with the links that open the evaluated runs
-# in Model training mode and the frontier view (pipeline/core/mlflow_ui.py). Ctrl-C stops it.
+# in Model training mode and the frontier view (tools/mlflow_ui.py). Ctrl-C stops it.
 UI_PORT ?= 5001
 ui: venv
-	$(PY) -m pipeline.core.mlflow_ui --port $(UI_PORT)
+	$(PY) -m tools.mlflow_ui --port $(UI_PORT)
 
 bench: venv
 	$(PY) benchmarks/l2_scan.py

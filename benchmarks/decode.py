@@ -21,12 +21,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from cache_size import DEFAULT_POLICIES, DEFAULT_VARIANTS
+
 from models import CachePolicy, ModelConfig, build_model
 from pipeline.core import checkpoint
-from pipeline.evaluate import probe as probe_module
 from pipeline.core.params import load_params
+from pipeline.evaluate import probe as probe_module
 
 
 def probe_under_policy(ckpt: Path, length: int, new: int, mode: str, threads: int, policy: CachePolicy) -> dict:

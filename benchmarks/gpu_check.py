@@ -44,6 +44,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 import gpu_kernels  # noqa: E402
 import gpu_train  # noqa: E402
 from gpu_kernels import SKIPPED, failure, out_of_time  # noqa: E402
+
 from kernels.l2_scan import evicted_scan_loop, evicted_scan_triton  # noqa: E402
 from kernels.tc_decode import tc_decode_reference, tc_decode_triton  # noqa: E402
 from kernels.tpa_decode import tpa_decode_reference, tpa_decode_triton  # noqa: E402

@@ -41,13 +41,18 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kernels.l2_scan import (delta_kernel, delta_scan_chunked, delta_scan_fla,  # noqa: E402
-                             evicted_scan_chunked, evicted_scan_triton, to_gated_delta_rule)
+from kernels.l2_scan import (  # noqa: E402
+    delta_kernel,
+    delta_scan_chunked,
+    delta_scan_fla,
+    evicted_scan_chunked,
+    evicted_scan_triton,
+    to_gated_delta_rule,
+)
 from kernels.l2_scan.reference import delay  # noqa: E402
 from kernels.tc_decode import tc_decode_reference, tc_decode_triton  # noqa: E402
 from kernels.tpa_decode import tpa_decode_triton  # noqa: E402
-from kernels.window_attention import (band_mask, window_attention_blocked,  # noqa: E402
-                                      window_attention_triton)
+from kernels.window_attention import band_mask, window_attention_blocked, window_attention_triton  # noqa: E402
 
 
 def fla_ops(device) -> dict:
@@ -199,7 +204,7 @@ def scan_table(lengths, dims, B, H, window, dtype, device, deadline=None):
                     err = rel_error(scan(), want)
                 ms = bench_ms(lambda: fwd_bwd(scan), device)
                 print(f"| {T} | {D} | {name} | {ms:.2f} | {err:.1e} |", flush=True)
-            del q, k, v, want
+            q = k = v = want = None  # free the device memory before the next size
 
 
 def tc_decode_table(windows, B, h, g, d, dtype, device, deadline=None):
@@ -281,7 +286,7 @@ def window_table(lengths, window, B, H, G, d, dtypes, device, compile_flex=True)
                     print(f"| {T} | {str(dtype)[6:]} | {name} | failed: {reason} | | | |", flush=True)
                 if device == "cuda":
                     torch.cuda.empty_cache()
-            del q, k, v, do, block_mask
+            q = k = v = do = block_mask = None  # free the device memory before the next size
 
 
 def delta_table(lengths, B, H, D, window, dtypes, device, deadline=None):
@@ -339,7 +344,7 @@ def delta_table(lengths, B, H, D, window, dtypes, device, deadline=None):
                 print(f"| {T} | {str(dtype)[6:]} | {name} | {times[name]:.2f} | "
                       f"{errors[name][0]:.1e} | {errors[name][1]:.1e} | "
                       f"{'yes' if name == fastest else ''} | {'yes' if chosen else ''} |", flush=True)
-            del q, k, v, do, rounded, want
+            q = k = v = do = rounded = want = None  # free the device memory before the next size
     print(f"\nThe dispatch picks the faster path at {len(agree)} of {len(dtypes) * len(lengths)} "
           f"(dtype, T): {agree}. It keeps fp32 on the torch form whatever the speed (fla's dots "
           f"run in TF32; docs/design.md#the-delta-write).", flush=True)

@@ -30,6 +30,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 from gpu_kernels import SKIPPED, failure, out_of_time  # noqa: E402
+
 from models import ModelConfig, build_model  # noqa: E402
 from pipeline.core import sweep  # noqa: E402
 
@@ -105,8 +106,8 @@ def throughput_table(configs, lengths, device, steps, deadline=None) -> None:
 def prepare_plays(out_dir: Path, smoke: bool) -> Path:
     """The plays through prepare (pipeline.prepare.prepare.prepare), with configs/gpu.yaml's MQAR layout and
     fewer examples (--smoke: a small layout), and one retrieval cell: what train_run reads."""
-    from pipeline.prepare.prepare import prepare
     from pipeline.core.params import DataConfig
+    from pipeline.prepare.prepare import prepare
 
     study = yaml.safe_load((REPO / "configs" / "gpu.yaml").read_text())["data"]
     mqar = dict(study["mqar"], num_train=4096, num_eval=64)

@@ -18,8 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kernels.l2_scan.reference import (chunk_mean_scan, evicted_scan_chunked,  # noqa: E402
-                                       evicted_scan_loop)
+from kernels.l2_scan.reference import chunk_mean_scan, evicted_scan_chunked, evicted_scan_loop  # noqa: E402
 
 
 def loop_inplace(q, k, v, decay, write_rate, window):

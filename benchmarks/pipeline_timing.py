@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 
 def bench_repro() -> None:
     """Copy the tracked tree to a fresh temp repo (no data, checkpoints, mlflow.db), run the
-    Makefile's steps (`python -m pipeline.core.dvc_setup; dvc repro`), then a no-op `dvc repro`."""
+    Makefile's steps (`python -m tools.dvc_setup; dvc repro`), then a no-op `dvc repro`."""
     work = Path(tempfile.mkdtemp(prefix="kvfbench"))
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()

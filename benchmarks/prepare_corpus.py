@@ -146,10 +146,10 @@ def run_ours(corpus_dir: str, fmt: str, out: str, workers: int, tokenizer: str) 
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from pipeline.prepare import corpus
-    from pipeline.prepare.corpus import write_splits
     from pipeline.core.params import DataConfig
     from pipeline.core.tokens import prepare_tokenizer
+    from pipeline.prepare import corpus
+    from pipeline.prepare.corpus import write_splits
 
     if workers > 1:
         corpus.IN_PROCESS_BYTES = 0  # the worker pool a large corpus gets, at any size
@@ -187,8 +187,8 @@ def run_peer(corpus_dir: str, fmt: str, out: str, workers: int, tokenizer: str) 
         ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=out)
     else:
         ds = datasets.load_dataset("text", data_files=files, split="train", cache_dir=out, sample_by="document")
-    ids = ds.map(lambda batch: tok(batch["text"], return_attention_mask=False), batched=True, num_proc=workers if workers > 1 else None,
-                 remove_columns=ds.column_names)
+    ids = ds.map(lambda batch: tok(batch["text"], return_attention_mask=False), batched=True,
+                 num_proc=workers if workers > 1 else None, remove_columns=ds.column_names)
     seconds = time.perf_counter() - t0
     if tokenizer != "bytes":
         return {"seconds": seconds, "documents": len(ids), **_bpe_check(ds, ids)}

@@ -31,12 +31,12 @@ def main() -> None:
     from ray.util.queue import Queue
 
     from pipeline.core import fanout
-    from pipeline.prepare.prepare import prepare
     from pipeline.core.data import verify_prepared
     from pipeline.core.fingerprint import source_hash
     from pipeline.core.params import load_params
-    from pipeline.train.ddp import fit_run
     from pipeline.core.runs import TRAIN_CODE, train_job
+    from pipeline.prepare.prepare import prepare
+    from pipeline.train.ddp import fit_run
     from pipeline.train.driver import train_task
 
     params = load_params(REPO / "params.yaml")

@@ -51,7 +51,8 @@ def main() -> None:
                 ok = run.returncode == 0
                 failed += not ok
                 why = "yes" if ok else "NO: " + " ".join(run.stderr.split())[:300]
-                print(f"| {name} | {py} | {len(pins)} + {len(source_only)} | {why} | {time.perf_counter() - start:.1f} |")
+                took = time.perf_counter() - start
+                print(f"| {name} | {py} | {len(pins)} + {len(source_only)} | {why} | {took:.1f} |")
     sys.exit(1 if failed else 0)
 
 

@@ -10,8 +10,9 @@ MPS build on macOS. On Linux this script picks the build per machine:
 - no GPU and no CPU build reachable: the lock's build again, which runs on a CPU.
 
 Every other package is the lock's, installed by `uv sync --locked` (the lock must match
-pyproject.toml; nothing resolved, hashes checked). With the CPU build, the lock's CUDA-only packages (those only torch needs) are left
-out and the CPU wheel is installed in torch's place, without dependencies: they are the lock's.
+pyproject.toml; nothing resolved, hashes checked). With the CPU build, the lock's CUDA-only
+packages (those only torch needs) are left out and the CPU wheel is installed in torch's place,
+without dependencies: they are the lock's.
 `--torch cpu|cuda` (make venv TORCH=...) overrides the choice; cpu fails when no CPU build can be
 had. The choice and its reason are printed and written to .venv/.installed.
 """

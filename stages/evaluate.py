@@ -9,8 +9,8 @@ from stages import load_or_exit, parse_args, run_stage
 def main() -> None:
     args = parse_args(__doc__)
     params = load_or_exit(args.params)
-    from pipeline.evaluate.driver import run_evaluate
     from pipeline.core.tracking import repo_root
+    from pipeline.evaluate.driver import run_evaluate
 
     run_stage(args.params, lambda: run_evaluate(
         params, repo_root(), Path("data"), Path("checkpoints"), Path("exports"),

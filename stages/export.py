@@ -9,8 +9,8 @@ from stages import load_or_exit, parse_args, run_stage
 def main() -> None:
     args = parse_args(__doc__)
     params = load_or_exit(args.params)
-    from pipeline.export.driver import run_export
     from pipeline.core.tracking import repo_root
+    from pipeline.export.driver import run_export
 
     run_stage(args.params, lambda: run_export(params, repo_root(), Path("data"), Path("checkpoints"),
                                               Path("exports"), Path("metrics/export.json")))

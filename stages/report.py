@@ -9,8 +9,8 @@ from stages import load_or_exit, parse_args
 def main() -> None:
     args = parse_args(__doc__)
     params = load_or_exit(args.params)
-    from pipeline.report.frontier import run_report
     from pipeline.core.tracking import repo_root
+    from pipeline.report.frontier import run_report
 
     raise SystemExit(run_report(params, repo_root(), Path("results/eval"), Path("report"), Path("checkpoints")))
 

@@ -14,7 +14,13 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+# The tiny study's fixtures, for every folder whose tests run stages (tests/studies.py).
+from tests.studies import _remove_short_dirs, tiny_data, tiny_project, trained_project, trained_study  # noqa: E402,F401
+
+# Tests that run stages (seconds to minutes each) go first, so under pytest-xdist (`make test`)
+# the short tests fill the workers' last minutes.
+STAGE_LEVEL = ("tests/stages/", "tests/tools/", "tests/pipeline/")
+
+
 def pytest_collection_modifyitems(items):
-    """tests/pipeline first, the rest in their order: its tests run stages (seconds to minutes
-    each), so under pytest-xdist (`make test`) the short tests fill the workers' last minutes."""
-    items.sort(key=lambda item: not item.nodeid.startswith("tests/pipeline/"))
+    items.sort(key=lambda item: not item.nodeid.startswith(STAGE_LEVEL))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pipeline import SOURCE_ROOT
 
-# The folder of the task YAMLs (and their utils.py), found by a task it holds, wherever it sits in pipeline/.
-TASKS_DIR = next((SOURCE_ROOT / "pipeline").rglob("kvf_passkey.yaml")).parent
+# The folder of the task YAMLs (and their utils.py): the evaluate stage's, named here because params
+# (in core) checks task names against it, and core may not import a stage's package.
+TASKS_DIR = SOURCE_ROOT / "pipeline" / "evaluate" / "tasks"
 
 
 def task_names() -> set[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from importlib import resources
 
-
 PLAYS_SUFFIX = "_gut.txt"  # modern spelling; `_gut_f.txt` are the folio spellings
 
 

@@ -100,7 +100,8 @@ def headline(result: dict, report_context: int, trained_len: int) -> dict[str, f
     """The report's measures of one run as MLflow metrics, so the UI draws the same frontier
     (`frontier/log10_cache_bytes`: the UI's scatter has no log axis)."""
     r = row(result, report_context, trained_len)
-    out = {"frontier/cache_bytes": r["cache_bytes"], "frontier/log10_cache_bytes": float(np.log10(max(r["cache_bytes"], 1)))}
+    out = {"frontier/cache_bytes": r["cache_bytes"],
+           "frontier/log10_cache_bytes": float(np.log10(max(r["cache_bytes"], 1)))}
     for m in MEASURES:
         if r[m.column] is not None:
             out[f"frontier/{m.column}"] = r[m.column]

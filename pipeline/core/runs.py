@@ -44,7 +44,8 @@ def train_job(params: Params, run: Run, code: str, data_dir: Path, ckpt_root: Pa
                     fault=os.environ.get("KVF_FAULT"))
 
 
-def train_jobs(params: Params, code: str, data_dir: Path, ckpt_root: Path, data_files: dict[str, str]) -> dict[str, TrainJob]:
+def train_jobs(params: Params, code: str, data_dir: Path, ckpt_root: Path,
+               data_files: dict[str, str]) -> dict[str, TrainJob]:
     """Every run's job, in `Params.runs()` order; a retrofit's fingerprint holds its parents'."""
     runs = params.runs()
     jobs = {run.name: train_job(params, run, code, data_dir, ckpt_root, data_files)

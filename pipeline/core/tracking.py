@@ -28,7 +28,7 @@ TAG_KIND = "kind"
 TAG_FINGERPRINT = "kvf.fingerprint"
 TAG_COMMIT = "git_commit"
 # the experiment's kind (MLflow 3.17's UI opens on the mode in its URL instead: `make ui`'s links
-# carry `workflowType=machine_learning`, pipeline/core/mlflow_ui.py)
+# carry `workflowType=machine_learning`, tools/mlflow_ui.py)
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 

@@ -226,9 +226,9 @@ def log_result(tracker: tracking.Tracker, run_id: str, metrics: dict[str, float]
 
 def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, export_root: Path,
                  results_dir: Path, metrics_path: Path) -> int:
-    from pipeline.evaluate.worker import evaluate_run
-    from pipeline.evaluate.policy import evaluate_policy
     from pipeline.core.runs import mlflow_run_ids
+    from pipeline.evaluate.policy import evaluate_policy
+    from pipeline.evaluate.worker import evaluate_run
 
     manifest = verify_prepared(data_dir)
     jobs = eval_jobs(params, root, data_dir, ckpt_root, export_root)

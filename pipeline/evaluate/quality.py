@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 
-
 def _device(model) -> torch.device:
     return model.embed.weight.device
 

@@ -58,7 +58,8 @@ def made_with() -> dict[str, str]:
     """The versions an export records (its card and config.json's `kvf_versions`)."""
     import transformers
 
-    return {"torch": str(torch.__version__), "transformers": str(transformers.__version__)}  # plain str: MLflow writes YAML
+    # plain str: MLflow writes YAML
+    return {"torch": str(torch.__version__), "transformers": str(transformers.__version__)}
 
 
 def model_card(variant: str, model, meta: dict) -> dict:
@@ -114,10 +115,10 @@ def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOU
     study's tokenizer (`data/tokenizer/`, saved by prepare), bundled as it is; None: bytes (KVFTokenizer)."""
     from transformers import GenerationConfig
 
+    from pipeline.core.tokenizer import load_local, n_ids
     from pipeline.export.hf.configuration_kvf import KVFConfig
     from pipeline.export.hf.modeling_kvf import KVFForCausalLM
     from pipeline.export.hf.tokenization_kvf import KVFTokenizer
-    from pipeline.core.tokenizer import load_local, n_ids
 
     model, meta = checkpoint.load_model(ckpt_dir)
     out_dir = Path(out_dir)

@@ -98,9 +98,9 @@ def run_export(params, root: Path, data_dir: Path, ckpt_root: Path, export_root:
     """Export every selected run (the best learning rate of each point and seed,
     `pipeline.core.selection`); log and register each in MLflow. 0 on success."""
     from pipeline.core import tracking
+    from pipeline.core.runs import mlflow_run_ids
     from pipeline.core.selection import select
     from pipeline.core.tokenizer import prepared_dir
-    from pipeline.core.runs import mlflow_run_ids
 
     uri = tracking.tracking_uri(params.tracking.uri, root)
     results, failed = {}, []

@@ -27,8 +27,6 @@ from pipeline.report.convergence import BPB_DROP, RECALL_RISE, histories, learni
 from pipeline.report.points import Point, by_distance, capacity, front, points
 
 
-
-
 # --------------------------------------------------------------------------- the figure
 def _style(i: int, p: Point) -> dict:
     """The i-th family's look: ten colours, then squares; a retrofit hollow diamonds on a dotted
@@ -249,9 +247,9 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
 
 
 CSV_FIELDS = ["key", "run", "point", "family", "kind", "seed", "lr", "params", "cache_bytes", "mqar_beyond",
-              "mqar_one_hop", "mqar_reach", "bpb", "bpb_longest", "lm_eval", "mqar_beyond_decode", "decode_tokens_per_s",
-              "peak_rss_mib", "measured_context", "steps", "init_from", "still_learning", "recall_learning",
-              "bpb_learning"]
+              "mqar_one_hop", "mqar_reach", "bpb", "bpb_longest", "lm_eval", "mqar_beyond_decode",
+              "decode_tokens_per_s", "peak_rss_mib", "measured_context", "steps", "init_from", "still_learning",
+              "recall_learning", "bpb_learning"]
 
 
 def report_paths(out_dir: Path) -> dict[str, Path]:
@@ -311,15 +309,16 @@ def log_report(params, root: Path, results: list[dict], paths: dict[str, Path]) 
     (`kvf.summarises`). The evaluated runs stay top-level, so the UI lists them without expanding
     anything (`family` and `kind` group them); nesting left by older versions (a family run under
     the frontier, a run under its family) is undone. The experiment's frontier view is refreshed
-    (`pipeline.core.mlflow_ui`). Returns the frontier run's id."""
+    (`pipeline.report.mlflow_view`). Returns the frontier run's id."""
     from pipeline.core import tracking
-    from pipeline.core.mlflow_ui import write_view
+    from pipeline.report.mlflow_view import write_view
 
     tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
     client, experiment = tracker.client, tracker.experiment_id
     for stale in client.search_runs([experiment], "tags.`kvf.report` = 'frontier' and attributes.status = 'RUNNING'"):
         client.set_terminated(stale.info.run_id, "KILLED")  # a report killed mid-way: not current
-    run = client.create_run(experiment, run_name="frontier", tags={"kvf.report": "frontier", **tracking.source_tags(root)})
+    run = client.create_run(experiment, run_name="frontier",
+                            tags={"kvf.report": "frontier", **tracking.source_tags(root)})
     ids = {}
     for r in results:  # the evaluated runs, by name (the newest finished run of that name)
         found = client.search_runs([experiment], f"tags.`{tracking.TAG_RUN}` = '{r['run']}' "

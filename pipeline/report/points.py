@@ -9,6 +9,7 @@ import numpy as np
 from pipeline.core.results import Measure
 from pipeline.report import stats
 
+
 class Point(NamedTuple):
     name: str
     family: str
@@ -72,7 +73,8 @@ class Point(NamedTuple):
             return "-"
         if recall == bpb:
             return recall
-        return f"recall {'settled' if recall == 'converged' else 'learning'}, bpb {'settled' if bpb == 'converged' else 'learning'}"
+        settled = {m: "settled" if v == "converged" else "learning" for m, v in (("recall", recall), ("bpb", bpb))}
+        return f"recall {settled['recall']}, bpb {settled['bpb']}"
 
     def interval(self, col: str) -> stats.Interval | None:
         """What the plot's bars show: over seeds when there are several, else over examples."""
@@ -100,8 +102,9 @@ def by_distance(p: Point) -> dict[str, float] | None:
     parts = [r["_by_distance"] for r in p.rows if r.get("_by_distance")]
     if not parts:
         return None
-    return {k: float(np.mean([d[k] for d in parts])) for k in ("lt_W", "ge_W", "ge_4W")
-            if all(d.get(k) is not None for d in parts)} | {"window": parts[0]["window"], "context": parts[0]["context"]}
+    means = {k: float(np.mean([d[k] for d in parts])) for k in ("lt_W", "ge_W", "ge_4W")
+             if all(d.get(k) is not None for d in parts)}
+    return means | {"window": parts[0]["window"], "context": parts[0]["context"]}
 
 
 def front(pts: list[Point], measure: Measure) -> list[Point]:

@@ -34,10 +34,18 @@ from pipeline.core import checkpoint, fanout, storage, tracking
 from pipeline.core.data import check_fits, verify_prepared
 from pipeline.core.jobs import StorageKeys, TrainJob
 from pipeline.core.params import Params
-from pipeline.core.runs import adopt_completed, mlflow_params, mlflow_tags, run_result, train_code, train_jobs, with_parent
+from pipeline.core.runs import (
+    adopt_completed,
+    mlflow_params,
+    mlflow_tags,
+    run_result,
+    train_code,
+    train_jobs,
+    with_parent,
+)
+from pipeline.train.ddp import storage_name
 from pipeline.train.loop import OneProcess
 from pipeline.train.retrofit import write_initial
-from pipeline.train.ddp import storage_name
 
 STAGING = ".next"  # checkpoints/<run>.next: a changed run trains here beside the finished one
 

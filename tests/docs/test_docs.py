@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import builtins
 import contextlib
+import importlib.util
 import io
 import os
 import re
@@ -133,11 +134,13 @@ def test_markers_name_a_reason_and_stand_before_an_example(page):
 
 # --- what the pages name must exist --------------------------------------------------------------
 
-_PREFIXES = ("models", "kernels", "pipeline", "stages", "configs", "benchmarks", "install", "tests", "docs")
+_PREFIXES = ("models", "kernels", "pipeline", "stages", "tools", "configs", "benchmarks", "install", "tests",
+             "docs")
 _PATH = re.compile(rf"^(?:{'|'.join(_PREFIXES)})/[\w./-]*$")
 _MODULE = re.compile(r"python -m ([\w.]+)(?=[\s`]|$)")
-# design.md has its own owner and is checked for its examples only.
-_PATH_PAGES = [p for p in PAGES if p != "docs/design.md"]
+# design.md has its own owner and is checked for its examples only; BENCHMARKS.md, the record of
+# what was measured, for the commands and paths it gives (it has no examples that run).
+_PATH_PAGES = [p for p in PAGES if p != "docs/design.md"] + ["BENCHMARKS.md"]
 
 
 def _prose(page: str) -> tuple[str, str]:
@@ -168,7 +171,10 @@ def _named_paths(page: str) -> set[str]:
 
 def _exists(named: str) -> bool:
     if named.startswith("python -m "):
-        module = REPO / named.removeprefix("python -m ").replace(".", "/")
+        name = named.removeprefix("python -m ")
+        if name.split(".")[0] not in _PREFIXES:  # an installed tool's module (pytest, mlflow)
+            return importlib.util.find_spec(name) is not None
+        module = REPO / name.replace(".", "/")
         return module.with_suffix(".py").is_file() or (module / "__main__.py").is_file()
     return (REPO / named).exists()
 
@@ -209,3 +215,42 @@ def test_links_resolve(page):
         elif anchor and anchor not in _anchors(file.resolve().relative_to(REPO).as_posix()):
             broken.append(target)
     assert broken == [], f"{page}: links that lead nowhere: {broken}"
+
+
+# --- design.md's module tree is the tree ----------------------------------------------------------
+
+_TREE_TOPS = ("stages", "tools", "pipeline")
+
+
+def _design_tree() -> tuple[set[str], set[str]]:
+    """(files, folders named whole) of the module tree under design.md's "The pipeline": a line's
+    names are the tokens before its description (two or more spaces), each `x.py` or `x/`; two
+    spaces of indent a level, a line naming one folder alone opens that folder."""
+    text = (REPO / "docs/design.md").read_text(encoding="utf-8")
+    section = text[text.index("## The pipeline\n"):]
+    tree = re.search(r"```text\n(.*?)```", section, flags=re.S).group(1)
+    stack: list[str] = []
+    files, folders = set(), set()
+    for line in tree.splitlines():
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        names = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0].split()
+        names = [n for n in names if n.endswith((".py", "/"))]
+        stack = stack[:depth]
+        for name in names:
+            path = "/".join(stack + [name.rstrip("/")])
+            (folders if name.endswith("/") else files).add(path)
+        if len(names) == 1 and names[0].endswith("/"):
+            stack.append(names[0].rstrip("/"))
+    return files, folders
+
+
+def test_the_design_module_tree_names_every_module_and_only_modules():
+    files, folders = _design_tree()
+    opened = {f for f in folders if any(x.startswith(f + "/") for x in files | folders)}
+    whole = folders - opened - set(_TREE_TOPS)
+    modules = {p.relative_to(REPO).as_posix() for top in _TREE_TOPS for p in (REPO / top).rglob("*.py")
+               if p.name != "__init__.py" and "__pycache__" not in p.parts}
+    unnamed = sorted(m for m in modules if m not in files and not any(m.startswith(w + "/") for w in whole))
+    absent = sorted(n for n in files | folders if not (REPO / n).exists())
+    assert (unnamed, absent) == ([], []), (f"design.md's module tree misses {unnamed} and names what is not "
+                                           f"there: {absent}")

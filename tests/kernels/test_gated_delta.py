@@ -12,8 +12,14 @@ import torch
 import torch.nn.functional as F
 
 import kernels.l2_scan as l2_scan
-from kernels.l2_scan import (delta_kernel, delta_scan_chunked, delta_scan_fla, delta_scan_loop,
-                             evicted_scan, to_gated_delta_rule)
+from kernels.l2_scan import (
+    delta_kernel,
+    delta_scan_chunked,
+    delta_scan_fla,
+    delta_scan_loop,
+    evicted_scan,
+    to_gated_delta_rule,
+)
 
 from ..helpers import assert_all_close, rel_err, with_grads
 from .test_dispatch import FakeTensor

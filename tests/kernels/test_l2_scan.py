@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from kernels.l2_scan import evicted_scan, evicted_scan_triton
+from kernels.l2_scan.reference import chunk_mean_scan, chunk_mean_scan_loop, evicted_scan_chunked, evicted_scan_loop
 
 from ..helpers import assert_all_close, needs_triton, rel_err, with_grads
-from kernels.l2_scan.reference import (chunk_mean_scan, chunk_mean_scan_loop,
-                                       evicted_scan_chunked, evicted_scan_loop)
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 # (B, H, T, W, C): ragged T, W = 0, W not a multiple of C, W > T, C = 1, one chunk only.

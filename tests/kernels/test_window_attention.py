@@ -7,8 +7,12 @@ the code under test): query t, at key index t + L - T, sees keys j with 0 <= t +
 import pytest
 import torch
 
-from kernels.window_attention import (window_attention, window_attention_blocked,
-                                      window_attention_masked, window_attention_triton)
+from kernels.window_attention import (
+    window_attention,
+    window_attention_blocked,
+    window_attention_masked,
+    window_attention_triton,
+)
 
 from ..helpers import assert_all_close
 

@@ -1,4 +1,5 @@
-"""Invariant 2 (docs/design.md#invariants): the bytes a cache holds equal the analytic formula; bounded ones stay flat."""
+"""Invariant 2 (docs/design.md#invariants): the bytes a cache holds equal the analytic formula;
+bounded ones stay flat."""
 import pytest
 import torch
 

@@ -6,7 +6,6 @@ test_cache_policy (kept positions, RoPE re-derived, a materialised softmax) run 
 projections, and an L2 token loop written here from the Tensor Cache section; grouped keys are
 pooled after projection, not through the map's weights.
 """
-import math
 from types import SimpleNamespace
 
 import pytest

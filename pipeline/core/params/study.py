@@ -17,7 +17,6 @@ from pipeline.core.params.data import DataConfig, _min_last_gap
 from pipeline.core.params.run import ComputeConfig, EvalConfig, TrackingConfig, TrainConfig
 from pipeline.core.sweep import Point
 
-
 _VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

@@ -12,7 +12,6 @@ Scorers are LongBench's own (`lm_eval.tasks.longbench.metrics`: `retrieval_score
 from __future__ import annotations
 
 import re
-
 from pathlib import Path
 
 import numpy as np

@@ -1,0 +1,62 @@
+"""The evaluate stage's quality measures against direct computations on a random model."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models import ModelConfig, build_model
+from pipeline.core import tokenizer
+from pipeline.core.tokens import TokenStream
+from pipeline.evaluate.quality import _split, bits_by_distance, heldout_bits
+
+
+def _stream(root, ids: np.ndarray, nbytes: np.ndarray | None) -> TokenStream:
+    """A prepared held-out split: bytes (`nbytes` None) or token ids with their byte counts."""
+    (root / "text").mkdir()
+    (root / "tokens").mkdir()
+    if nbytes is None:
+        info = {"name": "bytes"}
+        ids.astype(np.uint8).tofile(root / "text" / "heldout.bin")
+    else:
+        info = {"name": "bpe", "dtype": "uint16"}
+        ids.astype(np.uint16).tofile(root / "tokens" / "heldout.bin")
+        nbytes.astype(np.uint16).tofile(root / "tokens" / "heldout.nbytes")
+    (root / "manifest.json").write_text(json.dumps({"tokenizer": info}))
+    return TokenStream(root, "heldout")
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["bytes", "tokens"])
+def test_heldout_bits_and_their_split_by_distance(tmp_path, tokens):
+    rng = np.random.default_rng()
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    model = build_model(ModelConfig(d_model=16, n_layers=1, n_heads=2, init_std=0.5, vocab_size=300)).eval()
+    raw = rng.integers(32, 127, size=2000)
+    ids = raw if tokens else raw + tokenizer.BYTE_OFFSET  # what the model reads
+    nbytes = rng.integers(1, 6, size=2000) if tokens else np.ones(2000, dtype=np.int64)
+    text = _stream(tmp_path, raw, nbytes if tokens else None)
+    bits, covered = heldout_bits(model, text, 40, 3)
+    assert bits.shape == covered.shape == (3, 40)
+    starts = np.linspace(0, len(raw) - 41, 3).astype(int)
+    window = torch.from_numpy(ids[starts[1] : starts[1] + 41].astype(np.int64))  # the second window, by hand
+    with torch.no_grad():
+        logp = torch.log_softmax(model(window[None, :-1])[0].double(), -1)
+    expected = [-logp[t, window[t + 1]].item() / math.log(2) for t in range(40)]
+    np.testing.assert_allclose(bits[1], expected, rtol=1e-5)
+    np.testing.assert_array_equal(covered[1], nbytes[starts[1] + 1 : starts[1] + 41])  # bytes of each target
+    split = bits_by_distance(bits, covered, 8)
+    for part, cols in (("lt_W", slice(0, 8)), ("ge_W", slice(8, 40)), ("ge_4W", slice(32, 40))):
+        assert math.isclose(split[part], bits[:, cols].sum() / covered[:, cols].sum(), rel_tol=1e-6)
+    assert bits_by_distance(bits, covered, 16)["ge_4W"] is None  # 4W = 64 > 40 positions
+    with pytest.raises(ValueError, match="eval.context_lengths: 2000 tokens, but the held-out split holds 2,000"):
+        heldout_bits(model, text, 2000, 1)
+
+
+def test_mqar_split_uses_the_shortest_and_the_longest_reach():
+    rng = np.random.default_rng()
+    hit, gap = rng.random(500) < 0.5, rng.integers(2, 80, 500)
+    out = _split(hit, gap, (10, 30))
+    assert out["acc_inside_window"] == hit[gap <= 10].mean() and out["n_inside_window"] == (gap <= 10).sum()
+    assert out["acc_beyond_window"] == hit[gap > 30].mean() and out["n_beyond_window"] == (gap > 30).sum()
+    assert out["acc"] == hit.mean() and out["n"] == 500

@@ -194,7 +194,7 @@ def check_fits(manifest: dict, cfg, vocab: int, seq_len: int) -> None:
     study: prepared with another tokenizer than `cfg.tokenizer` (a DataConfig's), with ids beyond
     the model's `vocab`, or with a train or validation split shorter than `seq_len + 1` tokens."""
     tok, form = manifest["tokenizer"], cfg.tokenizer
-    want = "bytes" if form == "bytes" else "bpe" if hasattr(form, "train") else "local"
+    want = tokenizer.form_name(form)
     again = "; run prepare again (make repro, or dvc repro -f -s prepare)"
     if tok["name"] != want:
         raise DataMismatch(f"data.tokenizer: data/ was prepared with the {tok['name']} tokenizer, params ask for "

@@ -64,6 +64,7 @@ class TrainJob(_Job):
     mlflow_run_id: Optional[str] = None
     init_from: Optional[str] = None  # a retrofit: the parent run it starts from (its selected rate)
     init_from_fingerprint: Optional[str] = None  # that run's fingerprint
+    pretrained: Optional[str] = None  # a pretrained point: the checkpoint read instead of training
 
     @model_validator(mode="after")
     def _paths_or_storage(self):

@@ -3,6 +3,7 @@
 found by name and fingerprint or rebuilt from its checkpoint (`mlflow_run_ids`)."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -37,11 +38,23 @@ def train_job(params: Params, run: Run, code: str, data_dir: Path, ckpt_root: Pa
                  "data": params.data.model_dump(mode="json"), "code": code, "data_files": data_files}
     if params.points[run.variant].init_from is not None:
         described["retrofit"] = {"code": source_hash(RETROFIT_CODE), "parents": parents}
+    pretrained = params.points[run.variant].pretrained
+    if pretrained is not None:  # its weights are its checkpoint's files
+        described["pretrained"] = pretrained_digest(pretrained)
     fingerprint = digest(described)
     return TrainJob(run=run.name, variant=run.variant, seed=run.seed, model=model, train=train,
-                    fingerprint=fingerprint, data_dir=str(data_dir.resolve()),
+                    fingerprint=fingerprint, data_dir=str(data_dir.resolve()), pretrained=pretrained,
                     ckpt_dir=str((ckpt_root / run.name).resolve()), threads=params.compute.cpus_per_job,
                     fault=os.environ.get("KVF_FAULT"))
+
+
+@functools.cache
+def pretrained_digest(source: str) -> dict[str, str]:
+    """The sha256 of every file a pretrained checkpoint is read from (`models.pretrained`), by name:
+    a replaced file reads the point again (and retrains its retrofits)."""
+    from models.pretrained import checkpoint_files
+
+    return {path.name: checkpoint.file_sha256(path) for path in checkpoint_files(source)}
 
 
 def train_jobs(params: Params, code: str, data_dir: Path, ckpt_root: Path,

@@ -90,12 +90,29 @@ def load_local(path: str | Path):
     except Exception as err:  # noqa: BLE001 -- transformers raises many kinds for a bad folder
         raise TokenizerError(f"data.tokenizer.path: {path}: AutoTokenizer cannot load it ({type(err).__name__}: "
                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    return _usable(tok, f"data.tokenizer.path: {path}")
+
+
+def load_pretrained(source: str):
+    """A pretrained checkpoint's own tokenizer (`models.pretrained.load_tokenizer`: its folder's, or
+    built from a GGUF file's metadata), checked as a local one is."""
+    from models.pretrained import load_tokenizer
+
+    try:
+        tok = load_tokenizer(source)
+    except (ValueError, OSError) as err:
+        raise TokenizerError(f"data.tokenizer.pretrained: {err}") from None
+    return _usable(tok, f"data.tokenizer.pretrained: {source}")
+
+
+def _usable(tok, where: str):
+    """`tok`, if prepare can use it: a fast tokenizer (prepare needs `tokenizers`' offsets) of at
+    least VOCAB_SIZE ids (the synthetic recall tasks use ids 3..258), no truncation or padding."""
     if not tok.is_fast:
-        raise TokenizerError(f"data.tokenizer.path: {path} holds a slow ({type(tok).__name__}) tokenizer; "
-                             "save its fast version (tokenizer.json)")
+        raise TokenizerError(f"{where} holds a slow ({type(tok).__name__}) tokenizer; save its fast version "
+                             "(tokenizer.json)")
     if n_ids(tok) < VOCAB_SIZE:
-        raise TokenizerError(f"data.tokenizer.path: {path} has {n_ids(tok)} ids, fewer than the {VOCAB_SIZE} "
-                             "the recall tasks use")
+        raise TokenizerError(f"{where} has {n_ids(tok)} ids, fewer than the {VOCAB_SIZE} the recall tasks use")
     tok.backend_tokenizer.no_truncation()  # a saved max_length would cut every block of text silently
     tok.backend_tokenizer.no_padding()
     return tok
@@ -144,4 +161,11 @@ def vocab_size(cfg) -> int:
         return VOCAB_SIZE
     if hasattr(cfg, "train"):
         return cfg.train.vocab_size
-    return cfg.n_ids  # counted when the config was validated (`pipeline.core.params.LocalTokenizer`)
+    return cfg.n_ids  # counted when the config was validated (`LocalTokenizer`, `PretrainedTokenizer`)
+
+
+def form_name(cfg) -> str:
+    """What the manifest calls `data.tokenizer`'s form: bytes, bpe, local or pretrained."""
+    if cfg == "bytes":
+        return "bytes"
+    return "bpe" if hasattr(cfg, "train") else "pretrained" if hasattr(cfg, "pretrained") else "local"

@@ -140,6 +140,9 @@ def prepare_tokenizer(cfg, out_dir: Path, workers: int) -> dict:
               flush=True)
         tok = tokenizer.train_bpe(blocks(text_dir / "train.bin"), train.vocab_size, train.min_frequency)
         name = "bpe"
+    elif hasattr(cfg.tokenizer, "pretrained"):
+        print(f"[prepare] the tokenizer of {cfg.tokenizer.pretrained}", flush=True)
+        tok, name = tokenizer.load_pretrained(cfg.tokenizer.pretrained), "pretrained"
     else:
         tok, name = tokenizer.load_local(cfg.tokenizer.path), "local"
     tok.save_pretrained(str(out_dir / "tokenizer"))

@@ -37,6 +37,29 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def freeze(job: TrainJob, model: torch.nn.Module) -> torch.nn.Module:
+    """With `train.trainable: attention` a retrofit trains its attention alone (every parameter of
+    its blocks' `attn`: q, k, v, o and what the child adds); the rest is frozen before any
+    optimizer sees the model, so the step-0 checkpoint's optimizer and the loop's agree."""
+    if job.init_from is not None and job.train.trainable == "attention":
+        for name, p in model.named_parameters():
+            p.requires_grad_(".attn." in name)
+    return model
+
+
+def build(job: TrainJob) -> torch.nn.Module:
+    """The run's model at step 0: a pretrained point's read from its checkpoint, any other built at
+    its seed (a retrofit's weights are then those of its step-0 checkpoint)."""
+    from models import build_model
+
+    if job.pretrained is not None:
+        from models.pretrained import load_pretrained
+
+        return load_pretrained(job.pretrained, tokenizer=False)[0]
+    torch.manual_seed(job.seed)
+    return freeze(job, build_model(job.model))
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; matrices decay, vectors and scalars (norms, gates, decays) do not."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -150,16 +173,13 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
     step's batch, and logged losses are averaged over them). Returns {"step", "metrics",
     "history"} or raises RunFailed.
     """
-    from models import build_model
-
     parallel = parallel or OneProcess(job)
     torch.set_num_threads(job.threads)
     cfg, model_cfg, seed = job.train, job.model, job.seed
     device = torch.device(job.device)
     data = TrainingData(job.data_dir)
 
-    torch.manual_seed(seed)
-    model = build_model(model_cfg).to(device)
+    model = build(job).to(device)
     optimizer = make_optimizer(model, cfg)
     static = {
         "model/params": float(model.num_parameters()),
@@ -231,10 +251,13 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             parallel.save(done, model, optimizer, {**meta_base, "history": history})
 
+    if cfg.steps == 0 and parallel.rank == 0:  # a pretrained point: its checkpoint validated, once
+        history.append({"step": 0, **evaluate(model, data, cfg, device)})
+        report({"run": job.run, **history[-1]})
     final = {k: v for k, v in history[-1].items() if k.startswith("val/")} if history else {}
     speeds = [r["train/tokens_per_s"] for r in history if "train/tokens_per_s" in r]
-    metrics = {**final, **static,
-               "train/loss": next(r["train/loss"] for r in reversed(history) if "train/loss" in r),
+    losses = [r["train/loss"] for r in history if "train/loss" in r]
+    metrics = {**final, **static, **({"train/loss": losses[-1]} if losses else {}),
                "train/tokens_per_s": float(np.median(speeds)) if speeds else 0.0}
     parallel.save(cfg.steps, model, optimizer, {**meta_base, "history": history},
                   final={**meta_base, "step": cfg.steps, "metrics": metrics, "static": static, "history": history})

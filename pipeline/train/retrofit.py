@@ -9,7 +9,7 @@ import torch
 
 from pipeline.core import checkpoint
 from pipeline.core.jobs import TrainJob
-from pipeline.train.loop import make_optimizer
+from pipeline.train.loop import freeze, make_optimizer
 
 
 def write_initial(job: TrainJob, parent_dir: Path) -> dict:
@@ -24,6 +24,7 @@ def write_initial(job: TrainJob, parent_dir: Path) -> dict:
     torch.manual_seed(job.seed)
     child = build_model(job.model)
     initialise(child, parent.state_dict(), parent.config)
+    freeze(job, child)
     meta = {"run": job.run, "variant": job.variant, "fingerprint": job.fingerprint, "seed": job.seed,
             "model_config": job.model.model_dump(mode="json"), "train": job.train.model_dump(mode="json"),
             "history": [], "init_from": job.init_from, "init_from_fingerprint": job.init_from_fingerprint}

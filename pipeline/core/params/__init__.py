@@ -18,6 +18,7 @@ from pipeline.core.params.data import (
     DataConfig,
     LocalTokenizer,
     MQARConfig,
+    PretrainedTokenizer,
     RetrievalConfig,
     TrainedTokenizer,
 )
@@ -42,7 +43,7 @@ from pipeline.core.params.study import (
 
 __all__ = [
     "ParamsError", "BUILTIN_CORPUS_PATH", "BPETraining", "CorpusConfig", "DataConfig", "LocalTokenizer",
-    "MQARConfig", "RetrievalConfig", "TrainedTokenizer", "REPORT_CONTEXT", "ComputeConfig", "EvalConfig",
-    "MixtureConfig", "PolicySpec", "TrackingConfig", "TrainConfig", "RETROFIT_FIELDS", "MatchConfig",
-    "Params", "Run", "load_params", "parse_params", "policy_key",
+    "MQARConfig", "PretrainedTokenizer", "RetrievalConfig", "TrainedTokenizer", "REPORT_CONTEXT",
+    "ComputeConfig", "EvalConfig", "MixtureConfig", "PolicySpec", "TrackingConfig", "TrainConfig",
+    "RETROFIT_FIELDS", "MatchConfig", "Params", "Run", "load_params", "parse_params", "policy_key",
 ]

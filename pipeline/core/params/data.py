@@ -177,28 +177,59 @@ class LocalTokenizer(_Block):
         return self._ids
 
 
+class PretrainedTokenizer(_Block):
+    """The tokenizer of a pretrained checkpoint (`models.pretrained`: a packaged name, a GGUF file,
+    a Hugging Face folder), saved with the data by prepare. A study with a pretrained point gets its
+    tokenizer this way unless `data.tokenizer` says otherwise (which the params check refuses)."""
+
+    pretrained: str = Field(min_length=1, description="the checkpoint whose tokenizer the study uses")
+
+    _ids: int = PrivateAttr(0)  # the checkpoint's vocabulary, read from its config (no weights)
+
+    @model_validator(mode="after")
+    def _reads(self) -> "PretrainedTokenizer":
+        if self._ids:
+            return self
+        from models.pretrained import read_config
+
+        try:
+            self._ids = read_config(self.pretrained).vocab_size
+        except (ValueError, OSError) as err:
+            raise ValueError(f"pretrained: {err}") from None
+        return self
+
+    @property
+    def n_ids(self) -> int:
+        return self._ids
+
+
+TOKENIZER_FORMS = {"path": LocalTokenizer, "train": TrainedTokenizer, "pretrained": PretrainedTokenizer}
+
+
 def _tokenizer_form(value):
-    """`data.tokenizer`'s three forms, told apart by their key and validated as that one form
+    """`data.tokenizer`'s forms, told apart by their key and validated as that one form
     (pydantic's union would report the first form's error, not the one meant)."""
-    if value == "bytes" or isinstance(value, (LocalTokenizer, TrainedTokenizer)):
+    if value == "bytes" or isinstance(value, tuple(TOKENIZER_FORMS.values())):
         return value
-    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in ("path", "train"):
-        form = LocalTokenizer if "path" in value else TrainedTokenizer
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in TOKENIZER_FORMS:
+        form = TOKENIZER_FORMS[next(iter(value))]
         try:
             return form.model_validate(value)
         except ValidationError as err:
             e = err.errors()[0]
             loc, msg = ".".join(str(x) for x in e["loc"]), e["msg"].removeprefix("Value error, ")
             raise ValueError(f"{loc}: {msg}" if loc else msg) from None
-    raise ValueError(f"must be bytes, {{path: <a tokenizer folder>}} or {{train: {{vocab_size: N}}}}; got {value!r}")
+    raise ValueError(f"must be bytes, {{path: <a tokenizer folder>}}, {{train: {{vocab_size: N}}}} or "
+                     f"{{pretrained: <a checkpoint>}}; got {value!r}")
 
 
 class DataConfig(_Block):
     seed: int = 1234
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
-    tokenizer: Union[Literal["bytes"], LocalTokenizer, TrainedTokenizer] = Field(
-        "bytes", description="bytes (ByT5 layout, 259 ids), a local HF tokenizer {path}, or a BPE trained "
-        "on the training split {train: {vocab_size}}; model.vocab_size follows it")
+    tokenizer: Union[Literal["bytes"], LocalTokenizer, TrainedTokenizer, PretrainedTokenizer] = Field(
+        "bytes", description="bytes (ByT5 layout, 259 ids), a local HF tokenizer {path}, a BPE trained "
+        "on the training split {train: {vocab_size}}, or a pretrained checkpoint's {pretrained} (the default "
+        "of a study with a pretrained point); model.vocab_size follows it")
     validation_plays: list[str] = Field(default_factory=_plays_default(["julius_caesar", "twelfth_night"]),
                                         description="the built-in plays held out for validation")
     heldout_plays: list[str] = Field(default_factory=_plays_default(["hamlet", "macbeth"]),

@@ -24,7 +24,8 @@ class TrainConfig(_Block):
         description="one training run per seed (init and batch order); the first is the variant's "
                     "primary run, the others give the report its error bars",
     )
-    steps: int = Field(300, ge=1)
+    steps: int = Field(300, ge=0, description="optimizer steps (0 only in a pretrained point's own train "
+                       "block: its run reads the checkpoint and validates it once)")
     seq_len: int = Field(256, ge=8, description="LM context length T")
     batch_size: int = Field(8, ge=1, description="LM sequences per step")
     mqar_batch_size: int = Field(16, ge=1, description="MQAR sequences per step")
@@ -42,6 +43,10 @@ class TrainConfig(_Block):
     val_batches: int = Field(4, ge=1, description="LM validation batches (of batch_size) per eval")
     checkpoint_every: int = Field(50, ge=1)
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast, CUDA only")
+    trainable: Literal["all", "attention"] = Field(
+        "all", description="what a retrofit trains: every weight, or its attention alone (q, k, v, o and "
+        "what the child adds, e.g. Tensor Cache's L2; docs/design.md#retrofit-a-point-initialised-from-a-trained-one); "
+        "points trained from scratch train every weight")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -57,7 +62,7 @@ class TrainConfig(_Block):
             raise ValueError(f"lr: repeats a value ({self.lr})")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: repeats a seed ({self.seeds})")
-        if self.warmup_steps >= self.steps:
+        if self.steps and self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps: {self.warmup_steps} must be < steps={self.steps}")
         for i, b in enumerate(self.betas):
             if not 0.0 <= b < 1.0:

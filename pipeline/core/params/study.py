@@ -13,7 +13,7 @@ from pydantic import Field, PrivateAttr, ValidationError
 
 from pipeline.core import sweep, tokenizer
 from pipeline.core.params.block import ParamsError, _Block
-from pipeline.core.params.data import DataConfig, _min_last_gap
+from pipeline.core.params.data import DataConfig, PretrainedTokenizer, _min_last_gap
 from pipeline.core.params.run import ComputeConfig, EvalConfig, TrackingConfig, TrainConfig
 from pipeline.core.sweep import Point
 
@@ -51,9 +51,11 @@ class Params(_Block):
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
-    # resolved by _check_variants: every point of every family, and the SwiGLU widths matched
+    # resolved by _check_variants: every point of every family, the SwiGLU widths matched, and
+    # each pretrained point's config (read from its checkpoint)
     _points: dict[str, Point] = PrivateAttr(default_factory=dict)
     _mlp_hidden: dict[str, int] = PrivateAttr(default_factory=dict)
+    _pretrained: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @property
     def points(self) -> dict[str, Point]:
@@ -65,16 +67,26 @@ class Params(_Block):
         return list(self.train.lr) if isinstance(self.train.lr, list) else [self.train.lr]
 
     def model_config_for(self, point: str):
-        """The resolved `models.ModelConfig` of one point (its matched SwiGLU width included)."""
+        """The resolved `models.ModelConfig` of one point (its matched SwiGLU width included): a
+        pretrained point's is its checkpoint's, and a retrofit of one keeps its every width."""
         from models import ModelConfig
 
+        p = self._points[point]
+        if p.pretrained is not None:
+            return self._pretrained[point]
+        if p.init_from in self._pretrained:
+            widths = self._pretrained[p.init_from].model_dump(exclude={"attention"})
+            return ModelConfig(**widths, attention=p.attention)
         extra = {"mlp_hidden": self._mlp_hidden[point]} if point in self._mlp_hidden else {}
-        return ModelConfig(**self.model, **extra, attention=self._points[point].attention)
+        return ModelConfig(**self.model, **extra, attention=p.attention)
 
     def train_for(self, point: str) -> TrainConfig:
         """The train block of one point: `train`, with a retrofit's own `steps`, validated at least
         ten times (`eval_every` cut to a multiple of `log_every` near steps / 10) so the report's
-        last fifth of it holds validations of its own."""
+        last fifth of it holds validations of its own. A pretrained point trains no step: its run
+        reads the checkpoint and validates it once."""
+        if self._points[point].pretrained is not None:
+            return TrainConfig.model_validate({**self.train.model_dump(), "steps": 0, "warmup_steps": 0})
         steps = self._points[point].steps
         if steps is None:
             return self.train
@@ -83,9 +95,11 @@ class Params(_Block):
         return TrainConfig.model_validate({**self.train.model_dump(), "steps": steps, "eval_every": every})
 
     def parent_runs(self, run: Run) -> list[Run]:
-        """A retrofit run's candidate parents: its parent point's runs of the same seed (every rate)."""
+        """A retrofit run's candidate parents: its parent point's runs of the same seed (every rate);
+        a pretrained parent's one run, whatever the seed."""
         parent = self._points[run.variant].init_from
-        return [r for r in self.runs() if r.variant == parent and r.seed == run.seed]
+        return [r for r in self.runs() if r.variant == parent
+                and (r.seed == run.seed or self._points[parent].pretrained is not None)]
 
     def policy_points(self) -> list[tuple[str, Any]]:
         """(point, `models.CachePolicy`) of every `eval.cache_policies` entry and window, in file order."""
@@ -107,12 +121,14 @@ class Params(_Block):
                        for key in keys if by_point[key] == point]
 
     def runs(self) -> list[Run]:
-        """Every (point, lr, seed) of the study: points in file order, then rates, then seeds."""
+        """Every (point, lr, seed) of the study: points in file order, then rates, then seeds. A
+        pretrained point has one run (the first rate and seed: nothing of it is trained or drawn)."""
         first_seed, first_lr = self.train.seeds[0], self.lrs[0]
         runs = []
         for point in self._points.values():
-            for lr in self.lrs:
-                for seed in self.train.seeds:
+            once = point.pretrained is not None
+            for lr in self.lrs[:1] if once else self.lrs:
+                for seed in self.train.seeds[:1] if once else self.train.seeds:
                     key = point.name if seed == first_seed else f"{point.name}.seed{seed}"
                     name = point.name + (sweep.lr_suffix(lr) if lr != first_lr else "") + key[len(point.name):]
                     runs.append(Run(name, point.name, seed, float(lr), point.family, key))
@@ -163,8 +179,52 @@ def _variant_error(name: str, attention: dict, err: ValidationError) -> ParamsEr
 
 
 def _describe_tokenizer(cfg) -> str:
-    return "bytes" if cfg == "bytes" else (f"BPE trained to {cfg.train.vocab_size} ids" if hasattr(cfg, "train")
-                                           else f"the tokenizer in {cfg.path}")
+    if cfg == "bytes":
+        return "bytes"
+    if hasattr(cfg, "train"):
+        return f"BPE trained to {cfg.train.vocab_size} ids"
+    return f"{cfg.pretrained}'s tokenizer" if hasattr(cfg, "pretrained") else f"the tokenizer in {cfg.path}"
+
+
+PRETRAINED_FIELDS = ("pretrained",)  # all a pretrained point says: the rest is its checkpoint's
+
+
+def _pretrained_points(params: Params) -> dict[str, Point]:
+    """The pretrained points (`variants.<name>: {pretrained: <checkpoint>}`), each config read from
+    its checkpoint (`models.pretrained.read_config`: no weights); the study's tokenizer follows
+    them: `data.tokenizer` unset becomes theirs, and one set otherwise is refused."""
+    from models.pretrained import read_config
+
+    out = {}
+    for name, entry in params.variants.items():
+        if not (isinstance(entry, dict) and "pretrained" in entry):
+            continue
+        extra = sorted(set(entry) - set(PRETRAINED_FIELDS))
+        if extra:
+            raise ParamsError(f"variants.{name}.{extra[0]}: a pretrained point takes its config from its checkpoint "
+                              "(give it only `pretrained`; retrofit it with init_from to change it)")
+        source = entry["pretrained"]
+        if not isinstance(source, str) or not source:
+            raise ParamsError(f"variants.{name}.pretrained: names a checkpoint (a packaged name, a .gguf file or a "
+                              f"Hugging Face folder), got {source!r}")
+        try:
+            cfg = read_config(source)
+        except (ValueError, OSError) as err:
+            raise ParamsError(f"variants.{name}.pretrained: {err}") from None
+        params._pretrained[name] = cfg
+        out[name] = Point(name, name, cfg.attention.model_dump(mode="json"), {}, pretrained=source)
+    sources = sorted({p.pretrained for p in out.values()})
+    if len(sources) > 1:
+        raise ParamsError(f"variants: pretrained points from {sources}: a study has one tokenizer, so one checkpoint "
+                          "family (split them into studies)")
+    if sources:
+        form = params.data.tokenizer
+        if "tokenizer" not in params.data.model_fields_set:
+            params.data.tokenizer = PretrainedTokenizer(pretrained=sources[0])
+        elif getattr(form, "pretrained", None) != sources[0]:
+            raise ParamsError(f"data.tokenizer: the study's tokenizer is its pretrained point's ({sources[0]}); "
+                              f"remove data.tokenizer ({_describe_tokenizer(form)})")
+    return out
 
 
 def _check_variants(params: Params) -> None:
@@ -178,6 +238,7 @@ def _check_variants(params: Params) -> None:
             raise ParamsError(f"model.{key}: unknown field (known: {', '.join(sorted(fields))})")
     if not params.variants:
         raise ParamsError("variants: needs at least one variant")
+    pretrained = _pretrained_points(params)
     need = tokenizer.vocab_size(params.data.tokenizer)
     if "vocab_size" not in params.model:
         params.model["vocab_size"] = need  # the model's embedding follows the tokenizer
@@ -189,6 +250,9 @@ def _check_variants(params: Params) -> None:
     for name, attention in params.variants.items():
         if not _VARIANT_NAME.match(name):
             raise ParamsError(f"variants.{name}: names must match {_VARIANT_NAME.pattern}")
+        if name in pretrained:
+            points[name] = pretrained[name]
+            continue
         if not isinstance(attention, dict) or "kind" not in attention:
             raise ParamsError(f"variants.{name}.kind: required (an attention kind)")
         if isinstance(attention.get("init_from"), list):
@@ -200,8 +264,10 @@ def _check_variants(params: Params) -> None:
         for point in family:
             where = f" (sweep point {point.name})" if point.knobs else ""
             point = _split_retrofit(name, point)
+            root = params._pretrained.get(point.init_from)  # a retrofit of a pretrained point: its widths
+            widths = params.model if root is None else root.model_dump(exclude={"attention"})
             try:
-                cfg = ModelConfig(**params.model, attention=point.attention)
+                cfg = ModelConfig(**widths, attention=point.attention)
             except ValidationError as err:
                 raise ParamsError(str(_variant_error(name, point.attention, err)) + where) from None
             window = getattr(cfg.attention, "window", None)
@@ -277,6 +343,9 @@ def _match(params: Params) -> None:
     """Every point's SwiGLU width sized to the reference variant's parameter count."""
     match = params.match_params
     reference = [p for p in params.points.values() if p.family == match.reference]
+    if reference and reference[0].pretrained is not None:
+        raise ParamsError(f"match_params.reference: {match.reference} is pretrained: its width is its own; "
+                          "name a point trained from scratch")
     if len(reference) != 1:
         raise ParamsError(f"match_params.reference: {match.reference!r} must name a variant without a "
                           f"sweep (variants: {', '.join(params.variants)})")
@@ -284,7 +353,7 @@ def _match(params: Params) -> None:
         raise ParamsError("model.mlp_hidden: set by match_params; remove one of the two")
     target = sweep.count_parameters(params.model, reference[0].attention)
     for point in params.points.values():
-        if point.init_from is not None:  # its MLP is its parent's, copied
+        if point.init_from is not None or point.pretrained is not None:  # its MLP is its parent's, or its own
             continue
         try:
             hidden = sweep.matched_mlp_hidden(params.model, point.attention, target)
@@ -296,7 +365,7 @@ def _match(params: Params) -> None:
                               f"closest width, {abs(count / target - 1):.1%} from {target:,}")
         params._mlp_hidden[point.name] = hidden
     for point in params.points.values():
-        if point.init_from is not None:
+        if point.init_from is not None and point.init_from in params._mlp_hidden:
             params._mlp_hidden[point.name] = params._mlp_hidden[point.init_from]
 
 
@@ -337,6 +406,8 @@ def parse_params(raw: Any) -> Params:
         e = err.errors()[0]
         field, msg = _split_path(e["msg"].removeprefix("Value error, "))
         raise ParamsError(f"{_join(_fmt_loc(tuple(e['loc'])), field)}: {msg}") from None
+    if params.train.steps < 1:
+        raise ParamsError(f"train.steps: must be >= 1, got {params.train.steps}")
     _check_variants(params)
     mqar = params.data.mqar
     far = max(mqar.eval_gaps, key=lambda b: mqar.eval_gaps[b][0])

@@ -121,7 +121,8 @@ def names(cfg: ModelConfig, column: int) -> dict[str, str]:
 
 def from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], column: int = HF,
                dtype: torch.dtype = torch.float32) -> LanguageModel:
-    """Our model holding a checkpoint's tensors (`column`'s names); every tensor must find its place."""
+    """Our model holding a checkpoint's tensors (`column`'s names; storage shared where `dtype`
+    is theirs already); every tensor must find its place, and every place a tensor."""
     table = names(cfg, column)
     head, embed = NAMES["lm_head"][column] + ".weight", NAMES["embed"][column] + ".weight"
     if cfg.tie_embeddings and head in state:  # a tied head saved anyway (transformers' state_dict())

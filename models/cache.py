@@ -172,20 +172,22 @@ class PolicyCache(LayerCache):
         self.k = self.v = None
         self.positions: list[int] = []  # text position of each held pair (bookkeeping, not bytes)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, position: int):
-        """Add one token's pair (B, g, 1, d) at text `position`, drop the oldest non-sink pair when
-        over budget; return (keys, values, key positions, query position) for RoPE."""
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        self.positions.append(position)
-        n, keep = self.policy.sinks, self.policy.sinks + self.policy.window
-        if len(self.positions) > keep:  # the oldest pair after the sinks leaves
-            self.k = torch.cat([self.k[:, :, :n], self.k[:, :, n + 1 :]], dim=2)
-            self.v = torch.cat([self.v[:, :, :n], self.v[:, :, n + 1 :]], dim=2)
-            del self.positions[n]
-        if self.policy.policy == "streaming":  # positions within the cache
-            return self.k, self.v, list(range(len(self.positions))), len(self.positions) - 1
-        return self.k, self.v, list(self.positions), position
+    def update(self, k: torch.Tensor, v: torch.Tensor, position: int):
+        """Add T pairs (B, g, T, d) at text positions `position` .. + T - 1. Return what the cache
+        held followed by them, (keys, values, their text positions), for the reader to mask; then
+        keep the policy's pairs: the first `sinks` and the `window` most recent (what one token at
+        a time, each dropping the oldest pair after the sinks once over budget, would keep)."""
+        keys = k if self.k is None else torch.cat([self.k, k], dim=2)
+        values = v if self.v is None else torch.cat([self.v, v], dim=2)
+        positions = self.positions + list(range(position, position + k.shape[2]))
+        n, W = self.policy.sinks, self.policy.window
+        if len(positions) > n + W:
+            self.k = torch.cat([keys[:, :, :n], keys[:, :, -W:]], dim=2)
+            self.v = torch.cat([values[:, :, :n], values[:, :, -W:]], dim=2)
+            self.positions = positions[:n] + positions[-W:]
+        else:
+            self.k, self.v, self.positions = keys, values, positions
+        return keys, values, positions
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {} if self.k is None else {"k": self.k, "v": self.v}

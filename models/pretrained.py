@@ -149,29 +149,84 @@ def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(Hugging Face config dict, de-quantized tensors under GGUF names, q and k un-permuted)."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
+# GGUF's metadata value types (the spec's gguf_type): struct formats; 8 string, 9 array
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
 
-    reader = GGUFReader(path)
-    arch = reader.fields["general.architecture"].contents()
+
+def gguf_header(path: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """(its metadata but arrays, {tensor name: shape}) of a GGUF file, read from its header alone:
+    no tensor data, and the tokenizer's arrays skipped, not decoded (gguf's reader takes seconds)."""
+    import struct
+
+    with open(path, "rb") as f:
+        def read(fmt):
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def string():
+            return f.read(read("<Q")).decode("utf-8", errors="replace")
+
+        def value(kind):
+            if kind == 8:
+                return string()
+            if kind == 9:
+                item, count = read("<I"), read("<Q")
+                if item == 8:
+                    for _ in range(count):
+                        f.seek(read("<Q"), 1)
+                elif item in _GGUF_SCALARS:
+                    f.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+                else:
+                    raise ValueError(f"{path}: an array of GGUF type {item} (nested arrays are not read)")
+                return None
+            return read(_GGUF_SCALARS[kind])
+
+        if f.read(4) != b"GGUF" or read("<I") < 2:
+            raise ValueError(f"{path}: not a GGUF file of version 2 or later")
+        n_tensors, n_kv = read("<Q"), read("<Q")
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            meta[key] = value(read("<I"))
+        shapes = {}
+        for _ in range(n_tensors):
+            name, dims = string(), read("<I")
+            shapes[name] = tuple(read("<Q") for _ in range(dims))[::-1]  # GGUF lists the fastest dim first
+            f.seek(4 + 8, 1)  # type, offset
+    return meta, shapes
+
+
+def gguf_config(path: Path) -> dict:
+    """The Hugging Face config dict a GGUF file describes (`GGUF_CONFIG`; vocabulary and tied head
+    from its tensors)."""
+    meta, shapes = gguf_header(path)
+    arch = meta["general.architecture"]
     hf = {"model_type": arch}
-    for key, field in reader.fields.items():
+    for key, value in meta.items():
         if not key.startswith(arch + "."):
             continue  # general.*, tokenizer.*
         short = key[len(arch) + 1:]
         if short not in GGUF_CONFIG:
             raise ValueError(f"{key}: a GGUF field the import does not read")
-        name, value = GGUF_CONFIG[short], field.contents()
+        name = GGUF_CONFIG[short]
         if name == "rope_scaling":
             value = None if value == "none" else {"rope_type": value}
         if hf.setdefault(name, value) != value:
             raise ValueError(f"{key}: {value} disagrees with {name} = {hf[name]} (partial RoPE?)")
+    hf.setdefault("vocab_size", shapes["token_embd.weight"][0])
+    hf["tie_word_embeddings"] = "output.weight" not in shapes
+    return hf
+
+
+def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(Hugging Face config dict, de-quantized tensors under GGUF names, q and k un-permuted)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    hf = gguf_config(path)
+    reader = GGUFReader(path)
     arrays = {t.name: dequantize(t.data, t.tensor_type) for t in reader.tensors}  # float32, numpy
     state = {name: torch.from_numpy(a if a.flags.writeable else a.copy()) for name, a in arrays.items()}
-    hf.setdefault("vocab_size", state["token_embd.weight"].shape[0])
-    hf["tie_word_embeddings"] = "output.weight" not in state
     h = hf["num_attention_heads"]
     for name in state:
         if name.endswith((".attn_q.weight", ".attn_k.weight")):
@@ -190,31 +245,62 @@ def source_path(source: str | Path) -> Path:
     return Path(source)
 
 
+def _kind(source: str | Path) -> tuple[str, Path]:
+    """("gguf" | "dir", its path), or a ValueError naming what `source` is not."""
+    path = source_path(source)
+    if path.suffix == ".gguf" and path.is_file():
+        return "gguf", path
+    if (path / "config.json").is_file():
+        return "dir", path
+    raise ValueError(f"source: {source} is neither a .gguf file, a directory with config.json, "
+                     f"nor one of {sorted(PACKAGED)}")
+
+
+def _shards(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    return sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+
+
+def read_config(source: str | Path) -> ModelConfig:
+    """The config of a checkpoint, from its metadata alone (no weights: milliseconds)."""
+    kind, path = _kind(source)
+    return model_config(gguf_config(path) if kind == "gguf" else json.loads((path / "config.json").read_text()))
+
+
+def checkpoint_files(source: str | Path) -> list[Path]:
+    """The files a checkpoint's weights and config are read from (what its fingerprint hashes)."""
+    kind, path = _kind(source)
+    if kind == "gguf":
+        return [path]
+    index = [path / "model.safetensors.index.json"] if (path / "model.safetensors.index.json").is_file() else []
+    return [path / "config.json", *index, *(path / s for s in _shards(path))]
+
+
+def load_tokenizer(source: str | Path):
+    """A checkpoint's transformers tokenizer: its directory's, or built from a GGUF file's metadata
+    (~5 s for SmolLM2's)."""
+    from transformers import AutoTokenizer
+
+    kind, path = _kind(source)
+    if kind == "gguf":
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if not (path / "tokenizer_config.json").is_file():
+        raise ValueError(f"tokenizer: {path} has no tokenizer_config.json")
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_pretrained(source: str | Path, dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     """(our model, its transformers tokenizer or None) from a Hugging Face directory, a .gguf file
     or a `PACKAGED` name; `tokenizer=False` skips building the tokenizer."""
-    path = source_path(source)
-    if path.suffix == ".gguf" and path.is_file():
+    kind, path = _kind(source)
+    if kind == "gguf":
         hf, state = read_gguf(path)
         model = from_state(model_config(hf), state, GGUF, dtype)
-        tokenizer_args = (path.parent, {"gguf_file": path.name})
-    elif (path / "config.json").is_file():
-        cfg = model_config(json.loads((path / "config.json").read_text()))
-        index = path / "model.safetensors.index.json"
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-            else ["model.safetensors"]
-        model = from_state(cfg, {k: v for s in shards for k, v in load_file(path / s).items()}, HF, dtype)
-        tokenizer_args = (path, {})
-        if tokenizer and not (path / "tokenizer_config.json").is_file():
-            raise ValueError(f"tokenizer: {path} has no tokenizer_config.json (load with tokenizer=False)")
     else:
-        raise ValueError(f"source: {source} is neither a .gguf file, a directory with config.json, "
-                         f"nor one of {sorted(PACKAGED)}")
-    if not tokenizer:
-        return model, None
-    from transformers import AutoTokenizer
-
-    return model, AutoTokenizer.from_pretrained(tokenizer_args[0], **tokenizer_args[1])
+        cfg = model_config(json.loads((path / "config.json").read_text()))
+        model = from_state(cfg, {k: v for s in _shards(path) for k, v in load_file(path / s).items()}, HF, dtype)
+    return model, load_tokenizer(path) if tokenizer else None
 
 
 def save_pretrained_dir(model: LanguageModel, tokenizer, path: str | Path) -> Path:

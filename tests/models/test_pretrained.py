@@ -102,11 +102,16 @@ GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "
               "mlp.down_proj": "ffn_down"}
 
 
-def write_gguf(model: LlamaForCausalLM, path, extra: dict | None = None):
+def write_gguf(model: LlamaForCausalLM, path, extra: dict | None = None, tokens: list[str] | None = None):
     import gguf
 
     c = model.config
     writer = gguf.GGUFWriter(path, "llama")
+    if tokens is not None:  # a tokenizer's arrays, as a real file has them before its tensors
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(np.linspace(-1, 1, len(tokens)).astype(np.float32).tolist())
+        writer.add_string("general.name", "tiny é")
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -149,6 +154,30 @@ def test_gguf_file_imports_to_the_same_logits(name, tmp_path):
     assert ours.config.norm_eps == pytest.approx(want.norm_eps, rel=1e-7)  # GGUF stores a float32
     assert ours.config.model_copy(update={"norm_eps": want.norm_eps}) == want
     assert_same_logits(ours, reference)
+
+
+def test_gguf_header_reads_what_the_gguf_package_reads(tmp_path):
+    """The header reader (config without weights, arrays skipped) against gguf's own reader, on a
+    file with a tokenizer's string and number arrays between the config and the tensors."""
+    import gguf
+
+    from models.pretrained import gguf_header, read_config
+
+    rng = np.random.default_rng()
+    tokens = ["".join(rng.choice(list("abcé▁<>"), size=rng.integers(1, 9))) for _ in range(int(rng.integers(50, 90)))]
+    reference = tiny_llama("gqa-untied", seed=int(rng.integers(100)))
+    write_gguf(reference, tmp_path / "tok.gguf", tokens=tokens)
+    meta, shapes = gguf_header(tmp_path / "tok.gguf")
+    reader = gguf.GGUFReader(tmp_path / "tok.gguf")
+    arrays = {k for k, f in reader.fields.items() if f.types and f.types[0] == gguf.GGUFValueType.ARRAY}
+    assert arrays == {"tokenizer.ggml.tokens", "tokenizer.ggml.scores"}
+    assert all(meta[k] is None for k in arrays)  # skipped, not decoded
+    assert {k: v for k, v in meta.items() if k not in arrays} == {  # GGUF.*: the reader's own header fields
+        k: f.contents() for k, f in reader.fields.items() if k not in arrays and not k.startswith("GGUF.")}
+    assert meta["general.name"] == "tiny é" and meta["tokenizer.ggml.model"] == "gpt2"
+    assert shapes == {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    want = model_config(reference.config.to_dict())
+    assert read_config(tmp_path / "tok.gguf").model_copy(update={"norm_eps": want.norm_eps}) == want
 
 
 def test_gguf_fields_the_import_does_not_read_stop_it(tmp_path):

@@ -210,7 +210,7 @@ def _pretrained_points(params: Params) -> dict[str, Point]:
         try:
             cfg = read_config(source)
         except (ValueError, OSError) as err:
-            raise ParamsError(f"variants.{name}.pretrained: {err}") from None
+            raise ParamsError(f"variants.{name}.pretrained: {str(err).removeprefix('source: ')}") from None
         params._pretrained[name] = cfg
         out[name] = Point(name, name, cfg.attention.model_dump(mode="json"), {}, pretrained=source)
     sources = sorted({p.pretrained for p in out.values()})
@@ -279,6 +279,7 @@ def _check_variants(params: Params) -> None:
             points[point.name] = point
     params._points = points
     _check_parents(params)
+    _inherit_kv_heads(params)
     if params.match_params is not None:
         _match(params)
     _check_retrofits(params)
@@ -313,6 +314,18 @@ def _check_parents(params: Params) -> None:
         if parent.init_from is not None:
             raise ParamsError(f"variants.{point.family}.init_from: {parent.name} is itself a retrofit (from "
                               f"{parent.init_from}); start from a point trained from scratch")
+
+
+def _inherit_kv_heads(params: Params) -> None:
+    """A retrofit into a window (swa, tensor_cache) that does not set `n_kv_heads` keeps its
+    parent's: a GQA parent's 3 KV heads stay 3 (the kinds' own default, one per query head, would
+    ask the map to split heads it only pools)."""
+    for name, point in params.points.items():
+        if point.init_from is None or "n_kv_heads" in point.attention:
+            continue
+        if point.attention.get("kind") in ("swa", "tensor_cache") and not point.attention.get("factors"):
+            g = params.model_config_for(point.init_from).attention.n_kv_heads
+            params._points[name] = point._replace(attention={**point.attention, "n_kv_heads": g})
 
 
 def _check_retrofits(params: Params) -> None:

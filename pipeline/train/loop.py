@@ -148,7 +148,8 @@ class OneProcess:
             return 0, []
 
     def save(self, step: int, model, optimizer, meta: dict, final: dict | None = None) -> None:
-        checkpoint.save(self.ckpt_dir, step, model, optimizer, meta)
+        if step > 0 or final is None:  # a run of no steps (a pretrained point) has nothing to resume
+            checkpoint.save(self.ckpt_dir, step, model, optimizer, meta)
         if final is not None:
             checkpoint.save_final(self.ckpt_dir, model, final)
 

@@ -62,13 +62,18 @@ class LanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab). With a cache, the tokens are appended after what it holds."""
+        return self.lm_head(self.hidden(input_ids, cache))
+
+    def hidden(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        """The final normed hidden states (B, T, d_model): what the head reads (a training loss
+        over a large vocabulary applies the head a chunk of positions at a time)."""
         pos = cache.seq_len if cache is not None else 0
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, pos, cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def init_cache(self, batch_size: int = 1, device=None, dtype=None, policy=None) -> ModelCache:
         """An empty cache; `policy` (a `CachePolicy`) cuts a full-attention cache at inference time."""

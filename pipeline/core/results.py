@@ -27,6 +27,7 @@ MEASURES = [
 
 
 BY_COLUMN = {m.column: m for m in MEASURES}
+L2_OFF = ("mqar_beyond", "bpb")  # measured again with a Tensor Cache's L2 switched off
 
 
 def _examples(result: dict, trained_len: int) -> dict[str, list[float]]:
@@ -72,6 +73,8 @@ def row(result: dict, report_context: int, trained_len: int) -> dict:
         return float(np.mean(values)) if values else None
 
     bytes_ = result["cache_bytes_per_token_analytic"] * report_context
+    same = {k: result.get(k) for k in ("reach", "bpb_by_distance")}  # the buckets of the L2-on measures
+    off = _examples({**result["l2_off"], **same}, trained_len) if result.get("l2_off") else {}
     return {
         "key": result.get("key", result.get("run")), "run": result.get("run"),
         "point": result["variant"], "family": result.get("family", result["variant"]),
@@ -80,12 +83,15 @@ def row(result: dict, report_context: int, trained_len: int) -> dict:
         **{m: (float(np.mean(examples[m])) if m in examples else None)
            for m in ("mqar_beyond", "mqar_one_hop", "mqar_reach", "bpb", "bpb_longest")},
         "lm_eval": float(np.mean(scores)) if scores else None,
+        # a Tensor Cache with L2 switched off (its gate at 0): the window alone
+        **{f"{m}_l2_off": (float(np.mean(off[m])) if m in off else None) for m in L2_OFF},
         "mqar_beyond_decode": mean_of("acc_beyond_window", decoded),
         "decode_tokens_per_s": longest["decode_tokens_per_s"] if longest else None,
         "peak_rss_mib": longest["peak_rss_bytes"] / 2**20 if longest else None,
         "measured_context": longest["tokens_held"] if longest else None,
         "_examples": examples, "_attention": result.get("attention", {}),
         "_capacity": {int(k): v.get("acc_beyond_window") for k, v in result.get("capacity", {}).items()},
+        "_cells": result.get("lm_eval", {}).get("by_cell", []),  # retrieval by (length, depth)
         "_by_distance": result.get("bpb_by_distance"),
         "_lr_candidates": result.get("lr_candidates", {}),
         "init_from": result.get("init_from"),  # a retrofit's parent point (the report reads it from params)
@@ -105,5 +111,9 @@ def headline(result: dict, report_context: int, trained_len: int) -> dict[str, f
     for m in MEASURES:
         if r[m.column] is not None:
             out[f"frontier/{m.column}"] = r[m.column]
+    for m in L2_OFF:  # how much of a Tensor Cache's measure comes through L2
+        if r[f"{m}_l2_off"] is not None and r[m] is not None:
+            out[f"l2/{m}_off"] = r[f"{m}_l2_off"]
+            out[f"l2/{m}_through_l2"] = r[m] - r[f"{m}_l2_off"] if m != "bpb" else r[f"{m}_l2_off"] - r[m]
     return out
 

@@ -3,6 +3,7 @@ query's gap against the window, from the parallel forward and through the decode
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -44,10 +45,13 @@ def bits_by_distance(bits: np.ndarray, nbytes: np.ndarray, window: int) -> dict[
 
 @torch.no_grad()
 def decode_logits(model, ids: torch.Tensor, policy=None) -> torch.Tensor:
-    """Logits of `ids` computed one token at a time through the variant's own cache (or a full-
-    attention cache cut by `policy`): what a deployed model computes (for chunk_mean this differs
-    from its parallel training forward)."""
+    """Logits of `ids` computed one token at a time through the variant's own cache: what a
+    deployed model computes (for chunk_mean this differs from its parallel training forward).
+    Under a cache `policy`, one prefill through the policy's cache, which equals that token-by-token
+    decode (`models.cache.PolicyCache`: each query sees the sinks and its own window)."""
     cache = model.init_cache(ids.shape[0], policy=policy)
+    if policy is not None:
+        return model(ids, cache=cache)
     return torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])], dim=1)
 
 
@@ -84,11 +88,37 @@ def mqar_accuracy(model, mqar_cfg, num_pairs: int, gaps: tuple[int, int], n: int
     return out
 
 
-def measure(model, text: np.ndarray, job, policy=None) -> dict:
+@contextmanager
+def l2_off(model):
+    """A Tensor Cache with its L2 switched off: every head's gate at -inf, sigmoid(gate) = 0, so
+    o = o1, the window alone (docs/design.md#does-l2-carry-anything). The gates come back after."""
+    gates = [block.attn.gate for block in model.blocks]
+    kept = [g.detach().clone() for g in gates]
+    try:
+        with torch.no_grad():
+            for g in gates:
+                g.fill_(-math.inf)
+        yield model
+    finally:
+        with torch.no_grad():
+            for g, k in zip(gates, kept):
+                g.copy_(k)
+
+
+def measure_l2_off(model, text, job) -> dict:
+    """bits per byte and MQAR of a Tensor Cache with L2 switched off (`l2_off`): what the report
+    takes from the same measures with L2 on to say how much comes through L2."""
+    with l2_off(model):
+        out = measure(model, text, job, capacity=False, decode=False)
+    return {k: out[k] for k in ("bpb", "bpb_windows", "mqar")}
+
+
+def measure(model, text: np.ndarray, job, policy=None, capacity: bool = True, decode: bool = True) -> dict:
     """The quality fields of one evaluation result (`job`: a `pipeline.core.jobs.EvalJob`; `text`: the
     held-out `TokenStream`): bits per byte per context length (in tokens; a length's bpb is the mean
     of its windows' bits per byte) (and by distance into the longest), MQAR per pair count and gap
-    bucket, and the capacity curve; through the cache `policy` when one is given."""
+    bucket (also through the decode cache, with `decode`), and the capacity curve (with `capacity`);
+    through the cache `policy` when one is given."""
     cfg, mqar_cfg = job.eval, job.mqar
     out = {"bpb": {}, "bpb_windows": {}, "mqar": {}}
     for length in cfg.context_lengths:
@@ -103,8 +133,8 @@ def measure(model, text: np.ndarray, job, policy=None) -> dict:
             out["mqar"][f"p{pairs}_{bucket}"] = {
                 "num_pairs": pairs, "bucket": bucket, "gaps": list(gaps),
                 **mqar_accuracy(model, mqar_cfg, pairs, gaps, cfg.mqar_examples, cfg.seed, job.reach,
-                                policy=policy)}
-    for pairs in cfg.capacity_pairs:  # recall beyond every window as the stored pairs grow
+                                decode=decode, policy=policy)}
+    for pairs in cfg.capacity_pairs if capacity else []:  # recall beyond every window as the stored pairs grow
         far = max(mqar_cfg.eval_gaps.values(), key=lambda g: g[0])
         r = mqar_accuracy(model, mqar_cfg, pairs, far, cfg.mqar_examples, cfg.seed + 1, job.reach,
                           decode=False, policy=policy)

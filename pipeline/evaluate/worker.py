@@ -22,7 +22,7 @@ def evaluate_run(job: EvalJob) -> dict:
         raise RuntimeError(f"injected failure (KVF_FAULT_EVALUATE={job.run})")
     from pipeline.evaluate.harness import run_lm_eval
     from pipeline.evaluate.probe import probe_subprocess
-    from pipeline.evaluate.quality import measure
+    from pipeline.evaluate.quality import measure, measure_l2_off
 
     torch.set_num_threads(job.threads)
     os.environ.setdefault("HF_HOME", job.hf_home)
@@ -39,6 +39,8 @@ def evaluate_run(job: EvalJob) -> dict:
               "cache_bytes_per_token_analytic": model.cache_nbytes(cfg.report_context) / cfg.report_context,
               "lm_eval": {}, "decode": []}
     result.update(measure(model, text, job))
+    if result["kind"] == "tensor_cache":  # how much of it comes through L2
+        result["l2_off"] = measure_l2_off(model, text, job)
     result["time_quality_s"] = time.perf_counter() - t0
     if cfg.lm_eval_tasks:
         t0 = time.perf_counter()

@@ -25,6 +25,7 @@ from pipeline.core.results import MEASURES, rows_from_results
 from pipeline.report import stats
 from pipeline.report.convergence import BPB_DROP, RECALL_RISE, histories, learning, plot_learning
 from pipeline.report.points import Point, by_distance, capacity, front, points
+from pipeline.report.retrieval import l2_table, plot_heatmaps, retrieval_table
 
 
 # --------------------------------------------------------------------------- the figure
@@ -137,6 +138,8 @@ def _bytes(n: float) -> str:
 
 
 def _lrs(p: Point) -> str:
+    if p.steps == 0:  # a pretrained point (or a cache policy on one): no rate was tried
+        return "-"
     won = [r["lr"] for r in p.rows if r.get("lr") is not None]
     tried = len(p.rows[0]["_lr_candidates"]) if p.rows[0]["_lr_candidates"] else 1
     if not won:
@@ -150,6 +153,8 @@ def _steps(p: Point) -> str:
     """Its training steps; a retrofit's after its parent's (`60 from mha`)."""
     if p.steps is None:
         return "-"
+    if p.steps == 0:
+        return "0 (pretrained)"
     return f"{p.steps} from {p.init_from}" if p.init_from else str(p.steps)
 
 
@@ -242,6 +247,16 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
         lines += [""]
     from pipeline.report.claims import claims_table
 
+    retrieval = retrieval_table(pts)
+    if retrieval:
+        lines += ["## Retrieval (lm-eval)\n", "Each point's lm-eval task scores by context length (mean over "
+                  "evidence depths and seeds); report/retrieval.png draws each point's depth x length "
+                  "heatmap.\n", *retrieval, ""]
+    l2 = l2_table(pts)
+    if l2:
+        lines += ["## Does L2 carry anything?\n", "Each Tensor Cache point evaluated again with L2 switched off "
+                  "(every gate at 0: the window alone). Through L2: the beyond-window recall it loses and the "
+                  "bits per byte it gains without L2.\n", *l2, ""]
     lines += ["## The seeds' claims\n", *claims_table(claims, seeds), ""]
     return "\n".join(lines) + "\n"
 
@@ -249,13 +264,14 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
 CSV_FIELDS = ["key", "run", "point", "family", "kind", "seed", "lr", "params", "cache_bytes", "mqar_beyond",
               "mqar_one_hop", "mqar_reach", "bpb", "bpb_longest", "lm_eval", "mqar_beyond_decode",
               "decode_tokens_per_s", "peak_rss_mib", "measured_context", "steps", "init_from", "still_learning",
-              "recall_learning", "bpb_learning"]
+              "recall_learning", "bpb_learning", "mqar_beyond_l2_off", "bpb_l2_off"]
 
 
 def report_paths(out_dir: Path) -> dict[str, Path]:
     """The files the report stage writes (dvc.yaml lists the same)."""
     return {"png": out_dir / "frontier.png", "md": out_dir / "frontier.md", "csv": out_dir / "frontier.csv",
-            "capacity": out_dir / "capacity.png", "learning": out_dir / "learning.png"}
+            "capacity": out_dir / "capacity.png", "learning": out_dir / "learning.png",
+            "retrieval": out_dir / "retrieval.png"}
 
 
 def write_report(results: list[dict], report_context: int, trained_len: int, out_dir: Path,
@@ -278,6 +294,7 @@ def write_report(results: list[dict], report_context: int, trained_len: int, out
     plot_frontier(pts, report_context, paths["png"])
     plot_capacity(pts, paths["capacity"])
     plot_learning(results, runs, paths["learning"])
+    plot_heatmaps(pts, paths["retrieval"])
     paths["md"].write_text(markdown(pts, report_context, list(budgets), evaluate_claims(pts)))
     with paths["csv"].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")

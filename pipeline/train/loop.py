@@ -69,9 +69,27 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
-def _loss(model, inputs: np.ndarray, targets: np.ndarray, device) -> torch.Tensor:
+def chunked_cross_entropy(model, x: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The mean cross-entropy of `y` (-100: no target) after `x`, the head and the loss applied
+    `chunk` positions at a time and recomputed in the backward pass: no (B, T, vocab) fp32 logits
+    are ever held (200 MB a 1,024-token sequence at a 49k vocabulary)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def part(h, t):
+        return F.cross_entropy(model.lm_head(h).float().flatten(0, 1), t.flatten(), ignore_index=-100,
+                               reduction="sum")
+
+    h = model.hidden(x)
+    total = sum(checkpoint(part, h[:, s : s + chunk], y[:, s : s + chunk], use_reentrant=False)
+                for s in range(0, x.shape[1], chunk))
+    return total / (y != -100).sum().clamp(min=1)
+
+
+def _loss(model, inputs: np.ndarray, targets: np.ndarray, device, chunk: int = 0) -> torch.Tensor:
     x = torch.from_numpy(inputs).to(device)
     y = torch.from_numpy(targets).to(device)
+    if chunk:
+        return chunked_cross_entropy(model, x, y, chunk)
     logits = model(x)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
 

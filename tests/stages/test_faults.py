@@ -50,7 +50,7 @@ pytestmark = pytest.mark.xdist_group(__name__)  # under pytest-xdist all on one 
 EVAL = {"context_lengths": [32, 64], "bpb_tokens": 128, "mqar_pairs": [2], "mqar_examples": 16,
         "capacity_pairs": [1, 2], "decode_lengths": [64], "decode_new_tokens": 4}
 RUNS = ("mha", "swa")
-REPORT_FILES = ("frontier.png", "frontier.md", "frontier.csv", "capacity.png", "learning.png")
+REPORT_FILES = ("frontier.png", "frontier.md", "frontier.csv", "capacity.png", "learning.png", "retrieval.png")
 SETTLE_S = 30  # Ray's workers exit ~1-2 s after their raylet dies; agents once lingered 1-2 min
 
 

@@ -3,6 +3,11 @@
 `kvf_versions` records the torch and transformers an export was made with; loading it under
 another transformers major version warns (its generation and cache interfaces change between
 majors, and 5.24 already renamed the cache argument within one).
+
+`kvf_policy`, `kvf_window`, `kvf_sinks`: an inference-time cache policy (`models.CachePolicy`:
+`window` or `streaming`) a full-attention export runs under when they are given, e.g. by the
+stock harness: `lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True,
+kvf_policy=window,kvf_window=256`. Unset (the saved default), the model is as trained.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ class KVFConfig(PretrainedConfig):
     model_type = "kv_frontier"
 
     def __init__(self, kvf: dict | None = None, max_position_embeddings: int = 1 << 17,
-                 kvf_versions: dict | None = None, **kwargs):
+                 kvf_versions: dict | None = None, kvf_policy: str | None = None, kvf_window: int | None = None,
+                 kvf_sinks: int = 0, **kwargs):
         kvf = dict(kvf or {})
         self.kvf_versions = dict(kvf_versions or {})
         made_with = self.kvf_versions.get("transformers")
@@ -30,6 +36,7 @@ class KVFConfig(PretrainedConfig):
                           stacklevel=2)
         attention = kvf.get("attention", {})
         self.kvf = kvf  # models.ModelConfig.model_dump(): the one source of truth
+        self.kvf_policy, self.kvf_window, self.kvf_sinks = kvf_policy, kvf_window, kvf_sinks
         self.attention_kind = attention.get("kind")
         self.vocab_size = kvf.get("vocab_size", 259)
         self.hidden_size = kvf.get("d_model")

@@ -100,8 +100,21 @@ class KVFForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.model.lm_head = value
 
+    def cache_policy(self):
+        """The inference-time cache policy the config names (`kvf_policy`...), or None: what
+        `models.PolicyCache` reads of a `models.CachePolicy`, without pydantic."""
+        c = self.config
+        if not c.kvf_policy:
+            return None
+        if c.kvf_policy not in ("window", "streaming") or not c.kvf_window or int(c.kvf_window) < 1:
+            raise ValueError(f"kvf_policy={c.kvf_policy!r}, kvf_window={c.kvf_window!r}: a policy is window or "
+                             "streaming, with a window of at least 1")
+        window, sinks = int(c.kvf_window), int(c.kvf_sinks or 0)
+        name = f"window{window}" if c.kvf_policy == "window" else f"streaming.sinks{sinks}.window{window}"
+        return SimpleNamespace(policy=c.kvf_policy, window=window, sinks=sinks, name=name)
+
     def init_cache(self, batch_size: int = 1) -> KVFCache:
-        return KVFCache(self.model.init_cache(batch_size))
+        return KVFCache(self.model.init_cache(batch_size, policy=self.cache_policy()))
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 cache: Cache | None = None, past_key_values: Cache | None = None,
@@ -118,9 +131,12 @@ class KVFForCausalLM(PreTrainedModel, GenerationMixin):
             if cache.get_seq_length() > 0:
                 raise ValueError("the cache must be the KVFCache this model returned")
             cache = None  # generate()'s empty default cache: ours replaces it
-        if cache is None and use_cache:
+        policy = self.cache_policy()
+        if cache is None and (use_cache or policy is not None):  # a policy is applied through its cache
             cache = self.init_cache(input_ids.shape[0])
         logits = self.model(input_ids, cache=cache.model_cache if cache is not None else None)
+        if not use_cache and policy is not None:
+            cache = None
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),

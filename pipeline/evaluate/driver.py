@@ -63,7 +63,7 @@ def task_metadata(params: Params, data_dir: Path) -> dict:
     retrieval = params.data.retrieval
     out = {"seed": params.eval.seed, "context_lengths": params.eval.task_context_lengths,
            "heldout_plays": params.data.heldout_plays, "distances": retrieval.distances,
-           "num_distractors": retrieval.num_distractors}
+           "num_distractors": retrieval.num_distractors, "episodes_per_cell": retrieval.episodes_per_cell}
     if params.data.corpus.format != "shakespeare":
         out["heldout_path"] = str((data_dir / "text" / "heldout.bin").resolve())
     return out

@@ -211,8 +211,7 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
     meta_base = {"run": job.run, "variant": job.variant, "fingerprint": job.fingerprint,
                  "seed": seed,
                  "model_config": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16)
-           if cfg.precision == "bf16" and device.type == "cuda" else torch.autocast("cpu", enabled=False))
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     w_lm, w_mq = cfg.mixture.lm, cfg.mixture.mqar
     tokens_per_step = w_lm > 0 and cfg.batch_size * cfg.seq_len
     tokens_per_step += w_mq > 0 and cfg.mqar_batch_size * (data.mqar["train"][0].shape[1] - 1)
@@ -226,10 +225,10 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
         with amp:
             if w_lm > 0:
                 rows = data.lm_batch(seed, step, cfg.batch_size, cfg.seq_len)
-                parts["train/lm_loss"] = _loss(net, *map(parallel.shard, rows), device)
+                parts["train/lm_loss"] = _loss(net, *map(parallel.shard, rows), device, cfg.loss_chunk)
             if w_mq > 0:
                 rows = data.mqar_batch("train", seed, step, cfg.mqar_batch_size)
-                parts["train/mqar_loss"] = _loss(net, *map(parallel.shard, rows), device)
+                parts["train/mqar_loss"] = _loss(net, *map(parallel.shard, rows), device, cfg.loss_chunk)
         loss = w_lm * parts.get("train/lm_loss", 0.0) + w_mq * parts.get("train/mqar_loss", 0.0)
         fault = _fault(job, step + 1)
         if fault == "raise":

@@ -439,6 +439,9 @@ def parse_params(raw: Any) -> Params:
                                   f"at most {min(mqar.num_keys, mqar.num_values)} pairs)")
     _check_policies(params)
     workers = params.compute.workers_per_run
+    if workers > 1 and params.train.loss_chunk:
+        raise ParamsError(f"train.loss_chunk: the loss in chunks reads the model past DDP's forward; with "
+                          f"compute.workers_per_run={workers} set 0")
     for field in ("batch_size", "mqar_batch_size"):
         if getattr(params.train, field) % workers:
             raise ParamsError(f"train.{field}: {getattr(params.train, field)} is not divisible by "

@@ -76,8 +76,9 @@ def chunked_cross_entropy(model, x: torch.Tensor, y: torch.Tensor, chunk: int) -
     from torch.utils.checkpoint import checkpoint
 
     def part(h, t):
-        return F.cross_entropy(model.lm_head(h).float().flatten(0, 1), t.flatten(), ignore_index=-100,
-                               reduction="sum")
+        logits = model.lm_head(h)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast: fp32
+        return F.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=-100, reduction="sum")
 
     h = model.hidden(x)
     total = sum(checkpoint(part, h[:, s : s + chunk], y[:, s : s + chunk], use_reentrant=False)

@@ -176,3 +176,81 @@ def test_seeds_config_is_valid():
     assert ("tensor_cache", "exact", 4, None) in kinds and ("infini", None, None, "delta") in kinds
     for name in params.points:
         params.model_config_for(name)  # builds
+
+
+# --- a pretrained point (issue 33) ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from tests.pretrained import tiny_llama_dir
+
+    return tiny_llama_dir(tmp_path_factory.mktemp("llama") / "tiny")
+
+
+def _pretrained_study(source, **blocks):
+    raw = copy.deepcopy({k: v for k, v in TINY.items() if k not in ("compute", "tracking")})
+    raw["variants"] = {"tiny": {"pretrained": str(source)},
+                       "tiny_swa": {"kind": "swa", "window": 4, "init_from": "tiny", "steps": 6},
+                       "tiny_mqa": {"kind": "mqa", "init_from": "tiny", "steps": 6}}
+    raw["train"] = {**raw["train"], "lr": [1e-3, 3e-3], "seeds": [0, 1]}
+    for block, value in blocks.items():
+        raw[block] = value
+    return raw
+
+
+def test_a_pretrained_point_takes_its_config_and_tokenizer_from_its_checkpoint(llama_dir):
+    import json
+
+    from models.pretrained import read_config
+
+    params = parse_params(_pretrained_study(llama_dir))
+    hf = json.loads((llama_dir / "config.json").read_text())
+    cfg = params.model_config_for("tiny")
+    assert cfg == read_config(llama_dir) and cfg.n_layers == hf["num_hidden_layers"] == 2
+    assert (cfg.attention.kind, cfg.attention.n_kv_heads) == ("gqa", hf["num_key_value_heads"])
+    assert params.data.tokenizer.pretrained == str(llama_dir) and params.data.tokenizer.n_ids == hf["vocab_size"]
+    # a retrofit keeps every width and, into a window, the parent's KV heads (not one per query head)
+    swa = params.model_config_for("tiny_swa")
+    assert swa.model_dump(exclude={"attention"}) == cfg.model_dump(exclude={"attention"})
+    assert (swa.attention.kind, swa.attention.n_kv_heads) == ("swa", 2)
+    assert params.model_config_for("tiny_mqa").attention.n_kv_heads == 1
+    # one run (nothing of it is trained or drawn), its train block of no steps; every child run
+    # starts from it, whatever its seed and rate
+    assert [r.name for r in params.runs() if r.variant == "tiny"] == ["tiny"]
+    assert params.train_for("tiny").steps == 0 and params.train_for("tiny_swa").steps == 6
+    children = [r for r in params.runs() if r.variant == "tiny_swa"]
+    assert len(children) == 4 and all([p.name for p in params.parent_runs(r)] == ["tiny"] for r in children)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda raw: raw["variants"]["tiny"].update(window=4),
+     "variants.tiny.window: a pretrained point takes its config from its checkpoint"),
+    (lambda raw: raw["variants"]["tiny"].update(pretrained="no/such/folder"),
+     "variants.tiny.pretrained: no/such/folder is neither a .gguf file"),
+    (lambda raw: raw["data"].update(tokenizer="bytes"),
+     "data.tokenizer: the study's tokenizer is its pretrained point's"),
+    (lambda raw: raw.update(match_params={"reference": "tiny"}),
+     "match_params.reference: tiny is pretrained"),
+    (lambda raw: raw["variants"].update(tiny_big={"kind": "swa", "window": 4, "d_model": 64, "init_from": "tiny"}),
+     "variants.tiny_big.d_model"),
+    (lambda raw: raw["train"].update(steps=0), "train.steps: must be >= 1"),
+])
+def test_a_pretrained_study_refuses_what_it_cannot_be(llama_dir, change, message):
+    raw = _pretrained_study(llama_dir)
+    change(raw)
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_smollm2_config_is_valid():
+    """configs/smollm2-cpu.yaml: the packaged SmolLM2-135M (its header read, no weights), its
+    policies at three windows and more, and its retrofits."""
+    params = load_params(REPO / "configs" / "smollm2-cpu.yaml")
+    cfg = params.model_config_for("smollm2")
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.attention.n_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
+    assert len({policy.window for _, policy in params.policy_points()}) >= 3
+    assert {p.attention["kind"] for p in params.points.values() if p.init_from == "smollm2"} == {
+        "swa", "tensor_cache", "mqa"}
+    for name in params.points:
+        params.model_config_for(name)  # builds

@@ -60,3 +60,27 @@ def test_mqar_split_uses_the_shortest_and_the_longest_reach():
     assert out["acc_inside_window"] == hit[gap <= 10].mean() and out["n_inside_window"] == (gap <= 10).sum()
     assert out["acc_beyond_window"] == hit[gap > 30].mean() and out["n_beyond_window"] == (gap > 30).sum()
     assert out["acc"] == hit.mean() and out["n"] == 500
+
+
+@pytest.mark.parametrize("write", ["exact", "delta"])
+def test_a_tensor_cache_with_l2_off_is_its_window_alone(write):
+    """`l2_off`: every gate at -inf, so the Tensor Cache computes what SWA of its window does with
+    the same q, k, v, o and MLP weights (an independent module); the gates come back after."""
+    from pipeline.evaluate.quality import l2_off
+
+    base = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, init_std=0.1)
+    tc = build_model(ModelConfig(**base, attention={"kind": "tensor_cache", "window": 5, "chunk_size": 4,
+                                                    "write": write, "gate_init": 2.0})).double()
+    swa = build_model(ModelConfig(**base, attention={"kind": "swa", "window": 5})).double()
+    missing, unexpected = swa.load_state_dict(tc.state_dict(), strict=False)
+    assert not missing and all(k.endswith(("attn.gate", "decay_logit", "write_rate_raw")) for k in unexpected)
+    ids = torch.randint(0, 61, (2, 29))
+    gates = [b.attn.gate.detach().clone() for b in tc.blocks]
+    with torch.no_grad():
+        on = tc(ids)
+        with l2_off(tc):
+            off = tc(ids)
+        want = swa(ids)
+    assert float((off - want).abs().max()) < 1e-10 * float(want.abs().max())
+    assert float((on - want).abs().max()) > 1e-3 * float(want.abs().max())  # L2 was carrying something
+    assert all(torch.equal(b.attn.gate, g) for b, g in zip(tc.blocks, gates))

@@ -113,6 +113,39 @@ def test_generate_decodes_one_token_per_step_into_one_cache(exports, kind, promp
             assert row[gen[0, j]] >= row.max() - 1e-4, f"{kind}: token {j} is not the argmax"
 
 
+@pytest.mark.parametrize("kind", ["mha", "gqa"])
+@pytest.mark.parametrize("policy", [{"policy": "window", "window": 4, "sinks": 0},
+                                    {"policy": "streaming", "window": 3, "sinks": 2}])
+def test_an_export_runs_under_a_cache_policy_as_the_model_decodes_under_it(exports, kind, policy):
+    """With `kvf_policy` (what `lm_eval --model_args ...,kvf_policy=window,kvf_window=4` sets), a
+    forward without a cache scores every token as `models` decoding one token at a time through
+    the policy's cache does, and generate() continues as it does; without them, the model as trained."""
+    from models import CachePolicy
+    from pipeline.export.hf.modeling_kvf import KVFForCausalLM
+
+    root, models = exports
+    cut = CachePolicy(**policy)
+    hf = KVFForCausalLM.from_pretrained(root / "hf" / kind, kvf_policy=policy["policy"], kvf_window=policy["window"],
+                                        kvf_sinks=policy["sinks"]).eval()
+    plain = KVFForCausalLM.from_pretrained(root / "hf" / kind).eval()
+    ids = torch.randint(3, 259, (1, 23))  # fresh every run; past sinks + window
+    model = models[kind]
+    with torch.no_grad():
+        cache = model.init_cache(1, policy=cut)
+        want = torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])], dim=1)
+        got = hf(ids).logits
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+        assert float((plain(ids).logits - want).abs().max() / want.abs().max()) > 1e-2  # the policy changes it
+        hf.generation_config.eos_token_id = None
+        gen = hf.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
+        cache, new = model.init_cache(1, policy=cut), []
+        last = model(ids, cache=cache)[:, -1]
+        for _ in range(6):
+            new.append(int(last.argmax()))
+            last = model(torch.tensor([[new[-1]]]), cache=cache)[:, -1]
+    assert gen == new
+
+
 def test_export_records_versions_and_warns_across_majors(exports, tmp_path):
     import transformers
     from transformers import AutoConfig

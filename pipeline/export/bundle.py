@@ -136,6 +136,11 @@ def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOU
     hf_model.model.load_state_dict(model.state_dict())
     hf_model.generation_config = GenerationConfig(do_sample=False, **specials)
     hf_model.save_pretrained(out_dir)
+    # the weights: the checkpoint's own file, byte for byte (transformers reads its names under the
+    # model's `model.` prefix), so DVC's cache holds them once for both, and MLflow the export's copy
+    for written in out_dir.glob("model*.safetensors*"):
+        written.unlink()
+    shutil.copyfile(Path(ckpt_dir) / checkpoint.FINAL_WEIGHTS, out_dir / "model.safetensors")
     sources = bundle_sources(repo)
     _write_bundle(out_dir, sources)
     tok.save_pretrained(out_dir)

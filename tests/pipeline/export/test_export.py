@@ -162,6 +162,15 @@ def test_export_records_versions_and_warns_across_majors(exports, tmp_path):
         AutoConfig.from_pretrained(tmp_path / "old", trust_remote_code=True)
 
 
+def test_export_weights_are_the_checkpoints_file(exports):
+    """One copy of the weights for DVC's content-addressed cache: the export's file is the
+    checkpoint's, byte for byte (and the round trip above reads it as the model)."""
+    root, models = exports
+    for name in models:
+        assert (root / "hf" / name / "model.safetensors").read_bytes() == \
+            (root / "ckpt" / name / "model.safetensors").read_bytes(), name
+
+
 def test_export_files_and_card(exports):
     root, _ = exports
     d = root / "hf" / "tpa"

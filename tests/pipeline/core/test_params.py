@@ -243,10 +243,11 @@ def test_a_pretrained_study_refuses_what_it_cannot_be(llama_dir, change, message
     assert str(err.value).startswith(message), str(err.value)
 
 
-def test_smollm2_config_is_valid():
-    """configs/smollm2-cpu.yaml: the packaged SmolLM2-135M (its header read, no weights), its
+@pytest.mark.parametrize("config", ["smollm2-cpu.yaml", "smollm2-gpu.yaml"])
+def test_smollm2_configs_are_valid(config):
+    """configs/smollm2-*.yaml: the packaged SmolLM2-135M (its header read, no weights), its
     policies at three windows and more, and its retrofits."""
-    params = load_params(REPO / "configs" / "smollm2-cpu.yaml")
+    params = load_params(REPO / "configs" / config)
     cfg = params.model_config_for("smollm2")
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.attention.n_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
     assert len({policy.window for _, policy in params.policy_points()}) >= 3

@@ -176,3 +176,92 @@ def test_seeds_config_is_valid():
     assert ("tensor_cache", "exact", 4, None) in kinds and ("infini", None, None, "delta") in kinds
     for name in params.points:
         params.model_config_for(name)  # builds
+
+
+# The tiny study's fingerprints (code "code", no data files) as the code before the MQAR additions
+# (`alphabet`, `first_id`, `train_pairs`, `num_queries`, `capacity_pairs`: commit 334609f) gave them.
+TINY_FINGERPRINTS = {"mha": "a6b7ee870785d17b", "swa": "21372506acf44278"}
+
+
+def test_studies_that_do_not_opt_in_keep_their_fingerprints(tmp_path):
+    from pipeline.core.runs import train_job
+
+    def prints(raw):
+        params = parse_params(copy.deepcopy(raw))
+        return {r.name: train_job(params, r, "code", tmp_path, tmp_path, {}).fingerprint for r in params.runs()}
+
+    assert prints(TINY) == TINY_FINGERPRINTS
+    spelled = copy.deepcopy(TINY)  # the new fields written out at their defaults: the same study
+    spelled["data"]["mqar"].update(alphabet="bytes", first_id=None, train_pairs=None, num_queries=None,
+                                   capacity_pairs=[])
+    assert prints(spelled) == TINY_FINGERPRINTS
+    opted = copy.deepcopy(TINY)
+    opted["data"]["mqar"]["capacity_pairs"] = [1, 2]
+    assert set(prints(opted).values()).isdisjoint(TINY_FINGERPRINTS.values())
+
+
+def test_own_mqar_ids_grow_the_vocabulary_after_any_tokenizer():
+    raw = copy.deepcopy(DEFAULT)
+    raw["model"].pop("vocab_size", None)
+    raw["data"]["mqar"].update(alphabet="own", num_keys=40, num_values=8, num_fillers=8)
+    params = parse_params(raw)
+    mqar = params.data.mqar
+    assert (mqar.first_id, mqar.n_ids) == (259, 40 + 8 + 40 * 8 + 8)
+    assert params.model["vocab_size"] == 259 + mqar.n_ids == params.model_config_for("mha").vocab_size
+    raw["model"]["vocab_size"] = 300
+    with pytest.raises(ParamsError, match=r"^model\.vocab_size: 300 does not reach data\.mqar's own ids "
+                                         r"\(259\.\.634\)"):
+        parse_params(raw)
+    raw["model"].pop("vocab_size")
+    raw["data"]["mqar"]["first_id"] = 100
+    with pytest.raises(ParamsError, match=r"^data\.mqar\.first_id: 100 lies among data\.tokenizer's 259 ids"):
+        parse_params(raw)
+    raw["data"]["mqar"].pop("first_id")
+    raw["data"]["tokenizer"] = {"train": {"vocab_size": 1000}}  # a trained BPE: MQAR ids start after its 1,000
+    params = parse_params(raw)
+    assert params.data.mqar.first_id == 1000 and params.model["vocab_size"] == 1000 + params.data.mqar.n_ids
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (_set("data.mqar.num_keys", 200), "data.mqar.num_fillers"),  # bytes: past the 256 byte ids
+    (_set("data.mqar.first_id", 300), "data.mqar.first_id"),     # only with alphabet own
+    (_set("data.mqar.train_pairs", [2, 9]), "data.mqar.train_pairs.1"),
+    (_set("data.mqar.train_pairs", []), "data.mqar.train_pairs"),
+    (_set("data.mqar.capacity_pairs", [2, 2]), "data.mqar.capacity_pairs"),
+    (_set("data.mqar.capacity_pairs", [2, 40]), "data.mqar.capacity_pairs.1"),
+    (_set("data.mqar.num_queries", 0), "data.mqar.num_queries"),
+    (_set("eval.capacity_pairs", [4, 9]), "eval.capacity_pairs.1"),
+])
+def test_mqar_additions_name_the_field(mutate, field):
+    raw = copy.deepcopy(DEFAULT)
+    raw["data"]["mqar"].update(alphabet="bytes", num_keys=8, num_values=16, num_fillers=32, pair_tokens=1,
+                               num_pairs=4, seq_len=96, train_gaps=[2, 80],
+                               eval_gaps={"near": [2, 10], "far": [40, 80]})
+    raw["data"]["mqar"].pop("first_id", None)
+    mutate(raw)
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert str(err.value).startswith(f"{field}: "), str(err.value)
+
+
+def test_a_point_may_set_its_own_head_width():
+    """d_head (or n_heads) swept for one family: its points' models have it, the others keep the
+    model block's, and each is matched to the reference's parameter count."""
+    from models import build_model
+
+    raw = copy.deepcopy(DEFAULT)
+    raw["variants"]["linear"] = {"kind": "linear", "chunk_size": 16, "d_head": [8, 32]}
+    raw["variants"]["tensor_cache"] = {"kind": "tensor_cache", "window": 6, "n_heads": 2}
+    params = parse_params(raw)
+    assert [n for n in params.points if n.startswith(("linear", "tensor_cache."))] == ["linear.d_head8",
+                                                                                      "linear.d_head32"]
+    widths = {n: (c.n_heads, c.d_head) for n in params.points for c in [params.model_config_for(n)]}
+    assert widths["linear.d_head8"] == (4, 8) and widths["linear.d_head32"] == (4, 32)
+    assert widths["tensor_cache"] == (2, 32) and widths["mha"] == (4, 16)
+    target = sum(p.numel() for p in build_model(params.model_config_for("mha")).parameters())
+    for name in ("linear.d_head8", "linear.d_head32", "tensor_cache"):
+        count = sum(p.numel() for p in build_model(params.model_config_for(name)).parameters())
+        assert abs(count / target - 1) <= params.match_params.tolerance
+    raw["variants"]["swa_from_mha"]["d_head"] = 8  # a retrofit keeps its parent's widths
+    with pytest.raises(ParamsError, match=r"^variants\.swa_from_mha\.init_from: "):
+        parse_params(raw)

@@ -20,7 +20,8 @@ training ends. With one seed the interval covers evaluation examples only, not t
 the table says so.
 
 1. Tensor Cache beats the sliding window of the same width at recall beyond the window
-   (the L2 memory is what it adds): MQAR far, every window both families have.
+   (the L2 memory is what it adds): MQAR far, every window both families have (at the same
+   head widths, as every pairing below but the cache policies').
 2. The exact write beats the chunk-mean shortcut at the same window: MQAR far.
 3. Tensor Cache beats the best bounded baseline (sliding window, linear attention, Infini, or an
    inference-time cache policy on a full-attention checkpoint) whose cache is no larger: MQAR far,
@@ -107,7 +108,7 @@ def beyond_the_seeds(pts: list["Point"], curves: dict | None = None) -> list[dic
     for f in (p for p in pts if p.kind == "tensor_cache" and p.attention.get("factors") and _scratch(p)):
         w, write = f.attention.get("window"), f.attention.get("write", "exact")
         for tc in (p for p in pts if _is_tc(p, write) and p.attention.get("window") == w
-                   and p.attention.get("sinks") == f.attention.get("sinks")):
+                   and p.attention.get("sinks") == f.attention.get("sinks") and p.widths == f.widths):
             out.append(_claim(f"factored window ({f.name}) loses <= {RECALL_MARGIN:g} far recall vs Tensor Cache "
                               f"at W={w}", f, tc, "mqar_beyond", True, RECALL_MARGIN, curves))
     steps = {p.name: p.steps for p in pts}
@@ -115,7 +116,7 @@ def beyond_the_seeds(pts: list["Point"], curves: dict | None = None) -> list[dic
         w, parent_steps = r.attention.get("window"), steps.get(r.init_from)
         share = f"{r.steps / parent_steps:.0%} of the steps" if r.steps and parent_steps else "its own steps"
         columns = (["mqar_beyond"] if r.kind in MEMORY_KINDS else []) + ["bpb"]
-        for scratch in (p for p in pts if _scratch(p) and _same_design(p, r)):
+        for scratch in (p for p in pts if _scratch(p) and _same_design(p, r) and p.widths == r.widths):
             for col in columns:
                 margin = RECALL_MARGIN if col == "mqar_beyond" else BPB_MARGIN
                 out.append(_claim(f"retrofit {r.name} ({share}) loses <= {margin:g} {col} vs from scratch",
@@ -132,17 +133,16 @@ def evaluate_claims(pts: list["Point"], curves: dict | None = None) -> list[dict
     """Every claim the study's points allow; `curves`: `convergence.claim_curves` (None: every
     verdict reads "not tracked")."""
     out = []
-    swa = {p.attention.get("window"): p for p in pts
-           if p.kind == "swa" and not p.attention.get("sinks") and _scratch(p)}
-    chunk_mean = {p.attention.get("window"): p for p in pts if _is_tc(p, "chunk_mean")}
+    swa = [p for p in pts if p.kind == "swa" and not p.attention.get("sinks") and _scratch(p)]
+    chunk_mean = [p for p in pts if _is_tc(p, "chunk_mean")]
     exact = [p for p in pts if _is_tc(p, "exact")]
     for tc in exact:
         w = tc.attention.get("window")
-        if w in swa:
-            out.append(_claim(f"Tensor Cache > SWA at W={w}, beyond-window recall", tc, swa[w], "mqar_beyond", True,
+        for s in (p for p in swa if p.attention.get("window") == w and p.widths == tc.widths):
+            out.append(_claim(f"Tensor Cache > SWA at W={w}, beyond-window recall", tc, s, "mqar_beyond", True,
                               curves=curves))
-        if w in chunk_mean:
-            out.append(_claim(f"exact write > chunk_mean at W={w}, beyond-window recall", tc, chunk_mean[w],
+        for cm in (p for p in chunk_mean if p.attention.get("window") == w and p.widths == tc.widths):
+            out.append(_claim(f"exact write > chunk_mean at W={w}, beyond-window recall", tc, cm,
                               "mqar_beyond", True, curves=curves))
     for tc in exact:
         rivals = [p for p in pts if ((p.kind in BOUNDED_BASELINES and _scratch(p)) or p.attention.get("cache_policy"))

@@ -120,7 +120,7 @@ def plot_capacity(pts: list[Point], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=3)
     ax.set_title(f"memory capacity (mean over seeds); dashed: recall {CAPACITY_LEVEL:g} (capacity at "
-                 f"{CAPACITY_LEVEL:.0%}); dotted: d_h, the keys a d_h x d_h state per head holds orthogonal",
+                 f"{CAPACITY_LEVEL * 100:.0f} %); dotted: d_h, the keys a d_h x d_h state per head holds orthogonal",
                  fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -281,8 +281,9 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
     if pairs:
         by_name = {p.name: p for p in pts}
         lines += ["## Memory capacity\n", "MQAR recall beyond every window's reach as the number of "
-                  f"stored pairs grows (report/capacity.png), and the capacity at {CAPACITY_LEVEL:.0%}: the count at "
-                  f"which recall first falls below {CAPACITY_LEVEL:g}, interpolated in log2 of the count between "
+                  f"stored pairs grows (report/capacity.png), and the capacity at {CAPACITY_LEVEL * 100:.0f} %: "
+                  f"the count at which recall first falls below {CAPACITY_LEVEL:g}, interpolated in log2 of the "
+                  "count between "
                   "the last count at or above it and the first below (>= n: never below up to n; <n: below at "
                   "the smallest count). Fixed states (h d_h^2 elements per layer) must fall past about d_h "
                   "pairs: the figure marks each d_h.\n",

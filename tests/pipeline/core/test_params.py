@@ -12,31 +12,35 @@ DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
 
 def test_default_params_are_valid_and_typed():
     params = load_params(REPO / "params.yaml")
-    assert set(params.variants) == {"mha", "mqa", "mla", "tpa", "swa", "linear", "tensor_cache",
-                                    "tensor_cache_chunk_mean", "tensor_cache_factored", "tensor_cache_from_mha",
-                                    "swa_from_mha"}
-    assert params.model_config_for("tensor_cache_chunk_mean").attention.write == "chunk_mean"
-    assert params.model_config_for("tensor_cache_factored").attention.factors.rank_k == 1
+    assert set(params.variants) == {"mha", "mqa", "tpa", "swa", "linear", "tensor_cache"}
     assert params.compute.gpus_per_job == "auto" and params.tracking.uri is None
     assert [run.name for run in params.runs()] == list(params.points)  # one seed, one rate
-    # the frontier's shape: a window sweep per bounded family the seeds' claims compare
-    families = {}
-    for point in params.points.values():
-        families.setdefault(point.family, []).append(point)
-    for family in ("swa", "tensor_cache"):
-        assert len(families[family]) >= 2
-    # two retrofits of the MHA checkpoint at a window a point trained from scratch has, a fifth of the steps
-    for child in ("tensor_cache_from_mha", "swa_from_mha"):
-        point = params.points[child]
-        assert point.init_from == "mha" and 5 * point.steps == params.train.steps
-        assert params.train_for(child).eval_every == 10  # twelve validations in its 120 steps
-        twin = f"{point.attention['kind']}.window{point.attention['window']}"
-        assert params.model_config_for(child).attention == params.model_config_for(twin).attention
     assert params.match_params.reference == "mha"
-    # inference-time cache policies on the mha checkpoint: one result key each, after the trained ones
-    assert params.result_keys()[len(params.points):] == [
-        "mha+window6", "mha+window10", "mha+window16", "mha+streaming.sinks4.window6",
-        "mha+streaming.sinks4.window12"]
+    # the claims' pairs: Tensor Cache and SWA at one window, Tensor Cache and linear at one head width
+    assert params.points["tensor_cache"].attention["window"] == params.points["swa"].attention["window"]
+    assert params.model_config_for("tensor_cache").d_head == params.model_config_for("linear").d_head
+    # MQAR with ids of its own: more pairs than the trained counts, to 4x the largest, beyond every window
+    mqar, reach = params.data.mqar, 2 * (16 - 1)  # the W 16 cache policy's reach
+    assert mqar.alphabet == "own" and params.model["vocab_size"] == 259 + mqar.n_ids
+    assert max(params.eval.capacity_pairs) >= 4 * max(mqar.train_pairs)
+    assert mqar.capacity_pairs == params.eval.capacity_pairs and mqar.eval_gaps["far"][0] > reach
+    assert params.result_keys()[len(params.points):] == ["mha+window6", "mha+window16"]
+
+
+def test_frontier_cpu_config_is_valid():
+    """configs/frontier-cpu.yaml: the default study's data, widths and evaluation, 3 seeds x 2
+    rates, and a d_head sweep of linear attention and the Tensor Cache (issue 34's theory check)."""
+    params, default = load_params(REPO / "configs" / "frontier-cpu.yaml"), load_params(REPO / "params.yaml")
+    assert params.data == default.data and params.model == default.model and params.eval == default.eval
+    assert params.train.model_dump() | {"seeds": [0], "lr": 5e-3} == default.train.model_dump()
+    assert len(params.train.seeds) == 3 and len(params.lrs) == 2
+    assert set(default.points) <= set(params.points) | {"linear", "tensor_cache"}
+    heads = {n: params.model_config_for(n).d_head for n in params.points}
+    for family in ("linear", "tensor_cache"):
+        assert sorted(heads[n] for n in params.points if n.startswith(family + ".d_head")) == [8, 16, 32]
+    assert params.points["tensor_cache_from_mha"].init_from == "mha"
+    for name in params.points:
+        params.model_config_for(name)  # builds
 
 
 def test_cache_policies_default_to_every_full_attention_point():
@@ -79,7 +83,7 @@ def _set(path: str, value):
     (_set("variants.swa.kind", ["swa", "mha"]), "variants.swa.kind"),
     (_set("train.lr", [1e-3, -1.0]), "train.lr.1"),
     (_set("train.lr", [1e-3, 1e-3]), "train.lr"),
-    (_set("match_params.reference", "swa"), "match_params.reference"),
+    (_set("match_params.reference", "nope"), "match_params.reference"),
     (_set("model.mlp_hidden", 100), "model.mlp_hidden"),
     (_set("eval.context_lengths", [512, 1024]), "eval.context_lengths"),
     (_set("data.mqar.eval_gaps.near", [2, 6]), "data.mqar.eval_gaps.near"),
@@ -106,8 +110,7 @@ def _set(path: str, value):
      "eval.cache_policies.0.points.0"),
     (_set("eval.cache_policies", [{"policy": "window", "window": [8, 8]}]), "eval.cache_policies"),
     (_set("eval.cache_policies", [{"policy": "evict", "window": 8}]), "eval.cache_policies.0.policy"),
-    (lambda d: (_set("compute.workers_per_run", 3)(d), d["variants"].pop("tensor_cache_from_mha"),
-                d["variants"].pop("swa_from_mha")), "train.batch_size"),
+    (_set("compute.workers_per_run", 3), "train.batch_size"),
     (_set("compute.workers_per_run", 0), "compute.workers_per_run"),
     (_set("compute.storage", "file://relative/ckpts"), "compute.storage"),
     (_set("compute.storage", "ftp://host/ckpts"), "compute.storage"),
@@ -203,14 +206,14 @@ def test_studies_that_do_not_opt_in_keep_their_fingerprints(tmp_path):
 def test_own_mqar_ids_grow_the_vocabulary_after_any_tokenizer():
     raw = copy.deepcopy(DEFAULT)
     raw["model"].pop("vocab_size", None)
-    raw["data"]["mqar"].update(alphabet="own", num_keys=40, num_values=8, num_fillers=8)
+    raw["data"]["mqar"].update(alphabet="own", num_keys=64, num_values=8, num_fillers=8)
     params = parse_params(raw)
     mqar = params.data.mqar
-    assert (mqar.first_id, mqar.n_ids) == (259, 40 + 8 + 40 * 8 + 8)
+    assert (mqar.first_id, mqar.n_ids) == (259, 64 + 8 + 64 * 8 + 8)
     assert params.model["vocab_size"] == 259 + mqar.n_ids == params.model_config_for("mha").vocab_size
     raw["model"]["vocab_size"] = 300
     with pytest.raises(ParamsError, match=r"^model\.vocab_size: 300 does not reach data\.mqar's own ids "
-                                         r"\(259\.\.634\)"):
+                                         r"\(259\.\.850\)"):
         parse_params(raw)
     raw["model"].pop("vocab_size")
     raw["data"]["mqar"]["first_id"] = 100
@@ -233,11 +236,10 @@ def test_own_mqar_ids_grow_the_vocabulary_after_any_tokenizer():
     (_set("eval.capacity_pairs", [4, 9]), "eval.capacity_pairs.1"),
 ])
 def test_mqar_additions_name_the_field(mutate, field):
-    raw = copy.deepcopy(DEFAULT)
-    raw["data"]["mqar"].update(alphabet="bytes", num_keys=8, num_values=16, num_fillers=32, pair_tokens=1,
-                               num_pairs=4, seq_len=96, train_gaps=[2, 80],
-                               eval_gaps={"near": [2, 10], "far": [40, 80]})
-    raw["data"]["mqar"].pop("first_id", None)
+    raw = copy.deepcopy(DEFAULT)  # with the MQAR block studies had before the additions
+    raw["data"]["mqar"] = dict(num_keys=8, num_values=16, num_fillers=32, pair_tokens=1, num_pairs=4, seq_len=96,
+                               train_gaps=[2, 80], eval_gaps={"near": [2, 10], "far": [40, 80]})
+    raw["eval"]["capacity_pairs"] = [1, 2, 4, 6]
     mutate(raw)
     with pytest.raises(ParamsError) as err:
         parse_params(raw)
@@ -262,6 +264,6 @@ def test_a_point_may_set_its_own_head_width():
     for name in ("linear.d_head8", "linear.d_head32", "tensor_cache"):
         count = sum(p.numel() for p in build_model(params.model_config_for(name)).parameters())
         assert abs(count / target - 1) <= params.match_params.tolerance
-    raw["variants"]["swa_from_mha"]["d_head"] = 8  # a retrofit keeps its parent's widths
-    with pytest.raises(ParamsError, match=r"^variants\.swa_from_mha\.init_from: "):
+    raw["variants"]["swa_from_mha"] = {"kind": "swa", "window": 6, "init_from": "mha", "steps": 120, "d_head": 8}
+    with pytest.raises(ParamsError, match=r"^variants\.swa_from_mha\.init_from: "):  # a retrofit keeps its widths
         parse_params(raw)

@@ -12,7 +12,7 @@ DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
 
 def test_default_params_are_valid_and_typed():
     params = load_params(REPO / "params.yaml")
-    assert set(params.variants) == {"mha", "mqa", "tpa", "swa", "linear", "tensor_cache"}
+    assert set(params.variants) == {"mha", "tpa", "swa", "linear", "tensor_cache"}
     assert params.compute.gpus_per_job == "auto" and params.tracking.uri is None
     assert [run.name for run in params.runs()] == list(params.points)  # one seed, one rate
     assert params.match_params.reference == "mha"
@@ -47,6 +47,7 @@ def test_cache_policies_default_to_every_full_attention_point():
     raw = copy.deepcopy(DEFAULT)
     raw["eval"]["cache_policies"] = [{"policy": "streaming", "sinks": 2, "window": 8}]
     raw["train"]["seeds"] = [0, 1]
+    raw["variants"]["mqa"] = {"kind": "mqa"}
     keys = parse_params(raw).result_keys()
     full = ["mha", "mqa"]
     assert keys[-4:] == [f"{p}+streaming.sinks2.window8{s}" for p in full for s in ("", ".seed1")]

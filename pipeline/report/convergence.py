@@ -136,10 +136,11 @@ def _measure_kind(column: str) -> str:
 
 
 def _seed_draws(column: str, curve, history: list[dict], steps: int, fractions: np.ndarray, answers: dict,
-                rng) -> tuple[np.ndarray, np.ndarray] | None:
+                rng, z: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """One trained run on the claim's curve at `fractions` of its training: the values (F,) and
-    draws of their sampling error (N_DRAWS, F): binomial for recall (its answers), normal with
-    `val/bpb_se` for bits per byte, binomial per count then `capacity_at` for capacity."""
+    draws of their sampling error (N_DRAWS, F): binomial for recall (its answers), `val/bpb_se`
+    times the standard normals `z` for bits per byte, binomial per count then `capacity_at` for
+    capacity."""
     from pipeline.core.results import capacity_at
 
     evals = [h for h in history if "val/bpb" in h]
@@ -157,14 +158,15 @@ def _seed_draws(column: str, curve, history: list[dict], steps: int, fractions: 
         n = answers[keys[0]]
         return at[:, 0], rng.binomial(n, np.clip(at[:, 0], 0, 1), size=(N_DRAWS, len(fractions))) / n
     se = np.interp(fractions, f, [h.get("val/bpb_se", 0.0) for h in evals])
-    return at[:, 0], at[:, 0] + se * rng.standard_normal((N_DRAWS, len(fractions)))
+    return at[:, 0], at[:, 0] + se * z
 
 
-def _side(point, column: str, curve, fractions: np.ndarray, answers: dict, rng):
+def _side(point, column: str, curve, fractions: np.ndarray, answers: dict, rng, z: np.ndarray):
     """A point's mean over its seeds at each fraction (F,) and its draws (N_DRAWS, F): each seed's
-    sampling error, the seeds resampled with replacement. A cache policy has no validation curve
-    of its own (validation runs the parallel forward, not the policy): it stays at its evaluated
-    mean, drawn from its examples' interval."""
+    sampling error (bits per byte: the normals `z`, shared by its seeds, which read the same
+    validation windows), the seeds resampled with replacement. A cache policy has no validation
+    curve of its own (validation runs the parallel forward, not the policy): it stays at its
+    evaluated mean, drawn from its examples' interval."""
     if point.attention.get("cache_policy"):
         mean, iv = point.mean(column), point.example_interval(column)
         if mean is None:
@@ -176,7 +178,7 @@ def _side(point, column: str, curve, fractions: np.ndarray, answers: dict, rng):
     for r in point.rows:
         if not r.get("_history") or not r.get("steps"):
             return None
-        got = _seed_draws(column, curve, r["_history"], r["steps"], fractions, answers, rng)
+        got = _seed_draws(column, curve, r["_history"], r["steps"], fractions, answers, rng, z)
         if got is None:
             return None
         seeds.append(got)
@@ -185,6 +187,19 @@ def _side(point, column: str, curve, fractions: np.ndarray, answers: dict, rng):
     pick = rng.integers(0, len(seeds), size=(len(seeds), N_DRAWS)) if len(seeds) > 1 else \
         np.zeros((1, N_DRAWS), dtype=int)
     return values, np.take_along_axis(draws, pick[:, :, None], axis=0).mean(axis=0)
+
+
+def window_correlation(a, b) -> float:
+    """The correlation of two points' bits per byte over the same held-out windows (means over
+    seeds, at the trained length): how much of each window's difficulty the two share. Validation
+    logs its windows' mean and standard error, not each window, so a step's bits-per-byte draws
+    take their pairing from here (the same number of windows of the same length); 0 (unpaired)
+    when either point lacks them."""
+    ea, eb = a.examples("bpb"), b.examples("bpb")
+    if ea is None or eb is None or len(ea[0]) != len(eb[0]) or len(ea[0]) < 3:
+        return 0.0
+    rho = np.corrcoef(np.mean(ea, axis=0), np.mean(eb, axis=0))[0, 1]
+    return float(np.clip(rho, 0.0, 1.0)) if np.isfinite(rho) else 0.0
 
 
 def track(a, b, column: str, curves: dict | None, higher_supports: bool, shift: float, final: str,
@@ -208,7 +223,10 @@ def track(a, b, column: str, curves: dict | None, higher_supports: bool, shift: 
     if len(fractions) < 2:
         return None
     rng = np.random.default_rng(seed)
-    sides = [_side(p, column, curve, fractions, curves["answers"], rng) for p in (a, b)]
+    za = rng.standard_normal((N_DRAWS, len(fractions)))
+    rho = window_correlation(a, b) if column.startswith("bpb") else 0.0
+    zb = rho * za + np.sqrt(1 - rho ** 2) * rng.standard_normal(za.shape)
+    sides = [_side(p, column, curve, fractions, curves["answers"], rng, z) for p, z in ((a, za), (b, zb))]
     if None in sides:
         return None
     (va, da), (vb, db) = sides

@@ -117,24 +117,31 @@ def test_a_steady_difference_that_never_cleared_zero_is_inconclusive():
 
 
 def test_each_steps_interval_is_the_two_sides_sampling_error():
-    """One seed a side: each validation's interval is the difference's binomial (recall) or normal
-    (bits per byte) spread, as the normal approximation gives it."""
+    """One seed a side: each validation's interval is the difference's binomial (recall, unpaired)
+    or normal (bits per byte, paired) spread, as the normal approximation gives it."""
     rng = np.random.default_rng()
     pa, pb, n = rng.uniform(0.5, 0.8), rng.uniform(0.1, 0.4), CURVES["answers"]["val/mqar_acc_far"]
     c = _verdict(_pair(0.9, 0.06), pa, pb)
     half = 1.96 * np.sqrt(pa * (1 - pa) / n + pb * (1 - pb) / n)
     for lo, hi in c["tracked"]["intervals"]:
         assert lo == pytest.approx(pa - pb - half, abs=0.012) and hi == pytest.approx(pa - pb + half, abs=0.012)
-    results = [_result("tpa", "tpa", "tpa", 256.0, 0.9, rng=rng), _result("mha", "mha", "mha", 1024.0, 0.9, rng=rng)]
-    pts = points(rows_from_results(results, CONTEXT, TRAINED))
+    # bits per byte: both points read the same windows, so their errors are paired through the
+    # correlation of their held-out windows (validation logs no window of its own)
+    tpa, mha = _result("tpa", "tpa", "tpa", 256.0, 0.9, rng=rng), _result("mha", "mha", "mha", 1024.0, 0.9, rng=rng)
+    shared = rng.normal(3.0, 0.3, 16)  # each window's difficulty, common to both models
+    mha["bpb_windows"]["128"] = (shared + rng.normal(0, 0.1, 16)).tolist()
+    tpa["bpb_windows"]["128"] = (shared - 0.1 + rng.normal(0, 0.1, 16)).tolist()
+    rho = np.corrcoef(tpa["bpb_windows"]["128"], mha["bpb_windows"]["128"])[0, 1]
+    pts = points(rows_from_results([tpa, mha], CONTEXT, TRAINED))
     for p, bpb, se in zip(sorted(pts, key=lambda p: p.name, reverse=True), (2.9, 3.0), (0.02, 0.03)):
         for row in p.rows:
             row["_history"], row["steps"] = history(bpb=bpb, bpb_se=se), 300
     claim = evaluate_claims(pts, CURVES)[0]
     assert claim["claim"] == "TPA (tpa) < MHA in bits per byte at 300 steps (equal budget)"
-    half = 1.96 * np.sqrt(0.02 ** 2 + 0.03 ** 2)
+    half = 1.96 * np.sqrt(0.02 ** 2 + 0.03 ** 2 - 2 * rho * 0.02 * 0.03)
+    assert 0.5 < rho < 1 and half < 1.96 * np.sqrt(0.02 ** 2 + 0.03 ** 2) * 0.8  # pairing narrows it
     for lo, hi in claim["tracked"]["intervals"]:
-        assert lo == pytest.approx(-0.1 - half, abs=0.01) and hi == pytest.approx(-0.1 + half, abs=0.01)
+        assert lo == pytest.approx(-0.1 - half, abs=0.006) and hi == pytest.approx(-0.1 + half, abs=0.006)
 
 
 def test_which_validation_curve_stands_for_which_measure():

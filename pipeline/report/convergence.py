@@ -1,22 +1,28 @@
-"""Is a run still learning when its training stops? Read from the validation records its
-checkpoint keeps (`checkpoints/<run>/model.json`, `history`; one every `train.eval_every` steps).
+"""The validation curves a study's checkpoints keep (`checkpoints/<run>/model.json`, `history`;
+one record every `train.eval_every` steps), read two ways.
 
-Over the last fifth of a run's steps (from the last validation at or before 80 % of its steps to
-the final one), per measure the claims compare:
+Is a run still learning when its training stops (`learning`: the points table's `training`
+column, the CSV's flags, `learning.png`; for reading, not a gate)? Over the last fifth of a run's
+steps (from the last validation at or before 80 % of its steps to the final one), per measure:
 - *recall still learning*: any MQAR validation accuracy rose by more than `RECALL_RISE`;
 - *bpb still learning*: validation bits per byte fell by more than `BPB_DROP` of their value.
-A run is still learning when either is. A point is still learning on a measure when any of its
-seeds is; a claim on a measure between points of which one is still learning on it gets the
-verdict "not converged": the difference could be where each model stands on its learning curve
-rather than what its design can do. Per measure, because at a study's size recall settles long
-before bits per byte do (BENCHMARKS.md, "Convergence pilot"): a claim on recall need not wait
-for the language model to finish, and a claim on bits per byte must.
+A run is still learning when either is; a point, when any of its seeds is. Per measure, because
+at a study's size recall settles long before bits per byte do (BENCHMARKS.md, "Convergence
+pilot").
+
+Has the difference a claim states settled (`track`, read by `pipeline.report.claims`)? The
+difference on its own measure's validation curve (`claim_curves`), with a 95 % interval at every
+validation of the last `SPAN` of training and the change it still made over that span
+(docs/design.md, "A claim's verdict, from its own curve"). Until issue 34 a claim was gated on
+`learning` instead, any bucket of either point: too strict (the design doc says why).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.report import stats
 
 BPB_DROP = 0.01      # relative fall of val/bpb over the last fifth of training
 RECALL_RISE = 0.02   # absolute rise of any val/mqar_acc_<bucket> over the last fifth
@@ -232,8 +238,6 @@ def track(a, b, column: str, curves: dict | None, higher_supports: bool, shift: 
     (va, da), (vb, db) = sides
     diff = va - vb
     lo, hi = np.quantile(da - db, [0.025, 0.975], axis=0)
-    from pipeline.report import stats
-
     steps = [stats.verdict((lo_ + shift, hi_ + shift), higher_supports) for lo_, hi_ in zip(lo, hi)]
     slope = np.polyfit(fractions, diff, 1)[0] if np.ptp(fractions) > 0 else 0.0
     moved = float(slope * (fractions[-1] - fractions[0]))

@@ -1,7 +1,8 @@
 """Convergence pilot (issue 25): how many steps until validation stops moving, at a study's size?
 
 Trains a few points of a study's params for a long budget (every validation logged), then prints
-each run's learning curve and, per measure, the step after which it stays within the report's
+each run's learning curve (with the capacity validation sets, `val/mqar_capacity_p<k>`, when the
+study has them) and, per measure, the step after which it stays within the report's
 convergence tolerances (pipeline/report/convergence.py): recall, every MQAR accuracy within
 RECALL_RISE of its final value; bpb, bits per byte within BPB_DROP of their final value. The
 cosine schedule spans the whole budget, so a study trained for fewer steps anneals sooner: read
@@ -89,7 +90,8 @@ def main() -> None:
         meta = json.loads((work / "checkpoints" / point.split(".")[0] / "model.json").read_text())
         evals = [h for h in meta["history"] if "val/objective" in h]
         curves[point] = evals
-        keys = ["val/objective", "val/bpb", *sorted(k for k in evals[-1] if k.startswith("val/mqar_acc_"))]
+        capacity = sorted((k for k in evals[-1] if k.startswith("val/mqar_capacity_p")), key=lambda k: int(k[19:]))
+        keys = ["val/objective", "val/bpb", *sorted(k for k in evals[-1] if k.startswith("val/mqar_acc_")), *capacity]
         print(f"\n### {point}: within the report's tolerances of its final value from step "
               f"{settle_step(evals, 'recall')} (recall) and {settle_step(evals, 'bpb')} (bpb) of {args.steps}\n")
         print("| step | " + " | ".join(k.removeprefix("val/") for k in keys) + " |")

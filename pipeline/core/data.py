@@ -20,13 +20,15 @@ from pipeline.core.tokens import TokenStream
 
 SPLITS = ("train", "validation", "heldout")
 
-# Token-level MQAR alphabets: disjoint slices of the byte ids -- keys, values, then (layout
-# `pair_tokens: 1`) one id per (key, value) pair, then the noise fillers.
+# Token-level MQAR alphabets: disjoint runs of ids -- keys, values, then (layout `pair_tokens: 1`)
+# one id per (key, value) pair, then the noise fillers -- among the byte ids (`alphabet: bytes`),
+# or from `first_id` on, after the tokenizer's ids (`alphabet: own`).
 def _alphabets(cfg) -> dict[str, np.ndarray]:
     sizes = {"keys": cfg.num_keys, "values": cfg.num_values,
              "pairs": cfg.num_keys * cfg.num_values if cfg.pair_tokens == 1 else 0,
              "fillers": cfg.num_fillers}
-    ids, out, at = np.arange(tokenizer.BYTE_OFFSET, tokenizer.VOCAB_SIZE), {}, 0
+    start = tokenizer.BYTE_OFFSET if cfg.alphabet == "bytes" else cfg.first_id
+    ids, out, at = np.arange(start, start + sum(sizes.values())), {}, 0
     for name, size in sizes.items():
         out[name], at = ids[at : at + size], at + size
     return out
@@ -62,43 +64,74 @@ def _place_pairs(rng, L: int, P: int, width: int, gaps: tuple[int, int]) -> list
     return [p for _, p in sorted(placed)]
 
 
-def make_mqar(cfg, n: int, gaps: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
+def _place_stored(rng, free: np.ndarray, count: int, width: int, last: int) -> list[int] | None:
+    """Positions of `count` pairs that are stored but not queried: free, at or before `last`."""
+    placed = []
+    for _ in range(count):
+        cand = np.arange(0, last + 1)
+        cand = cand[np.all([free[cand + w] for w in range(width)], axis=0)]
+        if len(cand) == 0:
+            return None
+        p = int(cand[rng.integers(len(cand))])
+        free[p : p + width] = False
+        placed.append(p)
+    return placed
+
+
+def make_mqar(cfg, n: int, gaps: tuple[int, int], seed: int,
+              pair_counts: list[int] | None = None) -> dict[str, np.ndarray]:
     """`n` MQAR sequences of `cfg.seq_len` tokens.
 
-    Filler noise with `num_pairs` stored pairs in it, then `num_pairs` queries `k v` filling the
-    last `2 * num_pairs` positions (keys in a random order). A stored pair is `k v` (two tokens,
+    Filler noise with P stored pairs in it (P = `num_pairs`, or with `pair_counts` the counts in
+    turn, equal shares: a training pool's mix), then Q = `cfg.queries(P)` queries `k v` filling
+    the last `2 Q` positions (keys in a random order). A stored pair is `k v` (two tokens,
     zoology's layout, `pair_tokens: 2`) or one token naming the pair (`pair_tokens: 1`: recall
     without the induction-head circuit, which a tiny model on a CPU budget does not form). The
     pair of query j starts exactly `gap_j` positions before its query key, `gap_j` uniform in
-    `gaps`. The model is scored on predicting each query's value (`answer_mask` marks them).
+    `gaps`; the P - Q pairs no query asks for lie at least `gaps[0]` before the first query. Keys
+    are distinct; values too while P <= num_values, drawn independently past it. The model is
+    scored on predicting each query's value (`answer_mask` marks them); `gaps` holds each query's
+    gap, -1 past a row's queries.
     """
     alpha = _alphabets(cfg)
-    L, P, width = cfg.seq_len, cfg.num_pairs, cfg.pair_tokens
-    rng = np.random.default_rng([seed, n, L, P, width])
+    L, width = cfg.seq_len, cfg.pair_tokens
+    counts = [cfg.num_pairs] if pair_counts is None else list(pair_counts)
+    rng = np.random.default_rng([seed, n, L, *counts, width])
     tokens = alpha["fillers"][rng.integers(0, cfg.num_fillers, size=(n, L))]
     answer = np.zeros((n, L), dtype=bool)
-    all_gaps = np.zeros((n, P), dtype=np.int16)
-    q0 = L - 2 * P  # first query position
+    all_gaps = np.full((n, max(cfg.queries(p) for p in counts)), -1, dtype=np.int16)
     for row in range(n):
+        P = counts[row % len(counts)]
+        Q = cfg.queries(P)
+        q0 = L - 2 * Q  # first query position
         for _attempt in range(100):  # random placement can fragment a tight gap range: redraw
-            placed = _place_pairs(rng, L, P, width, gaps)
+            placed = _place_pairs(rng, L, Q, width, gaps)
+            if placed is not None and P > Q:
+                free = np.ones(q0, dtype=bool)
+                for p in placed:
+                    free[p : p + width] = False
+                stored = _place_stored(rng, free, P - Q, width, q0 - gaps[0])
+                placed = None if stored is None else placed + stored
             if placed is not None:
                 break
         else:
-            raise ValueError(f"cannot place {P} pairs with gaps {gaps} in {L} tokens")
+            raise ValueError(f"cannot place {P} pairs ({Q} queried) with gaps {gaps} in {L} tokens")
         k = rng.choice(cfg.num_keys, size=P, replace=False)
-        v = rng.choice(cfg.num_values, size=P, replace=False)
+        v = rng.choice(cfg.num_values, size=P, replace=False) if P <= cfg.num_values else \
+            rng.integers(0, cfg.num_values, size=P)
         for j, p in enumerate(placed):
-            qpos = q0 + 2 * j
             key, value = alpha["keys"][k[j]], alpha["values"][v[j]]
             if width == 2:
                 tokens[row, p], tokens[row, p + 1] = key, value
             else:
                 tokens[row, p] = alpha["pairs"][k[j] * cfg.num_values + v[j]]
-            tokens[row, qpos], tokens[row, qpos + 1] = key, value
-            answer[row, qpos + 1] = True
-            all_gaps[row, j] = qpos - p
-    return {"tokens": tokens.astype(np.int16), "answer_mask": answer, "gaps": all_gaps}
+            if j < Q:  # the first Q pairs are the queried ones
+                qpos = q0 + 2 * j
+                tokens[row, qpos], tokens[row, qpos + 1] = key, value
+                answer[row, qpos + 1] = True
+                all_gaps[row, j] = qpos - p
+    dtype = np.int16 if tokens.max() < 2**15 else np.int32  # ids past int16 (a large tokenizer's): wider
+    return {"tokens": tokens.astype(dtype), "answer_mask": answer, "gaps": all_gaps}
 
 
 # --------------------------------------------------------------------------- text retrieval
@@ -192,7 +225,8 @@ class DataMismatch(DataCorrupt):
 def check_fits(manifest: dict, cfg, vocab: int, seq_len: int) -> None:
     """Raise DataMismatch, naming the field, when `data/` (its verified manifest) cannot serve a
     study: prepared with another tokenizer than `cfg.tokenizer` (a DataConfig's), with ids beyond
-    the model's `vocab`, or with a train or validation split shorter than `seq_len + 1` tokens."""
+    the model's `vocab` (the tokenizer's or the MQAR sets' own), or with a train or validation
+    split shorter than `seq_len + 1` tokens."""
     tok, form = manifest["tokenizer"], cfg.tokenizer
     want = tokenizer.form_name(form)
     again = "; run prepare again (make repro, or dvc repro -f -s prepare)"
@@ -202,6 +236,10 @@ def check_fits(manifest: dict, cfg, vocab: int, seq_len: int) -> None:
     if tok["vocab_size"] > vocab:
         raise DataMismatch(f"model.vocab_size: {vocab}, but data/ holds ids of a {tok['vocab_size']}-id tokenizer "
                            f"(data.tokenizer changed since prepare?){again}")
+    mqar_end = (manifest.get("mqar_ids") or [0, 0])[1]  # MQAR ids of their own (`alphabet: own`)
+    if mqar_end > vocab:
+        raise DataMismatch(f"model.vocab_size: {vocab}, but data/'s MQAR sets use ids up to {mqar_end - 1} "
+                           f"(data.mqar.alphabet own){again}")
     counts = tok.get("tokens") or manifest["bytes"]  # bytes: a token per byte
     for split, field in (("train", "the corpus"), ("validation", "data.validation_docs / validation_plays")):
         if counts[split] < seq_len + 1:

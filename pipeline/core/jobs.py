@@ -84,6 +84,7 @@ class EvalJob(_Job):
     fingerprint: str  # of (checkpoint, eval config, task settings, evaluation code)
     reach: Optional[tuple[int, int]]  # the study's shortest and longest window reach (MQAR split)
     min_window: Optional[int] = None  # the study's smallest window (bits per byte by distance)
+    trained_len: Optional[int] = None  # train.seq_len: bits per byte by distance within it, extrapolation past it
     task_metadata: dict
     ckpt_dir: Optional[str]
     export_dir: Optional[str]

@@ -15,6 +15,8 @@ class Measure(NamedTuple):
     panel: bool = True  # drawn on the frontier (lm-eval: too few episodes to rank, table only)
 
 
+CAPACITY_LEVEL = 0.9  # capacity: the stored pairs at which beyond-window recall falls below this
+
 MEASURES = [
     Measure("mqar_beyond", "MQAR recall, keys beyond every model's reach", "accuracy", True),
     Measure("bpb", "held-out text at the trained length", "bits per byte (lower is better)", False),
@@ -22,12 +24,38 @@ MEASURES = [
     Measure("mqar_reach", "MQAR recall, keys past one hop, within every model's reach", "accuracy", True),
     Measure("bpb_longest", "held-out text at the longest context (extrapolation)",
             "bits per byte (lower is better)", False),
+    Measure("capacity90", f"MQAR capacity: stored pairs at which beyond-window recall falls below {CAPACITY_LEVEL:g}",
+            "stored pairs", True),
     Measure("lm_eval", "lm-eval tasks (mean score)", "score", True, panel=False),
 ]
 
 
 BY_COLUMN = {m.column: m for m in MEASURES}
 L2_OFF = ("mqar_beyond", "bpb")  # measured again with a Tensor Cache's L2 switched off
+
+
+def capacity_at(counts, recall, level: float = CAPACITY_LEVEL) -> np.ndarray:
+    """The stored-pair count at which recall first falls below `level` (along the last axis of
+    `recall`, one column per entry of the ascending `counts`): interpolated in log2 of the count
+    between the last count at or above it and the first below it; 0 when the smallest count is
+    already below (no tested count is held); the largest count when none is below (a lower bound:
+    `capacity_censored`)."""
+    x, r = np.log2(np.asarray(counts, dtype=np.float64)), np.asarray(recall, dtype=np.float64)
+    below = r < level
+    first = np.argmax(below, axis=-1)  # 0 where nothing is below
+    i = np.clip(first, 1, len(x) - 1)
+    r1, r2 = np.take_along_axis(r, (i - 1)[..., None], -1)[..., 0], np.take_along_axis(r, i[..., None], -1)[..., 0]
+    frac = np.where(r1 > r2, (r1 - level) / np.where(r1 > r2, r1 - r2, 1.0), 0.0)
+    out = np.exp2(x[i - 1] + frac * (x[i] - x[i - 1]))
+    out = np.where(first == 0, 0.0, out)
+    return np.where(below.any(axis=-1), out, 2.0 ** x[-1])
+
+
+def capacity_censored(counts, recall, level: float = CAPACITY_LEVEL) -> str | None:
+    """"above" when recall never falls below `level` (capacity at least the largest count), "below"
+    when it is below already at the smallest count, None when it crosses in between."""
+    r = np.asarray(recall, dtype=np.float64)
+    return "above" if not (r < level).any() else "below" if r[0] < level else None
 
 
 def _examples(result: dict, trained_len: int) -> dict[str, list[float]]:
@@ -75,6 +103,9 @@ def row(result: dict, report_context: int, trained_len: int) -> dict:
     bytes_ = result["cache_bytes_per_token_analytic"] * report_context
     same = {k: result.get(k) for k in ("reach", "bpb_by_distance")}  # the buckets of the L2-on measures
     off = _examples({**result["l2_off"], **same}, trained_len) if result.get("l2_off") else {}
+    curve = {int(k): v.get("acc_beyond_window") for k, v in result.get("capacity", {}).items()}
+    curve = {k: curve[k] for k in sorted(curve) if curve[k] is not None}
+    counts = list(curve)
     return {
         "key": result.get("key", result.get("run")), "run": result.get("run"),
         "point": result["variant"], "family": result.get("family", result["variant"]),
@@ -89,8 +120,12 @@ def row(result: dict, report_context: int, trained_len: int) -> dict:
         "decode_tokens_per_s": longest["decode_tokens_per_s"] if longest else None,
         "peak_rss_mib": longest["peak_rss_bytes"] / 2**20 if longest else None,
         "measured_context": longest["tokens_held"] if longest else None,
-        "_examples": examples, "_attention": result.get("attention", {}),
-        "_capacity": {int(k): v.get("acc_beyond_window") for k, v in result.get("capacity", {}).items()},
+        "_examples": examples, "_attention": result.get("attention", {}), "_widths": result.get("widths"),
+        "capacity90": float(capacity_at(counts, list(curve.values()))) if len(curve) > 1 else None,
+        "capacity_censored": capacity_censored(counts, list(curve.values())) if len(curve) > 1 else None,
+        "_capacity": curve,
+        "_capacity_hits": {int(k): v["hits_beyond_window"] for k, v in result.get("capacity", {}).items()
+                           if v.get("hits_beyond_window")},  # the capacity's bootstrap (pipeline.report.stats)
         "_cells": result.get("lm_eval", {}).get("by_cell", []),  # retrieval by (length, depth)
         "_by_distance": result.get("bpb_by_distance"),
         "_lr_candidates": result.get("lr_candidates", {}),

@@ -27,6 +27,7 @@ class Point(NamedTuple):
     knobs: dict[str, Any]  # the swept fields and this point's values (empty without a sweep)
     init_from: str | None = None  # a retrofit: the point its weights are mapped from
     steps: int | None = None  # a retrofit's own training length (None: train.steps)
+    widths: dict[str, int] | None = None  # model widths the point sets for itself (n_heads, d_head)
     pretrained: str | None = None  # a pretrained point: the checkpoint it is read from (not trained)
 
 

@@ -87,6 +87,7 @@ def eval_jobs(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expor
             lr_candidates={str(lr): v for lr, v in candidates.items()},
             eval=params.eval, mqar=params.data.mqar,
             fingerprint=fingerprint, reach=reach, task_metadata=tasks, min_window=min_window(params),
+            trained_len=params.train.seq_len,
             threads=params.compute.cpus_per_job, ckpt_dir=str((ckpt_root / run.name).resolve()),
             export_dir=str((export_root / run.name).resolve()), data_dir=str(data_dir.resolve()),
             hf_home=os.environ.get("HF_HOME", str(root / "runs" / "hf_home")))
@@ -164,6 +165,9 @@ def flat_metrics(r: dict, report_context: int, trained_len: int) -> dict[str, fl
             for part in ("inside_window", "beyond_window"):
                 if scores.get(f"acc_{part}") is not None and scores.get(f"n_{part}") != scores.get("n"):
                     out[f"{prefix}_acc_{part}_{name}"] = scores[f"acc_{part}"]
+    for pairs, v in r.get("capacity", {}).items():  # the capacity curve; its capacity at 90 %: frontier/capacity90
+        if v.get("acc_beyond_window") is not None:
+            out[f"eval/mqar_capacity_p{pairs}"] = v["acc_beyond_window"]
     for task, scores in r.get("lm_eval", {}).get("scores", {}).items():
         for metric, v in scores.items():
             out[f"eval/{task}/{metric}"] = v

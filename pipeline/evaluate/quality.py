@@ -39,8 +39,12 @@ def bits_by_distance(bits: np.ndarray, nbytes: np.ndarray, window: int) -> dict[
     (Tensor Cache's measure: what a model does once the window no longer holds the start)."""
     t = np.arange(bits.shape[1])
     parts = {"lt_W": t < window, "ge_W": t >= window, "ge_4W": t >= 4 * window}
-    return {name: (float(bits[:, mask].sum() / max(1, nbytes[:, mask].sum())) if mask.any() else None)
-            for name, mask in parts.items()}
+    return {name: _part(bits, nbytes, mask) for name, mask in parts.items()}
+
+
+def _part(bits: np.ndarray, nbytes: np.ndarray, mask: np.ndarray) -> float | None:
+    """The bits per byte of the columns `mask` picks (None when it picks none)."""
+    return float(bits[:, mask].sum() / max(1, nbytes[:, mask].sum())) if mask.any() else None
 
 
 @torch.no_grad()
@@ -79,7 +83,7 @@ def mqar_accuracy(model, mqar_cfg, num_pairs: int, gaps: tuple[int, int], n: int
     data = make_mqar(cfg, n, tuple(gaps), seed)
     tokens = torch.from_numpy(data["tokens"].astype(np.int64)).to(_device(model))
     mask = torch.from_numpy(data["answer_mask"][:, 1:]).to(tokens.device)
-    gap = data["gaps"].reshape(-1)
+    gap = data["gaps"][data["gaps"] >= 0]  # row by row, in query order: the answers' order
     hits = lambda logits: (logits.argmax(-1) == tokens[:, 1:])[mask].cpu().numpy()  # noqa: E731 -- row order
     hit = hits(model(tokens[:, :-1]) if policy is None else decode_logits(model, tokens[:, :-1], policy))
     out = {**_split(hit, gap, reach), "hits": hit.astype(int).tolist(), "gaps": gap.astype(int).tolist()}
@@ -116,28 +120,36 @@ def measure_l2_off(model, text, job) -> dict:
 def measure(model, text: np.ndarray, job, policy=None, capacity: bool = True, decode: bool = True) -> dict:
     """The quality fields of one evaluation result (`job`: a `pipeline.core.jobs.EvalJob`; `text`: the
     held-out `TokenStream`): bits per byte per context length (in tokens; a length's bpb is the mean
-    of its windows' bits per byte) (and by distance into the longest), MQAR per pair count and gap
-    bucket (also through the decode cache, with `decode`), and the capacity curve (with `capacity`);
-    through the cache `policy` when one is given."""
+    of its windows' bits per byte), by distance into the trained length (`job.trained_len`, else
+    the longest) and, past the trained length, at the longest context (extrapolation, its own
+    number); MQAR per pair count and gap bucket (also through the decode cache, with `decode`);
+    the capacity curve (with `capacity`; every beyond-window hit kept, for the report's capacity
+    intervals); through the cache `policy` when one is given."""
     cfg, mqar_cfg = job.eval, job.mqar
     out = {"bpb": {}, "bpb_windows": {}, "mqar": {}}
+    longest, trained = max(cfg.context_lengths), job.trained_len or max(cfg.context_lengths)
     for length in cfg.context_lengths:
         bits, nbytes = heldout_bits(model, text, length, max(1, cfg.bpb_tokens // length), policy)
         windows = (bits.sum(axis=1) / np.maximum(1, nbytes.sum(axis=1))).tolist()  # each window's bits per byte
         out["bpb"][str(length)], out["bpb_windows"][str(length)] = float(np.mean(windows)), windows
-        if length == max(cfg.context_lengths) and job.reach is not None:
+        if length == trained and job.reach is not None:
             out["bpb_by_distance"] = {"context": length, "window": job.min_window,
                                       **bits_by_distance(bits, nbytes, job.min_window)}
+        if length == longest and job.reach is not None and longest > trained:
+            past = {"past_trained": _part(bits, nbytes, np.arange(length) >= trained), "longest": length}
+    if "bpb_by_distance" in out and longest > trained:
+        out["bpb_by_distance"].update(past)  # extrapolation: tokens past the trained length, at the longest
     for pairs in cfg.mqar_pairs:
         for bucket, gaps in mqar_cfg.eval_gaps.items():
             out["mqar"][f"p{pairs}_{bucket}"] = {
                 "num_pairs": pairs, "bucket": bucket, "gaps": list(gaps),
                 **mqar_accuracy(model, mqar_cfg, pairs, gaps, cfg.mqar_examples, cfg.seed, job.reach,
                                 decode=decode, policy=policy)}
+    far = mqar_cfg.eval_gaps[mqar_cfg.farthest_bucket]
     for pairs in cfg.capacity_pairs if capacity else []:  # recall beyond every window as the stored pairs grow
-        far = max(mqar_cfg.eval_gaps.values(), key=lambda g: g[0])
         r = mqar_accuracy(model, mqar_cfg, pairs, far, cfg.mqar_examples, cfg.seed + 1, job.reach,
                           decode=False, policy=policy)
-        out.setdefault("capacity", {})[str(pairs)] = {"gaps": list(far), **{
+        beyond = [h for h, g in zip(r["hits"], r["gaps"]) if job.reach is not None and g > job.reach[1]]
+        out.setdefault("capacity", {})[str(pairs)] = {"gaps": list(far), "hits_beyond_window": beyond, **{
             k: r[k] for k in ("acc", "acc_beyond_window", "n_beyond_window") if k in r}}
     return out

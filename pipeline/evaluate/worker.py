@@ -35,6 +35,7 @@ def evaluate_run(job: EvalJob) -> dict:
     result = {"run": job.run, "variant": job.variant, "family": job.family, "seed": job.seed,
               "lr": job.lr, "lr_candidates": job.lr_candidates, "reach": job.reach, "device": job.device,
               "kind": attention["kind"], "window": attention.get("window"), "attention": attention,
+              "widths": {k: meta["model_config"][k] for k in ("n_layers", "n_heads", "d_head")},
               "params": model.num_parameters(),
               "cache_bytes_per_token_analytic": model.cache_nbytes(cfg.report_context) / cfg.report_context,
               "lm_eval": {}, "decode": []}

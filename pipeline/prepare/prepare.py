@@ -31,9 +31,10 @@ def prepare(cfg, out_dir: Path, workers: int | None = None) -> dict:
     m = cfg.mqar
     sets = {"train": (m.num_train, m.train_gaps)} | {
         f"eval_{name}": (m.num_eval, gaps) for name, gaps in m.eval_gaps.items()
-    }
+    } | {f"capacity_p{p}": (m.num_eval, m.eval_gaps[m.farthest_bucket]) for p in m.capacity_pairs}
+    counts = {"train": m.train_pairs} | {f"capacity_p{p}": [p] for p in m.capacity_pairs}
     for i, (name, (n, gaps)) in enumerate(sets.items()):
-        arrays = make_mqar(m, n, tuple(gaps), cfg.seed + 1000 * i)
+        arrays = make_mqar(m, n, tuple(gaps), cfg.seed + 1000 * i, counts.get(name))
         for key, arr in arrays.items():
             path = out_dir / "mqar" / f"{name}.{key}.npy"
             np.save(path, arr)
@@ -51,6 +52,7 @@ def prepare(cfg, out_dir: Path, workers: int | None = None) -> dict:
         "files": {str(p.relative_to(out_dir)): _sha256(p) for p in files},
         "bytes": {s: (out_dir / "text" / f"{s}.bin").stat().st_size for s in SPLITS},
         "mqar_sets": sorted(sets),
+        **({"mqar_ids": [m.first_id, m.end_id]} if m.alphabet == "own" else {}),  # the model's vocabulary covers them
         "retrieval_episodes": len(episodes),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

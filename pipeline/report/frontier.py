@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.results import MEASURES, rows_from_results
+from pipeline.core.results import CAPACITY_LEVEL, MEASURES, rows_from_results
 from pipeline.report import stats
-from pipeline.report.convergence import BPB_DROP, RECALL_RISE, histories, learning, plot_learning
+from pipeline.report.convergence import BPB_DROP, RECALL_RISE, claim_curves, histories, learning, plot_learning
 from pipeline.report.points import Point, by_distance, capacity, front, points
 from pipeline.report.retrieval import l2_table, plot_heatmaps, retrieval_table
 
@@ -69,7 +69,8 @@ def plot_frontier(pts: list[Point], report_context: int, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel(f"cache bytes at {report_context:,} tokens (batch 1)")
         ax.set_ylabel(m.unit)
-        ax.set_title(m.title, fontsize=10)
+        ax.set_title(m.title + ("\n(a point never below it reads the largest count tested: a lower bound)"
+                                if m.column == "capacity90" else ""), fontsize=10)
         if m.unit == "accuracy":
             ax.set_ylim(-0.03, 1.05)
         ax.grid(alpha=0.3)
@@ -109,21 +110,55 @@ def plot_capacity(pts: list[Point], path: Path) -> None:
         xs = list(curves[p.name])
         ax.plot(xs, [curves[p.name][x] for x in xs], styles[rank % 4], marker="o", ms=3,
                 color=f"C{i % 10}", label=p.name)
+    for d_head, states in state_scales(pts).items():  # the fixed states' scale: d_h orthogonal keys per head
+        ax.axvline(d_head, color="0.35", ls=":", lw=1.2, zorder=0)
+        elements = sorted({s.rsplit("= ", 1)[1].rstrip(")") for s in states})
+        ax.text(d_head * 1.04, 0.3, f"d_h = {d_head}\nh d_h^2 = {', '.join(elements)}", fontsize=7, color="0.25",
+                va="center", ha="left", bbox={"facecolor": "white", "edgecolor": "0.7", "alpha": 0.8})
+    ax.axhline(CAPACITY_LEVEL, color="0.6", lw=0.8, ls="--", zorder=0)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("stored (key, value) pairs")
     ax.set_ylabel("MQAR recall, keys beyond every window's reach")
     ax.set_ylim(-0.03, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=3)
-    ax.set_title("memory capacity (mean over seeds)")
+    ax.set_title(f"memory capacity (mean over seeds); dashed: recall {CAPACITY_LEVEL:g}, capacity at "
+                 f"{CAPACITY_LEVEL * 100:.0f} % where a curve crosses it\ndotted: d_h of the fixed states (linear, "
+                 "Tensor Cache's L2): a d_h x d_h state per head holds about d_h orthogonal keys", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+FIXED_STATE_KINDS = ("linear", "tensor_cache", "infini")  # a d_h x d_h matrix per head beyond any window
+
+
+def state_scales(pts: list[Point]) -> dict[int, list[str]]:
+    """Each head width d_h of the study's fixed-state points -> "<point>: h d_h^2 = <elements>"
+    (per layer): a d_h x d_h state holds about d_h orthogonal keys per head, the scale at which
+    its recall must start to fall."""
+    out: dict[int, list[str]] = {}
+    for p in pts:
+        if p.kind in FIXED_STATE_KINDS and p.widths and not p.attention.get("cache_policy"):
+            h, d = p.widths["n_heads"], p.widths["d_head"]
+            out.setdefault(d, []).append(f"{p.name} (h d_h^2 = {h * d * d:,})")
+    return dict(sorted(out.items()))
+
+
 # --------------------------------------------------------------------------- the tables
 def _fmt(v, spec=".3f") -> str:
     return "-" if v is None else format(v, spec)
+
+
+def _mean(p: Point, column: str) -> str:
+    """A point's mean on a measure; the capacity marked when it is a bound (>= the largest count
+    tested, < the smallest)."""
+    if column != "capacity90":
+        return _fmt(p.mean(column))
+    mark = {"above": ">=", "below": "<"}.get(p.censored(), "")
+    if p.censored() == "below":
+        return "<" + format(min(min(r["_capacity"]) for r in p.rows), "g")
+    return mark + _fmt(p.mean(column), ".1f")
 
 
 def _iv(iv: stats.Interval | None, spec=".3f") -> str:
@@ -164,7 +199,7 @@ def points_table(pts: list[Point], report_context: int) -> list[str]:
              + " | ".join(f"{m.column}: mean, seeds CI, examples CI" for m in cols) + " |",
              "|---|---|---|---:|---:|---:|---|---|---|" + "---|" * len(cols)]
     for p in pts:
-        cells = [f"{_fmt(p.mean(m.column))} {_iv(p.seed_interval(m.column))} {_iv(p.example_interval(m.column))}"
+        cells = [f"{_mean(p, m.column)} {_iv(p.seed_interval(m.column))} {_iv(p.example_interval(m.column))}"
                  for m in cols]
         lines.append(f"| {p.name} | {p.family} | {p.kind} | {p.params:,} | {_bytes(p.cache_bytes)} | "
                      f"{len(p.rows)} | {_lrs(p)} | {_steps(p)} | {p.training_cell()} | " + " | ".join(cells) + " |")
@@ -176,7 +211,7 @@ def front_table(pts: list[Point]) -> list[str]:
     for m in MEASURES:
         if m.panel and any(p.mean(m.column) is not None for p in pts):
             lines.append(f"| {m.column} | " + " -> ".join(
-                f"{p.name} ({_bytes(p.cache_bytes)}, {_fmt(p.mean(m.column))})" for p in front(pts, m)) + " |")
+                f"{p.name} ({_bytes(p.cache_bytes)}, {_mean(p, m.column)})" for p in front(pts, m)) + " |")
     return lines
 
 
@@ -196,17 +231,18 @@ def budget_table(pts: list[Point], budgets: list[int]) -> list[str]:
             best = max(have, key=lambda p: sign * p.mean(m.column))
             others = [p for p in have if p.family != best.family]
             if not others:
-                lines.append(f"| {_bytes(budget)} | {m.column} | {best.name} ({_fmt(best.mean(m.column))}) | - | - |")
+                lines.append(f"| {_bytes(budget)} | {m.column} | {best.name} ({_mean(best, m.column)}) | - | - |")
                 continue
             other = max(others, key=lambda p: sign * p.mean(m.column))
             d = best.difference(other, m.column)
-            lines.append(f"| {_bytes(budget)} | {m.column} | {best.name} ({_fmt(best.mean(m.column))}) | "
-                         f"{other.name} ({_fmt(other.mean(m.column))}) | "
+            lines.append(f"| {_bytes(budget)} | {m.column} | {best.name} ({_mean(best, m.column)}) | "
+                         f"{other.name} ({_mean(other, m.column)}) | "
                          + ("-" if d is None else f"{d[0]:+.3f} {_iv(d[1])}") + " |")
     return lines
 
 
-def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: list[dict]) -> str:
+def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: list[dict],
+             trained_len: int | None = None) -> str:
     seeds = max(len(p.rows) for p in pts)
     lines = ["# Memory-quality frontier\n",
              f"{len(pts)} points, {seeds} seed(s) each. Cache bytes: analytic, at {report_context:,} tokens, "
@@ -218,10 +254,12 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
              "byte at the trained length; bpb_longest: at the longest evaluated context "
              "(extrapolation). lm-eval: too few episodes to rank models; shown here, not on the figure. "
              "lr (won): the learning rate chosen on validation for each seed, of how many tried. "
-             f"training: per measure, still learning when, over the last fifth of its steps, a seed's "
-             f"MQAR validation accuracy rose by more than {RECALL_RISE:g} (recall) or its validation bits per "
-             f"byte fell by more than {BPB_DROP:.0%} (bpb); learning.png draws the curves. A claim on a "
-             "measure a point is still learning is not converged.\n",
+             f"capacity90: the stored pairs at which beyond-window recall falls below {CAPACITY_LEVEL:g} "
+             "(Memory capacity, below). "
+             f"training (for reading, not a gate): per measure, still learning when, over the last fifth of "
+             f"its steps, a seed's MQAR validation accuracy rose by more than {RECALL_RISE:g} (recall) or its "
+             f"validation bits per byte fell by more than {BPB_DROP:.0%} (bpb); learning.png draws the curves. "
+             "The claims are judged on their own differences' curves (the claims table).\n",
              "## Points\n", *points_table(pts, report_context), "",
              "## Pareto front\n", *front_table(pts), ""]
     if budgets:
@@ -231,19 +269,35 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
     dist = {p.name: by_distance(p) for p in pts}
     if any(dist.values()):
         d0 = next(d for d in dist.values() if d)
+        past = any(d.get("past_trained") is not None for d in dist.values() if d)
         lines += ["## Bits per byte by distance into the context\n",
-                  f"Held-out text at {d0['context']:,} bytes, split by the byte's position t in its window, "
-                  f"W = {d0['window']} (the study's smallest window).\n",
-                  "| point | t < W | t >= W | t >= 4W |", "|---|---:|---:|---:|"]
+                  f"Held-out text in windows of {d0['context']:,} tokens"
+                  + (" (the trained length: what each design remembers, with no position it was not trained "
+                     "at)" if d0["context"] == trained_len else "") +
+                  f", split by the token's position t in its window, W = {d0['window']} (the study's smallest "
+                  "window)."
+                  + (f" Last column, on its own: extrapolation, the tokens past the trained length T = "
+                     f"{trained_len:,} in windows of {d0['longest']:,} (full attention meets positions it "
+                     "never trained at; not a memory effect)." if past else "") + "\n",
+                  "| point | t < W | t >= W | t >= 4W |" + (" t >= T (extrapolation) |" if past else ""),
+                  "|---|---:|---:|---:|" + ("---:|" if past else "")]
         lines += [f"| {n} | {_fmt(d.get('lt_W'))} | {_fmt(d.get('ge_W'))} | {_fmt(d.get('ge_4W'))} |"
-                  for n, d in dist.items() if d] + [""]
+                  + (f" {_fmt(d.get('past_trained'))} |" if past else "") for n, d in dist.items() if d] + [""]
     curves = {p.name: capacity(p) for p in pts}
     pairs = sorted({k for c in curves.values() for k in c})
     if pairs:
+        by_name = {p.name: p for p in pts}
         lines += ["## Memory capacity\n", "MQAR recall beyond every window's reach as the number of "
-                  "stored pairs grows (report/capacity.png).\n",
-                  "| point | " + " | ".join(f"{k} pairs" for k in pairs) + " |", "|---|" + "---:|" * len(pairs)]
-        lines += [f"| {n} | " + " | ".join(_fmt(c.get(k)) for k in pairs) + " |" for n, c in curves.items() if c]
+                  f"stored pairs grows (report/capacity.png), and the capacity at {CAPACITY_LEVEL * 100:.0f} %: "
+                  f"the count at which recall first falls below {CAPACITY_LEVEL:g}, interpolated in log2 of the "
+                  "count between "
+                  "the last count at or above it and the first below (>= n: never below up to n; <n: below at "
+                  "the smallest count). Fixed states (h d_h^2 elements per layer) must fall past about d_h "
+                  "pairs: the figure marks each d_h.\n",
+                  "| point | " + " | ".join(f"{k} pairs" for k in pairs) + " | capacity at 90 % |",
+                  "|---|" + "---:|" * (len(pairs) + 1)]
+        lines += [f"| {n} | " + " | ".join(_fmt(c.get(k)) for k in pairs)
+                  + f" | {_mean(by_name[n], 'capacity90')} |" for n, c in curves.items() if c]
         lines += [""]
     from pipeline.report.claims import claims_table
 
@@ -262,7 +316,8 @@ def markdown(pts: list[Point], report_context: int, budgets: list[int], claims: 
 
 
 CSV_FIELDS = ["key", "run", "point", "family", "kind", "seed", "lr", "params", "cache_bytes", "mqar_beyond",
-              "mqar_one_hop", "mqar_reach", "bpb", "bpb_longest", "lm_eval", "mqar_beyond_decode",
+              "mqar_one_hop", "mqar_reach", "bpb", "bpb_longest", "capacity90", "capacity_censored", "lm_eval",
+              "mqar_beyond_decode",
               "decode_tokens_per_s", "peak_rss_mib", "measured_context", "steps", "init_from", "still_learning",
               "recall_learning", "bpb_learning", "mqar_beyond_l2_off", "bpb_l2_off"]
 
@@ -275,9 +330,11 @@ def report_paths(out_dir: Path) -> dict[str, Path]:
 
 
 def write_report(results: list[dict], report_context: int, trained_len: int, out_dir: Path,
-                 budgets: list[int] = (), runs: dict[str, tuple[list[dict], int]] | None = None) -> dict[str, Path]:
+                 budgets: list[int] = (), runs: dict[str, tuple[list[dict], int]] | None = None,
+                 curves: dict | None = None) -> dict[str, Path]:
     """`runs`: each trained run's validation history and step count (`convergence.histories`);
-    without it no point has a convergence flag."""
+    without it no point has a convergence flag. `curves`: the validation curve of each measure a
+    claim compares (`convergence.claim_curves`); without it every claim reads "not tracked"."""
     from pipeline.report.claims import evaluate_claims
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -287,6 +344,7 @@ def write_report(results: list[dict], report_context: int, trained_len: int, out
         trained = runs.get(r.get("checkpoint_run") or r["run"])
         row["_learning"] = learning(*trained) if trained else None
         row["steps"] = trained[1] if trained else None
+        row["_history"] = [h for h in trained[0] if "val/bpb" in h] if trained else None
         for flag in ("still_learning", "recall_learning", "bpb_learning"):
             row[flag] = None if row["_learning"] is None else row["_learning"][flag]
     pts = points(rows)
@@ -295,7 +353,7 @@ def write_report(results: list[dict], report_context: int, trained_len: int, out
     plot_capacity(pts, paths["capacity"])
     plot_learning(results, runs, paths["learning"])
     plot_heatmaps(pts, paths["retrieval"])
-    paths["md"].write_text(markdown(pts, report_context, list(budgets), evaluate_claims(pts)))
+    paths["md"].write_text(markdown(pts, report_context, list(budgets), evaluate_claims(pts, curves), trained_len))
     with paths["csv"].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
@@ -313,8 +371,10 @@ def run_report(params, root: Path, results_dir: Path, out_dir: Path, ckpt_root: 
     for r in results:  # a retrofit's parent point, from the params (the result names its point)
         point = params.points.get(r["variant"])
         r["init_from"] = point.init_from if point is not None else None
+    reach = next((r["reach"] for r in results if r.get("reach")), None)  # the evaluate stage's, as it measured
     paths = write_report(results, params.eval.report_context, params.train.seq_len, out_dir,
-                         params.eval.byte_budgets, histories(results, ckpt_root))
+                         params.eval.byte_budgets, histories(results, ckpt_root),
+                         claim_curves(params.data.mqar, tuple(reach) if reach else None))
     run_id = log_report(params, root, results, paths)
     print(f"[report] {len(results)} run(s), {len(params.points)} point(s) -> {paths['png']}, {paths['md']} "
           f"(MLflow run {run_id})", flush=True)

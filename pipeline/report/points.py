@@ -20,6 +20,11 @@ class Point(NamedTuple):
     rows: list[dict]  # one per seed
 
     @property
+    def widths(self) -> dict | None:
+        """n_layers, n_heads, d_head of its model (None for results written before they were kept)."""
+        return self.rows[0].get("_widths")
+
+    @property
     def init_from(self) -> str | None:
         """A retrofit's parent point (None for a point trained from scratch or a cache policy)."""
         return self.rows[0].get("init_from")
@@ -42,17 +47,40 @@ class Point(NamedTuple):
             return None
         return per_seed
 
+    def capacity_hits(self) -> list[dict[int, list[int]]] | None:
+        """Per seed, the beyond-window hits at each stored-pair count (the capacity's examples);
+        None unless every seed kept them for the same counts."""
+        per_seed = [r.get("_capacity_hits") for r in self.rows]
+        if not all(per_seed) or len({tuple(sorted(h)) for h in per_seed}) != 1 or len(per_seed[0]) < 2:
+            return None
+        return per_seed
+
     def example_interval(self, col: str) -> stats.Interval | None:
+        if col == "capacity90":
+            hits = self.capacity_hits()
+            return stats.capacity_interval(hits) if hits else None
         ex = self.examples(col)
         return stats.example_interval(ex) if ex else None
 
     def difference(self, other: "Point", col: str) -> tuple[float, stats.Interval] | None:
         """mean(self) - mean(other) and its bootstrap interval over both points' seeds and the
         shared examples; None when the two were not scored on the same examples."""
+        if col == "capacity90":
+            ha, hb = self.capacity_hits(), other.capacity_hits()
+            if ha is None or hb is None or set(ha[0]) != set(hb[0]) \
+                    or any(len(ha[0][c]) != len(hb[0][c]) for c in ha[0]):
+                return None
+            return self.mean(col) - other.mean(col), stats.capacity_difference_interval(ha, hb)
         ea, eb = self.examples(col), other.examples(col)
         if ea is None or eb is None or len(ea[0]) != len(eb[0]):
             return None
         return self.mean(col) - other.mean(col), stats.difference_interval(ea, eb)
+
+    def censored(self) -> str | None:
+        """The capacity's bound, when every seed's is one: "above" (recall never fell below the
+        level: at least the largest count), "below" (below already at the smallest count)."""
+        flags = {r.get("capacity_censored") for r in self.rows}
+        return flags.pop() if len(flags) == 1 else None
 
     def training(self, column: str | None = None) -> str | None:
         """On the measure `column` (recall for an mqar_* column, bits per byte for a bpb* one,
@@ -102,9 +130,9 @@ def by_distance(p: Point) -> dict[str, float] | None:
     parts = [r["_by_distance"] for r in p.rows if r.get("_by_distance")]
     if not parts:
         return None
-    means = {k: float(np.mean([d[k] for d in parts])) for k in ("lt_W", "ge_W", "ge_4W")
+    means = {k: float(np.mean([d[k] for d in parts])) for k in ("lt_W", "ge_W", "ge_4W", "past_trained")
              if all(d.get(k) is not None for d in parts)}
-    return means | {"window": parts[0]["window"], "context": parts[0]["context"]}
+    return means | {k: parts[0].get(k) for k in ("window", "context", "longest")}
 
 
 def front(pts: list[Point], measure: Measure) -> list[Point]:

@@ -74,6 +74,46 @@ def difference_interval(a: Sequence[Sequence[float]], b: Sequence[Sequence[float
     return Interval(float(lo), float(hi))
 
 
+def _capacity_draws(per_seed: Sequence[dict[int, Sequence[int]]], idx: dict[int, np.ndarray],
+                    seeds: np.ndarray) -> np.ndarray:
+    """Capacity (`pipeline.core.results.capacity_at`) of each bootstrap draw: per count the drawn
+    examples of the drawn seeds, each seed's curve, its capacity, the mean over the drawn seeds."""
+    from pipeline.core.results import capacity_at
+
+    counts = sorted(idx)
+    curves = np.stack([np.stack([np.asarray(per_seed[s][c], dtype=np.float64)[idx[c]].mean(axis=1)
+                                 for c in counts], axis=-1) for s in range(len(per_seed))])  # (S, B, C)
+    capacity = capacity_at(counts, curves)  # (S, B)
+    return np.take_along_axis(capacity, seeds, axis=0).mean(axis=0)
+
+
+def capacity_interval(per_seed: Sequence[dict[int, Sequence[int]]], level: float = LEVEL, n_boot: int = N_BOOT,
+                      seed: int = 0) -> Interval:
+    """Percentile bootstrap of the capacity (mean over seeds): each count's examples resampled
+    (one draw shared by every seed), the seeds resampled when there are several."""
+    rng = np.random.default_rng(seed)
+    idx = {c: rng.integers(0, len(h), size=(n_boot, len(h))) for c, h in per_seed[0].items()}
+    seeds = rng.integers(0, len(per_seed), size=(len(per_seed), n_boot)) if len(per_seed) > 1 else \
+        np.zeros((1, n_boot), dtype=int)
+    lo, hi = np.quantile(_capacity_draws(per_seed, idx, seeds), [(1 - level) / 2, (1 + level) / 2])
+    return Interval(float(lo), float(hi))
+
+
+def capacity_difference_interval(a: Sequence[dict[int, Sequence[int]]], b: Sequence[dict[int, Sequence[int]]],
+                                 level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0) -> Interval:
+    """Bootstrap interval of capacity(a) - capacity(b): the examples of each count (the same for
+    both points) with one shared draw, each side's seeds on their own (as `difference_interval`)."""
+    if set(a[0]) != set(b[0]) or any(len(a[0][c]) != len(b[0][c]) for c in a[0]):
+        raise ValueError("the two points were scored on different capacity examples")
+    rng = np.random.default_rng(seed)
+    idx = {c: rng.integers(0, len(h), size=(n_boot, len(h))) for c, h in a[0].items()}
+    sa = rng.integers(0, len(a), size=(len(a), n_boot))
+    sb = rng.integers(0, len(b), size=(len(b), n_boot))
+    stats = _capacity_draws(a, idx, sa) - _capacity_draws(b, idx, sb)
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(float(lo), float(hi))
+
+
 def verdict(interval: Interval, higher_supports: bool) -> str:
     """supported: the whole interval lies on the claimed side of zero; contradicted: on the other
     side; inconclusive: it holds zero."""

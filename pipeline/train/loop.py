@@ -97,21 +97,27 @@ def _loss(model, inputs: np.ndarray, targets: np.ndarray, device, chunk: int = 0
 
 @torch.no_grad()
 def evaluate(model, data: TrainingData, cfg: TrainConfig, device) -> dict[str, float]:
-    """val/bpb on fixed validation windows; val/mqar_acc_<bucket> on each MQAR validation set;
-    val/objective, the training mixture's loss on validation data (`mixture.lm * val/loss +
-    mixture.mqar * val/mqar_loss`): what the learning-rate selection compares."""
+    """val/bpb on fixed validation windows (val/bpb_se: the standard error of its windows' bits per
+    byte, for the claims' per-step intervals); val/mqar_acc_<bucket> on each MQAR validation set
+    and val/mqar_capacity_p<count> on each capacity set (`data.mqar.capacity_pairs`); val/objective,
+    the training mixture's loss on validation data (`mixture.lm * val/loss + mixture.mqar *
+    val/mqar_loss`, the buckets' answers only): what the learning-rate selection compares."""
     model.eval()
     x, y, nbytes = data.val_windows(cfg.val_batches * cfg.batch_size, cfg.seq_len)
-    nats = 0.0
+    window_nats = []
     for i in range(0, len(x), cfg.batch_size):
         logits = model(torch.from_numpy(x[i : i + cfg.batch_size]).to(device)).float()
-        nats += F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y[i : i + cfg.batch_size]).to(device).flatten(),
-                                reduction="sum").item()
+        target = torch.from_numpy(y[i : i + cfg.batch_size]).to(device)
+        window_nats += F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(1).tolist()
+    nats = float(sum(window_nats))
     # per token for the loss; per byte of text covered for bpb (the two agree for bytes)
     out = {"val/loss": nats / y.size, "val/bpb": nats / math.log(2) / float(nbytes.sum())}
+    per_window = np.asarray(window_nats) / math.log(2) / np.maximum(1, nbytes.sum(axis=1))
+    out["val/bpb_se"] = float(per_window.std(ddof=1) / math.sqrt(len(per_window))) if len(per_window) > 1 else 0.0
     mqar_nats = mqar_answers = 0.0
     for name in sorted(data.mqar):
-        if not name.startswith("eval_"):
+        bucket = name.startswith("eval_")
+        if not bucket and not name.startswith("capacity_p"):
             continue
         correct = total = 0
         n_batches = math.ceil(len(data.mqar[name][0]) / cfg.mqar_batch_size)
@@ -119,14 +125,18 @@ def evaluate(model, data: TrainingData, cfg: TrainConfig, device) -> dict[str, f
             xi, yi = data.mqar_batch(name, None, b, cfg.mqar_batch_size)
             logits = model(torch.from_numpy(xi).to(device)).float()
             target = torch.from_numpy(yi).to(device)
-            mqar_nats += F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100,
-                                         reduction="sum").item()
+            if bucket:
+                mqar_nats += F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100,
+                                             reduction="sum").item()
             pred = logits.argmax(-1).cpu().numpy()
             mask = yi != -100
             correct += int((pred[mask] == yi[mask]).sum())
             total += int(mask.sum())
-        mqar_answers += total
-        out[f"val/mqar_acc_{name[len('eval_'):]}"] = correct / max(1, total)
+        if bucket:
+            mqar_answers += total
+            out[f"val/mqar_acc_{name[len('eval_'):]}"] = correct / max(1, total)
+        else:
+            out[f"val/mqar_{name}"] = correct / max(1, total)
     if mqar_answers:
         out["val/mqar_loss"] = mqar_nats / mqar_answers
     out["val/objective"] = cfg.mixture.lm * out["val/loss"] + cfg.mixture.mqar * out.get("val/mqar_loss", 0.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator
 
 from pipeline.core import tokenizer
 from pipeline.core.params.block import _Block
@@ -15,18 +15,38 @@ def _min_last_gap(num_pairs: int, pair_tokens: int) -> int:
     return 2 * (num_pairs - 1) + pair_tokens
 
 
+# Fields added after studies were trained with the MQAR block: at these values they are left out
+# of its dump, so a params file that does not set them keeps its fingerprints.
+_OPT_IN = {"alphabet": "bytes", "first_id": None, "train_pairs": None, "num_queries": None, "capacity_pairs": []}
+
+
 class MQARConfig(_Block):
     """Token-level multi-query associative recall (zoology): pairs `k v` scattered in noise, then
-    queries `k v` at the end; each key sits `gap` tokens before its query."""
+    queries `k v` at the end; each queried key sits `gap` tokens before its query."""
 
     seq_len: int = Field(256, ge=16)
-    num_pairs: int = Field(8, ge=1)
-    num_keys: int = Field(64, ge=2, description="size of the key alphabet")
-    num_values: int = Field(64, ge=2, description="size of the value alphabet")
+    num_pairs: int = Field(8, ge=1, description="stored pairs per sequence of the validation buckets "
+                           "(and of the training pool without train_pairs)")
+    num_keys: int = Field(64, ge=2, description="size of the key alphabet (the most pairs a sequence can store)")
+    num_values: int = Field(64, ge=2, description="size of the value alphabet (values repeat past it)")
     num_fillers: int = Field(64, ge=1, description="size of the noise alphabet between pairs")
     pair_tokens: Literal[1, 2] = Field(
         2, description="2: a stored pair is `k v` (zoology); 1: one token per (key, value)"
     )
+    alphabet: Literal["bytes", "own"] = Field(
+        "bytes", description="bytes: keys, values, pair tokens and fillers are byte ids (at most 256 in all); "
+        "own: ids of their own after data.tokenizer's (model.vocab_size grows to cover them)")
+    first_id: Optional[int] = Field(None, ge=0, description="own alphabet: the first MQAR id; resolved to "
+                                    "data.tokenizer's id count")
+    train_pairs: Optional[list[int]] = Field(
+        None, description="the training pool's mix of stored-pair counts, equal shares (zoology's (64, 4), "
+        "(128, 8), ...); None: num_pairs")
+    num_queries: Optional[int] = Field(
+        None, ge=1, description="queries per sequence, a random subset of its pairs (the others are stored "
+        "only, at least the bucket's nearest gap before the first query); None: every pair")
+    capacity_pairs: list[int] = Field(
+        default_factory=list, description="validation sets of these stored-pair counts at the farthest "
+        "bucket's gaps, logged as val/mqar_capacity_p<count> (the claims' capacity curves per step)")
     train_gaps: tuple[int, int] = Field((2, 200), description="gap range of the training pool")
     eval_gaps: dict[str, tuple[int, int]] = Field(
         default_factory=lambda: {"near": (2, 24), "far": (96, 200)},
@@ -35,31 +55,88 @@ class MQARConfig(_Block):
     num_train: int = Field(8192, ge=1)
     num_eval: int = Field(256, ge=1, description="examples per eval gap bucket")
 
+    @model_serializer(mode="wrap")
+    def _omit_unset_additions(self, handler):
+        out = handler(self)
+        for field, default in _OPT_IN.items():
+            if out.get(field, default) == default:
+                out.pop(field, None)
+        return out
+
+    @property
+    def n_ids(self) -> int:
+        """Ids of the alphabet: keys, values, pair tokens (pair_tokens 1), fillers."""
+        joint = self.num_keys * self.num_values if self.pair_tokens == 1 else 0
+        return self.num_keys + self.num_values + joint + self.num_fillers
+
+    @property
+    def end_id(self) -> int | None:
+        """own alphabet: one past the last MQAR id (the model's vocabulary must reach it)."""
+        return None if self.first_id is None else self.first_id + self.n_ids
+
+    def queries(self, pairs: int) -> int:
+        """Queries of a sequence storing `pairs` pairs."""
+        return pairs if self.num_queries is None else min(pairs, self.num_queries)
+
+    @property
+    def farthest_bucket(self) -> str:
+        """The evaluation bucket whose gaps start farthest back (the capacity curve's gaps)."""
+        return max(self.eval_gaps, key=lambda b: self.eval_gaps[b][0])
+
+    def misfit(self, pairs: int, gaps: tuple[int, int]) -> str | None:
+        """Why `pairs` stored pairs cannot be placed with their queried keys `gaps` tokens back in
+        `seq_len` tokens (None: they can)."""
+        lo, hi = gaps
+        q = self.queries(pairs)
+        max_gap = self.seq_len - 2 * q - 1
+        if pairs > self.num_keys:
+            return f"{pairs} pairs need {pairs} distinct keys, num_keys is {self.num_keys}"
+        if not 2 <= lo <= hi <= max_gap:
+            return f"need 2 <= lo <= hi <= seq_len - 2*queries - 1 = {max_gap}, got [{lo}, {hi}]"
+        if hi - lo + 1 < self.pair_tokens * q:
+            return f"range [{lo}, {hi}] too narrow for {q} queried pairs"
+        if hi < _min_last_gap(q, self.pair_tokens):
+            return (f"the last of {q} queries sits at least {_min_last_gap(q, self.pair_tokens)} tokens after its "
+                    f"pair; got [{lo}, {hi}]")
+        if self.pair_tokens * (pairs - q) > self.seq_len - 2 * q - lo + 1 or self.pair_tokens * pairs > max_gap + 1:
+            return f"{pairs} pairs ({q} queried) do not fit in {self.seq_len} tokens with gaps [{lo}, {hi}]"
+        return None
+
     @model_validator(mode="after")
     def _check(self) -> "MQARConfig":
-        joint = self.num_keys * self.num_values if self.pair_tokens == 1 else 0
-        if self.num_keys + self.num_values + joint + self.num_fillers > 256:
-            raise ValueError(
-                "num_fillers: keys + values + fillers (+ keys * values when pair_tokens is 1) "
-                "must fit in the 256 byte ids"
-            )
-        if self.num_pairs > min(self.num_keys, self.num_values):
-            raise ValueError(f"num_pairs: {self.num_pairs} exceeds the key/value alphabet")
-        max_gap = self.seq_len - 2 * self.num_pairs - 1
-        for name, (lo, hi) in [("train_gaps", self.train_gaps)] + [
-            (f"eval_gaps.{k}", v) for k, v in self.eval_gaps.items()
-        ]:
-            if not 2 <= lo <= hi <= max_gap:
+        if self.alphabet == "bytes":
+            if self.n_ids > 256:
                 raise ValueError(
-                    f"{name}: need 2 <= lo <= hi <= seq_len - 2*num_pairs - 1 = {max_gap}, "
-                    f"got [{lo}, {hi}]"
+                    "num_fillers: keys + values + fillers (+ keys * values when pair_tokens is 1) "
+                    "must fit in the 256 byte ids (or set alphabet: own)"
                 )
-            if hi - lo + 1 < self.pair_tokens * self.num_pairs:
-                raise ValueError(f"{name}: range [{lo}, {hi}] too narrow for {self.num_pairs} pairs")
-            if hi < _min_last_gap(self.num_pairs, self.pair_tokens):
-                raise ValueError(f"{name}: the last of {self.num_pairs} queries sits at least "
-                                 f"{_min_last_gap(self.num_pairs, self.pair_tokens)} tokens after its pair; "
-                                 f"got [{lo}, {hi}]")
+            if self.first_id is not None:
+                raise ValueError("first_id: only with alphabet: own")
+        counts = [("num_pairs", self.num_pairs)] + [
+            (f"train_pairs.{i}", p) for i, p in enumerate(self.train_pairs or [])]
+        counts += [(f"capacity_pairs.{i}", p) for i, p in enumerate(self.capacity_pairs)]
+        for field, p in counts:
+            if p < 1:
+                raise ValueError(f"{field}: must be >= 1, got {p}")
+            if p > self.num_keys:
+                raise ValueError(f"{field}: {p} exceeds the key alphabet (num_keys {self.num_keys})")
+        for field in ("train_pairs", "capacity_pairs"):
+            values = getattr(self, field) or []
+            if field == "train_pairs" and self.train_pairs is not None and not values:
+                raise ValueError("train_pairs: an empty mix (leave it out for num_pairs)")
+            if len(set(values)) != len(values):
+                raise ValueError(f"{field}: repeats a count ({values})")
+        for name, (lo, hi), pairs in [("train_gaps", self.train_gaps, max(self.train_pairs or [self.num_pairs]))] + [
+            (f"eval_gaps.{k}", v, self.num_pairs) for k, v in self.eval_gaps.items()
+        ]:
+            why = self.misfit(pairs, (lo, hi))
+            if why:
+                raise ValueError(f"{name}: {why}")
+        far = self.eval_gaps[self.farthest_bucket]
+        for i, pairs in enumerate(self.capacity_pairs):
+            why = self.misfit(pairs, far)
+            if why:
+                raise ValueError(f"capacity_pairs.{i}: {why} (the {self.farthest_bucket} bucket's gaps)")
         return self
 
 
@@ -257,6 +334,11 @@ class DataConfig(_Block):
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
+        mqar, ids = self.mqar, tokenizer.vocab_size(self.tokenizer)
+        if mqar.alphabet == "own" and mqar.first_id is None:
+            mqar.first_id = ids  # right after the text's ids, whichever tokenizer
+        elif mqar.alphabet == "own" and mqar.first_id < ids:
+            raise ValueError(f"mqar.first_id: {mqar.first_id} lies among data.tokenizer's {ids} ids")
         if self.corpus.format != "shakespeare":
             return self._check_docs()
         for field in ("validation_docs", "heldout_docs"):

@@ -13,7 +13,7 @@ from pydantic import Field, PrivateAttr, ValidationError
 
 from pipeline.core import sweep, tokenizer
 from pipeline.core.params.block import ParamsError, _Block
-from pipeline.core.params.data import DataConfig, PretrainedTokenizer, _min_last_gap
+from pipeline.core.params.data import DataConfig, PretrainedTokenizer
 from pipeline.core.params.run import ComputeConfig, EvalConfig, TrackingConfig, TrainConfig
 from pipeline.core.sweep import Point
 
@@ -78,7 +78,11 @@ class Params(_Block):
             widths = self._pretrained[p.init_from].model_dump(exclude={"attention"})
             return ModelConfig(**widths, attention=p.attention)
         extra = {"mlp_hidden": self._mlp_hidden[point]} if point in self._mlp_hidden else {}
-        return ModelConfig(**self.model, **extra, attention=p.attention)
+        return ModelConfig(**self.model_for(p), **extra, attention=p.attention)
+
+    def model_for(self, point: Point) -> dict[str, Any]:
+        """The `model` block with the widths a point sets for itself (`POINT_WIDTHS`)."""
+        return {**self.model, **(point.widths or {})}
 
     def train_for(self, point: str) -> TrainConfig:
         """The train block of one point: `train`, with a retrofit's own `steps`, validated at least
@@ -240,12 +244,17 @@ def _check_variants(params: Params) -> None:
         raise ParamsError("variants: needs at least one variant")
     pretrained = _pretrained_points(params)
     need = tokenizer.vocab_size(params.data.tokenizer)
+    mqar_end = params.data.mqar.end_id or 0  # MQAR ids of their own, after the tokenizer's
     if "vocab_size" not in params.model:
-        params.model["vocab_size"] = need  # the model's embedding follows the tokenizer
+        params.model["vocab_size"] = max(need, mqar_end)  # the model's embedding follows the tokenizer and MQAR
     elif params.model["vocab_size"] < need:
         raise ParamsError(f"model.vocab_size: {params.model['vocab_size']} is smaller than the {need} ids of "
                           f"data.tokenizer ({_describe_tokenizer(params.data.tokenizer)}); remove it (the model "
                           "follows the tokenizer) or raise it")
+    elif params.model["vocab_size"] < mqar_end:
+        raise ParamsError(f"model.vocab_size: {params.model['vocab_size']} does not reach data.mqar's own ids "
+                          f"({params.data.mqar.first_id}..{mqar_end - 1}); remove it (the model follows the "
+                          "tokenizer and MQAR) or raise it")
     points: dict[str, Point] = {}
     for name, attention in params.variants.items():
         if not _VARIANT_NAME.match(name):
@@ -265,7 +274,7 @@ def _check_variants(params: Params) -> None:
             where = f" (sweep point {point.name})" if point.knobs else ""
             point = _split_retrofit(name, point)
             root = params._pretrained.get(point.init_from)  # a retrofit of a pretrained point: its widths
-            widths = params.model if root is None else root.model_dump(exclude={"attention"})
+            widths = params.model_for(point) if root is None else root.model_dump(exclude={"attention"})
             try:
                 cfg = ModelConfig(**widths, attention=point.attention)
             except ValidationError as err:
@@ -286,11 +295,15 @@ def _check_variants(params: Params) -> None:
 
 
 RETROFIT_FIELDS = ("init_from", "steps")  # a variant's fields that are not its attention's
+POINT_WIDTHS = ("n_heads", "d_head")  # model widths a variant may set (sweep) for its own points: h, d_h
 
 
 def _split_retrofit(family: str, point: Point) -> Point:
-    """`init_from` and `steps` move from the point's attention config to its own fields."""
-    attention = {k: v for k, v in point.attention.items() if k not in RETROFIT_FIELDS}
+    """`init_from` and `steps` move from the point's attention config to its own fields, and so do
+    the widths it sets for itself (`POINT_WIDTHS`: e.g. a sweep of d_head for a fixed state)."""
+    attention = {k: v for k, v in point.attention.items() if k not in RETROFIT_FIELDS + POINT_WIDTHS}
+    widths = {k: v for k, v in point.attention.items() if k in POINT_WIDTHS}
+    point = point._replace(widths=widths or None)
     init_from, steps = point.attention.get("init_from"), point.attention.get("steps")
     if "steps" in point.attention and init_from is None:
         raise ParamsError(f"variants.{family}.steps: only with init_from (a retrofit's own training length; "
@@ -364,15 +377,15 @@ def _match(params: Params) -> None:
                           f"sweep (variants: {', '.join(params.variants)})")
     if "mlp_hidden" in params.model:
         raise ParamsError("model.mlp_hidden: set by match_params; remove one of the two")
-    target = sweep.count_parameters(params.model, reference[0].attention)
+    target = sweep.count_parameters(params.model_for(reference[0]), reference[0].attention)
     for point in params.points.values():
         if point.init_from is not None or point.pretrained is not None:  # its MLP is its parent's, or its own
             continue
         try:
-            hidden = sweep.matched_mlp_hidden(params.model, point.attention, target)
+            hidden = sweep.matched_mlp_hidden(params.model_for(point), point.attention, target)
         except ValueError as err:
             raise ParamsError(f"match_params: cannot match {point.name}: {err}") from None
-        count = sweep.count_parameters(params.model | {"mlp_hidden": hidden}, point.attention)
+        count = sweep.count_parameters(params.model_for(point) | {"mlp_hidden": hidden}, point.attention)
         if abs(count - target) > match.tolerance * target:
             raise ParamsError(f"match_params.tolerance: {point.name} has {count:,} parameters at the "
                               f"closest width, {abs(count / target - 1):.1%} from {target:,}")
@@ -423,20 +436,16 @@ def parse_params(raw: Any) -> Params:
         raise ParamsError(f"train.steps: must be >= 1, got {params.train.steps}")
     _check_variants(params)
     mqar = params.data.mqar
-    far = max(mqar.eval_gaps, key=lambda b: mqar.eval_gaps[b][0])
     checks = [(f"eval.mqar_pairs.{i}", p, list(mqar.eval_gaps)) for i, p in enumerate(params.eval.mqar_pairs)]
-    checks += [(f"eval.capacity_pairs.{i}", p, [far]) for i, p in enumerate(params.eval.capacity_pairs)]
+    checks += [(f"eval.capacity_pairs.{i}", p, [mqar.farthest_bucket])
+               for i, p in enumerate(params.eval.capacity_pairs)]
     for field, pairs, buckets in checks:
         for bucket in buckets:
             lo, hi = mqar.eval_gaps[bucket]
-            max_gap = mqar.seq_len - 2 * pairs - 1
-            if not (_min_last_gap(pairs, mqar.pair_tokens) <= hi <= max_gap and pairs >= 1
-                    and pairs <= min(mqar.num_keys, mqar.num_values)
-                    and hi - lo + 1 >= mqar.pair_tokens * pairs):
+            why = "must be >= 1" if pairs < 1 else mqar.misfit(pairs, (lo, hi))
+            if why:
                 raise ParamsError(f"{field}: {pairs} pairs do not fit data.mqar.eval_gaps.{bucket} [{lo}, {hi}] "
-                                  f"in data.mqar.seq_len={mqar.seq_len} (gaps must reach "
-                                  f"{_min_last_gap(pairs, mqar.pair_tokens)} and stay <= {max_gap}; "
-                                  f"at most {min(mqar.num_keys, mqar.num_values)} pairs)")
+                                  f"in data.mqar.seq_len={mqar.seq_len}: {why}")
     _check_policies(params)
     workers = params.compute.workers_per_run
     if workers > 1 and params.train.loss_chunk:

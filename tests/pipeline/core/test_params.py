@@ -12,37 +12,43 @@ DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
 
 def test_default_params_are_valid_and_typed():
     params = load_params(REPO / "params.yaml")
-    assert set(params.variants) == {"mha", "mqa", "mla", "tpa", "swa", "linear", "tensor_cache",
-                                    "tensor_cache_chunk_mean", "tensor_cache_factored", "tensor_cache_from_mha",
-                                    "swa_from_mha"}
-    assert params.model_config_for("tensor_cache_chunk_mean").attention.write == "chunk_mean"
-    assert params.model_config_for("tensor_cache_factored").attention.factors.rank_k == 1
+    assert set(params.variants) == {"mha", "tpa", "swa", "linear", "tensor_cache"}
     assert params.compute.gpus_per_job == "auto" and params.tracking.uri is None
     assert [run.name for run in params.runs()] == list(params.points)  # one seed, one rate
-    # the frontier's shape: a window sweep per bounded family the seeds' claims compare
-    families = {}
-    for point in params.points.values():
-        families.setdefault(point.family, []).append(point)
-    for family in ("swa", "tensor_cache"):
-        assert len(families[family]) >= 2
-    # two retrofits of the MHA checkpoint at a window a point trained from scratch has, a fifth of the steps
-    for child in ("tensor_cache_from_mha", "swa_from_mha"):
-        point = params.points[child]
-        assert point.init_from == "mha" and 5 * point.steps == params.train.steps
-        assert params.train_for(child).eval_every == 10  # twelve validations in its 120 steps
-        twin = f"{point.attention['kind']}.window{point.attention['window']}"
-        assert params.model_config_for(child).attention == params.model_config_for(twin).attention
     assert params.match_params.reference == "mha"
-    # inference-time cache policies on the mha checkpoint: one result key each, after the trained ones
-    assert params.result_keys()[len(params.points):] == [
-        "mha+window6", "mha+window10", "mha+window16", "mha+streaming.sinks4.window6",
-        "mha+streaming.sinks4.window12"]
+    # the claims' pairs: Tensor Cache and SWA at one window, Tensor Cache and linear at one head width
+    assert params.points["tensor_cache"].attention["window"] == params.points["swa"].attention["window"]
+    assert params.model_config_for("tensor_cache").d_head == params.model_config_for("linear").d_head
+    # MQAR with ids of its own: more pairs than the trained counts, to 4x the largest, beyond every window
+    mqar, reach = params.data.mqar, 2 * (16 - 1)  # the W 16 cache policy's reach
+    assert mqar.alphabet == "own" and params.model["vocab_size"] == 259 + mqar.n_ids
+    assert max(params.eval.capacity_pairs) >= 4 * max(mqar.train_pairs)
+    assert mqar.capacity_pairs == params.eval.capacity_pairs and mqar.eval_gaps["far"][0] > reach
+    assert params.result_keys()[len(params.points):] == ["mha+window6", "mha+window16"]
+
+
+def test_frontier_cpu_config_is_valid():
+    """configs/frontier-cpu.yaml: the default study's data, widths, training and evaluation at 3
+    seeds, its points among them, and a d_head sweep of linear attention and the Tensor Cache
+    (issue 34's theory check)."""
+    params, default = load_params(REPO / "configs" / "frontier-cpu.yaml"), load_params(REPO / "params.yaml")
+    assert params.data == default.data and params.model == default.model and params.eval == default.eval
+    assert params.train.model_dump() | {"seeds": [0]} == default.train.model_dump()
+    assert len(params.train.seeds) == 3
+    assert set(default.points) <= set(params.points) | {"linear", "tensor_cache"}
+    heads = {n: params.model_config_for(n).d_head for n in params.points}
+    for family in ("linear", "tensor_cache"):
+        assert sorted(heads[n] for n in params.points if n.startswith(family + ".d_head")) == [8, 16, 32]
+    assert params.points["tensor_cache_from_mha"].init_from == "mha"
+    for name in params.points:
+        params.model_config_for(name)  # builds
 
 
 def test_cache_policies_default_to_every_full_attention_point():
     raw = copy.deepcopy(DEFAULT)
     raw["eval"]["cache_policies"] = [{"policy": "streaming", "sinks": 2, "window": 8}]
     raw["train"]["seeds"] = [0, 1]
+    raw["variants"]["mqa"] = {"kind": "mqa"}
     keys = parse_params(raw).result_keys()
     full = ["mha", "mqa"]
     assert keys[-4:] == [f"{p}+streaming.sinks2.window8{s}" for p in full for s in ("", ".seed1")]
@@ -79,7 +85,7 @@ def _set(path: str, value):
     (_set("variants.swa.kind", ["swa", "mha"]), "variants.swa.kind"),
     (_set("train.lr", [1e-3, -1.0]), "train.lr.1"),
     (_set("train.lr", [1e-3, 1e-3]), "train.lr"),
-    (_set("match_params.reference", "swa"), "match_params.reference"),
+    (_set("match_params.reference", "nope"), "match_params.reference"),
     (_set("model.mlp_hidden", 100), "model.mlp_hidden"),
     (_set("eval.context_lengths", [512, 1024]), "eval.context_lengths"),
     (_set("data.mqar.eval_gaps.near", [2, 6]), "data.mqar.eval_gaps.near"),
@@ -106,8 +112,7 @@ def _set(path: str, value):
      "eval.cache_policies.0.points.0"),
     (_set("eval.cache_policies", [{"policy": "window", "window": [8, 8]}]), "eval.cache_policies"),
     (_set("eval.cache_policies", [{"policy": "evict", "window": 8}]), "eval.cache_policies.0.policy"),
-    (lambda d: (_set("compute.workers_per_run", 3)(d), d["variants"].pop("tensor_cache_from_mha"),
-                d["variants"].pop("swa_from_mha")), "train.batch_size"),
+    (_set("compute.workers_per_run", 3), "train.batch_size"),
     (_set("compute.workers_per_run", 0), "compute.workers_per_run"),
     (_set("compute.storage", "file://relative/ckpts"), "compute.storage"),
     (_set("compute.storage", "ftp://host/ckpts"), "compute.storage"),
@@ -255,3 +260,91 @@ def test_smollm2_configs_are_valid(config):
         "swa", "tensor_cache", "mqa"}
     for name in params.points:
         params.model_config_for(name)  # builds
+
+
+# The tiny study's fingerprints (code "code", no data files) as the code before the MQAR additions
+# (`alphabet`, `first_id`, `train_pairs`, `num_queries`, `capacity_pairs`: commit 334609f) gave them.
+TINY_FINGERPRINTS = {"mha": "a6b7ee870785d17b", "swa": "21372506acf44278"}
+
+
+def test_studies_that_do_not_opt_in_keep_their_fingerprints(tmp_path):
+    from pipeline.core.runs import train_job
+
+    def prints(raw):
+        params = parse_params(copy.deepcopy(raw))
+        return {r.name: train_job(params, r, "code", tmp_path, tmp_path, {}).fingerprint for r in params.runs()}
+
+    assert prints(TINY) == TINY_FINGERPRINTS
+    spelled = copy.deepcopy(TINY)  # the new fields written out at their defaults: the same study
+    spelled["data"]["mqar"].update(alphabet="bytes", first_id=None, train_pairs=None, num_queries=None,
+                                   capacity_pairs=[])
+    assert prints(spelled) == TINY_FINGERPRINTS
+    opted = copy.deepcopy(TINY)
+    opted["data"]["mqar"]["capacity_pairs"] = [1, 2]
+    assert set(prints(opted).values()).isdisjoint(TINY_FINGERPRINTS.values())
+
+
+def test_own_mqar_ids_grow_the_vocabulary_after_any_tokenizer():
+    raw = copy.deepcopy(DEFAULT)
+    raw["model"].pop("vocab_size", None)
+    raw["data"]["mqar"].update(alphabet="own", num_keys=64, num_values=8, num_fillers=8)
+    params = parse_params(raw)
+    mqar = params.data.mqar
+    assert (mqar.first_id, mqar.n_ids) == (259, 64 + 8 + 64 * 8 + 8)
+    assert params.model["vocab_size"] == 259 + mqar.n_ids == params.model_config_for("mha").vocab_size
+    raw["model"]["vocab_size"] = 300
+    with pytest.raises(ParamsError, match=r"^model\.vocab_size: 300 does not reach data\.mqar's own ids "
+                                         r"\(259\.\.850\)"):
+        parse_params(raw)
+    raw["model"].pop("vocab_size")
+    raw["data"]["mqar"]["first_id"] = 100
+    with pytest.raises(ParamsError, match=r"^data\.mqar\.first_id: 100 lies among data\.tokenizer's 259 ids"):
+        parse_params(raw)
+    raw["data"]["mqar"].pop("first_id")
+    raw["data"]["tokenizer"] = {"train": {"vocab_size": 1000}}  # a trained BPE: MQAR ids start after its 1,000
+    params = parse_params(raw)
+    assert params.data.mqar.first_id == 1000 and params.model["vocab_size"] == 1000 + params.data.mqar.n_ids
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (_set("data.mqar.num_keys", 200), "data.mqar.num_fillers"),  # bytes: past the 256 byte ids
+    (_set("data.mqar.first_id", 300), "data.mqar.first_id"),     # only with alphabet own
+    (_set("data.mqar.train_pairs", [2, 9]), "data.mqar.train_pairs.1"),
+    (_set("data.mqar.train_pairs", []), "data.mqar.train_pairs"),
+    (_set("data.mqar.capacity_pairs", [2, 2]), "data.mqar.capacity_pairs"),
+    (_set("data.mqar.capacity_pairs", [2, 40]), "data.mqar.capacity_pairs.1"),
+    (_set("data.mqar.num_queries", 0), "data.mqar.num_queries"),
+    (_set("eval.capacity_pairs", [4, 9]), "eval.capacity_pairs.1"),
+])
+def test_mqar_additions_name_the_field(mutate, field):
+    raw = copy.deepcopy(DEFAULT)  # with the MQAR block studies had before the additions
+    raw["data"]["mqar"] = dict(num_keys=8, num_values=16, num_fillers=32, pair_tokens=1, num_pairs=4, seq_len=96,
+                               train_gaps=[2, 80], eval_gaps={"near": [2, 10], "far": [40, 80]})
+    raw["eval"]["capacity_pairs"] = [1, 2, 4, 6]
+    mutate(raw)
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert str(err.value).startswith(f"{field}: "), str(err.value)
+
+
+def test_a_point_may_set_its_own_head_width():
+    """d_head (or n_heads) swept for one family: its points' models have it, the others keep the
+    model block's, and each is matched to the reference's parameter count."""
+    from models import build_model
+
+    raw = copy.deepcopy(DEFAULT)
+    raw["variants"]["linear"] = {"kind": "linear", "chunk_size": 16, "d_head": [8, 32]}
+    raw["variants"]["tensor_cache"] = {"kind": "tensor_cache", "window": 6, "n_heads": 2}
+    params = parse_params(raw)
+    assert [n for n in params.points if n.startswith(("linear", "tensor_cache."))] == ["linear.d_head8",
+                                                                                      "linear.d_head32"]
+    widths = {n: (c.n_heads, c.d_head) for n in params.points for c in [params.model_config_for(n)]}
+    assert widths["linear.d_head8"] == (4, 8) and widths["linear.d_head32"] == (4, 32)
+    assert widths["tensor_cache"] == (2, 32) and widths["mha"] == (4, 16)
+    target = sum(p.numel() for p in build_model(params.model_config_for("mha")).parameters())
+    for name in ("linear.d_head8", "linear.d_head32", "tensor_cache"):
+        count = sum(p.numel() for p in build_model(params.model_config_for(name)).parameters())
+        assert abs(count / target - 1) <= params.match_params.tolerance
+    raw["variants"]["swa_from_mha"] = {"kind": "swa", "window": 6, "init_from": "mha", "steps": 120, "d_head": 8}
+    with pytest.raises(ParamsError, match=r"^variants\.swa_from_mha\.init_from: "):  # a retrofit keeps its widths
+        parse_params(raw)

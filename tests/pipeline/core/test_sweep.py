@@ -73,12 +73,12 @@ def test_matched_points_have_the_reference_parameter_count():
     def count(cfg: ModelConfig) -> int:
         return sum(p.numel() for p in build_model(cfg).parameters())
 
-    target = count(ModelConfig(**raw["model"], attention={"kind": "mha"}))
+    target = count(ModelConfig(**params.model, attention={"kind": "mha"}))  # vocab_size resolved
     unmatched = {}
     for name, point in params.points.items():
         n = count(params.model_config_for(name))
         assert abs(n - target) <= 0.05 * target, (name, n, target)
-        unmatched[name] = count(ModelConfig(**raw["model"], attention=point.attention))
+        unmatched[name] = count(ModelConfig(**params.model, attention=point.attention))
     # the matching did something: some points were more than 3 % off before
     assert max(abs(n - target) / target for n in unmatched.values()) > 0.03
 

@@ -84,3 +84,38 @@ def test_a_tensor_cache_with_l2_off_is_its_window_alone(write):
     assert float((off - want).abs().max()) < 1e-10 * float(want.abs().max())
     assert float((on - want).abs().max()) > 1e-3 * float(want.abs().max())  # L2 was carrying something
     assert all(torch.equal(b.attn.gate, g) for b, g in zip(tc.blocks, gates))
+
+
+def test_distance_within_the_trained_length_and_extrapolation_apart(tmp_path):
+    """bits per byte by distance are read in windows of the trained length; the tokens past it, in
+    the longest windows, are their own number; the capacity keeps each beyond-window answer."""
+    from types import SimpleNamespace
+
+    from pipeline.core.params import DataConfig, EvalConfig
+    from pipeline.evaluate.quality import measure, mqar_accuracy
+
+    rng = np.random.default_rng()
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    mqar = DataConfig(mqar=dict(seq_len=64, num_pairs=2, pair_tokens=1, alphabet="own", num_keys=24, num_values=4,
+                                num_fillers=8, num_queries=4, train_gaps=(2, 40), eval_gaps={"near": (2, 6),
+                                "far": (16, 40)})).mqar
+    model = build_model(ModelConfig(d_model=16, n_layers=1, n_heads=2, init_std=0.5, vocab_size=mqar.end_id)).eval()
+    raw = rng.integers(32, 127, size=3000)
+    text = _stream(tmp_path, raw, None)
+    cfg = EvalConfig(context_lengths=[32, 96], bpb_tokens=192, mqar_pairs=[2], mqar_examples=6,
+                     capacity_pairs=[2, 8, 16])
+    job = SimpleNamespace(eval=cfg, mqar=mqar, reach=(6, 12), min_window=4, trained_len=32)
+    out = measure(model, text, job)
+    bits, covered = heldout_bits(model, text, 32, 6)  # windows of the trained length
+    dist = out["bpb_by_distance"]
+    assert (dist["context"], dist["window"], dist["longest"]) == (32, 4, 96)
+    for part, cols in (("lt_W", slice(0, 4)), ("ge_W", slice(4, 32)), ("ge_4W", slice(16, 32))):
+        assert math.isclose(dist[part], bits[:, cols].sum() / covered[:, cols].sum(), rel_tol=1e-6)
+    long_bits, long_covered = heldout_bits(model, text, 96, 2)
+    assert math.isclose(dist["past_trained"], long_bits[:, 32:].sum() / long_covered[:, 32:].sum(), rel_tol=1e-6)
+    for p in (2, 8, 16):
+        r = mqar_accuracy(model, mqar, p, (16, 40), 6, cfg.seed + 1, (6, 12), decode=False)
+        beyond = [h for h, g in zip(r["hits"], r["gaps"]) if g > 12]
+        cap = out["capacity"][str(p)]
+        assert cap["hits_beyond_window"] == beyond and len(beyond) == 6 * min(p, 4)
+        assert cap["acc_beyond_window"] == pytest.approx(np.mean(beyond))

@@ -197,3 +197,5 @@ def test_tokenizer_matches_pipeline(exports):
     assert tok(text).input_ids == tok.encode(text) == tok([text]).input_ids[0] == ids
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
     assert tok.decode(ids) == text == tokenizer.decode(ids)
+    # an id past the bytes (MQAR's own ids, which a model may hold) decodes as <unk>, never raises
+    assert tok.decode(ids[:3] + [tokenizer.VOCAB_SIZE + 40] + ids[3:5]) == text[:3] + "<unk>" + text[3:5]

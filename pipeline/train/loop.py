@@ -222,7 +222,8 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
     meta_base = {"run": job.run, "variant": job.variant, "fingerprint": job.fingerprint,
                  "seed": seed,
                  "model_config": model_cfg.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16)
+           if cfg.precision == "bf16" and device.type == "cuda" else torch.autocast("cpu", enabled=False))
     w_lm, w_mq = cfg.mixture.lm, cfg.mixture.mqar
     tokens_per_step = w_lm > 0 and cfg.batch_size * cfg.seq_len
     tokens_per_step += w_mq > 0 and cfg.mqar_batch_size * (data.mqar["train"][0].shape[1] - 1)

@@ -184,7 +184,7 @@ def test_a_deleted_mlflow_store_is_rebuilt(trained_project):
     (report,) = client.search_runs([experiment], "tags.`kvf.report` = 'frontier'")
     assert {a.path for a in client.list_artifacts(report.info.run_id, "report")} == {
         "report/frontier.png", "report/frontier.md", "report/frontier.csv", "report/capacity.png",
-        "report/learning.png"}
+        "report/learning.png", "report/retrieval.png"}
     assert "store complete" in _ok(run_stage(root, "tools.mlflow_sync")).stdout  # a whole store: nothing done
 
     (root / "mlflow.db").unlink()

@@ -135,5 +135,5 @@ def test_the_tiny_study_against_a_tracking_server(tiny_project, server):
     artifacts = _get(url, "/api/2.0/mlflow/artifacts/list", run_id=runs["frontier"]["info"]["run_id"], path="report")
     assert {f["path"] for f in artifacts["files"]} == {"report/frontier.png", "report/frontier.md",
                                                        "report/frontier.csv", "report/capacity.png",
-                                                       "report/learning.png"}
+                                                       "report/learning.png", "report/retrieval.png"}
     assert any((state / "artifacts").rglob("frontier.md"))  # the server's artifact root holds them

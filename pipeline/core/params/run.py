@@ -42,9 +42,9 @@ class TrainConfig(_Block):
     eval_every: int = Field(100, ge=1)
     val_batches: int = Field(4, ge=1, description="LM validation batches (of batch_size) per eval")
     checkpoint_every: int = Field(50, ge=1)
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast on the job's device (a CPU "
-                                                "gains only with native bf16 matmuls, AMX or AVX512-BF16: "
-                                                "benchmarks/pretrained_train.py prints the rate)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast, CUDA only (a bf16 matmul "
+                                                "is 40x slower than fp32 on these CPUs: "
+                                                "benchmarks/pretrained_train.py)")
     loss_chunk: int = Field(0, ge=0, description="> 0: the head and the loss over this many positions at a "
                             "time, recomputed in the backward pass (a large vocabulary's logits never held "
                             "whole); 0: all at once")

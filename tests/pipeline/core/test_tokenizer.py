@@ -186,7 +186,8 @@ def _tiny_vocab(root) -> str:
 
 
 @pytest.mark.parametrize("case, message", [
-    ("words", "data.tokenizer: must be bytes, {path: <a tokenizer folder>} or {train: {vocab_size: N}}"),
+    ("words", "data.tokenizer: must be bytes, {path: <a tokenizer folder>}, {train: {vocab_size: N}} or "
+              "{pretrained: <a checkpoint>}"),
     ("both", "data.tokenizer: must be bytes"),
     ("small_bpe", "data.tokenizer.train.vocab_size: Input should be greater than or equal to 260"),
     ("missing", "data.tokenizer.path: {root}/nowhere holds no tokenizer_config.json"),

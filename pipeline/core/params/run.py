@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from pipeline.core import storage
 from pipeline.core.params.block import _Block
@@ -52,6 +52,16 @@ class TrainConfig(_Block):
         "all", description="what a retrofit trains: every weight, or its attention alone (q, k, v, o and "
         "what the child adds, e.g. Tensor Cache's L2; docs/design.md#retrofit-a-point-initialised-from-a-trained-one); "
         "points trained from scratch train every weight")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_additions(self, handler):
+        """Fields added after studies were trained (`trainable`, `loss_chunk`) are left out of the
+        dump at their defaults, so a params file that does not set them keeps its fingerprints."""
+        out = handler(self)
+        for field, default in (("trainable", "all"), ("loss_chunk", 0)):
+            if out.get(field, default) == default:
+                out.pop(field, None)
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

@@ -348,3 +348,13 @@ def test_a_point_may_set_its_own_head_width():
     raw["variants"]["swa_from_mha"] = {"kind": "swa", "window": 6, "init_from": "mha", "steps": 120, "d_head": 8}
     with pytest.raises(ParamsError, match=r"^variants\.swa_from_mha\.init_from: "):  # a retrofit keeps its widths
         parse_params(raw)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_config_holds_every_block_dvc_reads(config):
+    """`dvc repro` refuses a params file without a block a stage lists (`model`, `match_params`...),
+    before parsing it: every config a user may copy to params.yaml holds them all."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    wanted = {p.split(".")[0] for stage in stages.values() for p in stage.get("params", [])}
+    raw = yaml.safe_load((REPO / "configs" / config).read_text())
+    assert wanted <= set(raw), f"configs/{config} lacks {sorted(wanted - set(raw))}"

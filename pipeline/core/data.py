@@ -22,7 +22,7 @@ SPLITS = ("train", "validation", "heldout")
 
 # Token-level MQAR alphabets: disjoint runs of ids -- keys, values, then (layout `pair_tokens: 1`)
 # one id per (key, value) pair, then the noise fillers -- among the byte ids (`alphabet: bytes`),
-# or from `first_id` on, after the tokenizer's ids (`alphabet: own`).
+# or from `first_id` on: after the tokenizer's ids (`alphabet: own`) or among them (`alphabet: vocab`).
 def _alphabets(cfg) -> dict[str, np.ndarray]:
     sizes = {"keys": cfg.num_keys, "values": cfg.num_values,
              "pairs": cfg.num_keys * cfg.num_values if cfg.pair_tokens == 1 else 0,

@@ -33,11 +33,13 @@ class MQARConfig(_Block):
     pair_tokens: Literal[1, 2] = Field(
         2, description="2: a stored pair is `k v` (zoology); 1: one token per (key, value)"
     )
-    alphabet: Literal["bytes", "own"] = Field(
+    alphabet: Literal["bytes", "own", "vocab"] = Field(
         "bytes", description="bytes: keys, values, pair tokens and fillers are byte ids (at most 256 in all); "
-        "own: ids of their own after data.tokenizer's (model.vocab_size grows to cover them)")
-    first_id: Optional[int] = Field(None, ge=0, description="own alphabet: the first MQAR id; resolved to "
-                                    "data.tokenizer's id count")
+        "own: ids of their own after data.tokenizer's (model.vocab_size grows to cover them); vocab: a run of "
+        "data.tokenizer's own ids from first_id on (a pretrained model's: tokens it has read, not the special "
+        "tokens and bytes its first ids are)")
+    first_id: Optional[int] = Field(None, ge=0, description="own: the first MQAR id, resolved to data.tokenizer's "
+                                    "id count; vocab: the first of the tokenizer's ids MQAR uses (required)")
     train_pairs: Optional[list[int]] = Field(
         None, description="the training pool's mix of stored-pair counts, equal shares (zoology's (64, 4), "
         "(128, 8), ...); None: num_pairs")
@@ -71,7 +73,7 @@ class MQARConfig(_Block):
 
     @property
     def end_id(self) -> int | None:
-        """own alphabet: one past the last MQAR id (the model's vocabulary must reach it)."""
+        """own or vocab alphabet: one past the last MQAR id (the model's vocabulary must reach it)."""
         return None if self.first_id is None else self.first_id + self.n_ids
 
     def queries(self, pairs: int) -> int:
@@ -111,7 +113,10 @@ class MQARConfig(_Block):
                     "must fit in the 256 byte ids (or set alphabet: own)"
                 )
             if self.first_id is not None:
-                raise ValueError("first_id: only with alphabet: own")
+                raise ValueError("first_id: only with alphabet: own or vocab")
+        if self.alphabet == "vocab" and self.first_id is None:
+            raise ValueError("first_id: alphabet vocab takes a run of the tokenizer's ids from first_id on; set it "
+                             "(a run of ordinary tokens: a pretrained tokenizer's first ids are special tokens)")
         counts = [("num_pairs", self.num_pairs)] + [
             (f"train_pairs.{i}", p) for i, p in enumerate(self.train_pairs or [])]
         counts += [(f"capacity_pairs.{i}", p) for i, p in enumerate(self.capacity_pairs)]

@@ -244,7 +244,10 @@ def _check_variants(params: Params) -> None:
         raise ParamsError("variants: needs at least one variant")
     pretrained = _pretrained_points(params)
     need = tokenizer.vocab_size(params.data.tokenizer)
-    mqar_end = params.data.mqar.end_id or 0  # MQAR ids of their own, after the tokenizer's
+    mqar_end = params.data.mqar.end_id or 0  # MQAR ids of their own, after the tokenizer's (or among them: vocab)
+    if params.data.mqar.alphabet == "vocab" and mqar_end > need:
+        raise ParamsError(f"data.mqar.first_id: {params.data.mqar.first_id} + {params.data.mqar.n_ids} MQAR ids "
+                          f"reach past the {need} ids of data.tokenizer ({_describe_tokenizer(params.data.tokenizer)})")
     if "vocab_size" not in params.model:
         params.model["vocab_size"] = max(need, mqar_end)  # the model's embedding follows the tokenizer and MQAR
     elif params.model["vocab_size"] < need:

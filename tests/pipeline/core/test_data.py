@@ -183,3 +183,13 @@ def test_prepare_writes_the_mix_and_the_capacity_sets(tmp_path):
         assert (mask.sum(axis=1) == min(p, 4)).all() and gaps[gaps >= 0].min() >= 30 and gaps.max() <= 60
         alpha = data._alphabets(cfg.mqar)
         assert (np.isin(tokens, alpha["pairs"]).sum(axis=1) == p).all()
+
+
+def test_vocab_alphabet_draws_from_the_tokenizers_ids_at_first_id():
+    """alphabet vocab: keys, values and fillers are the run of the tokenizer's ids from first_id on."""
+    first = int(np.random.default_rng().integers(300, 40_000))
+    cfg = MQARConfig(seq_len=64, num_pairs=4, pair_tokens=2, num_keys=8, num_values=8, num_fillers=16,
+                     alphabet="vocab", first_id=first, train_gaps=(2, 40), eval_gaps={"far": (20, 40)})
+    tokens = data.make_mqar(cfg, 16, (20, 40), 3)["tokens"]
+    assert tokens.min() >= first and tokens.max() < first + 32 == cfg.end_id
+    assert set(np.unique(tokens)) >= set(range(first + 16, first + 32))  # the fillers, all of them

@@ -306,9 +306,26 @@ def test_own_mqar_ids_grow_the_vocabulary_after_any_tokenizer():
     assert params.data.mqar.first_id == 1000 and params.model["vocab_size"] == 1000 + params.data.mqar.n_ids
 
 
+def test_vocab_mqar_ids_are_a_run_of_the_tokenizers_own():
+    """alphabet vocab: MQAR's ids are the tokenizer's from first_id on (a pretrained model's words); the
+    vocabulary does not grow, and a run past the tokenizer's ids or no first_id names the field."""
+    raw = copy.deepcopy(DEFAULT)
+    raw["model"].pop("vocab_size", None)
+    raw["data"]["tokenizer"] = {"train": {"vocab_size": 1000}}
+    raw["data"]["mqar"].update(alphabet="vocab", first_id=300, num_keys=64, num_values=8, num_fillers=8)
+    params = parse_params(raw)
+    assert (params.data.mqar.first_id, params.data.mqar.end_id) == (300, 892) and params.model["vocab_size"] == 1000
+    raw["data"]["mqar"]["first_id"] = 500
+    with pytest.raises(ParamsError, match=r"^data\.mqar\.first_id: 500 \+ 592 MQAR ids reach past the 1000 ids"):
+        parse_params(raw)
+    raw["data"]["mqar"].pop("first_id")
+    with pytest.raises(ParamsError, match=r"^data\.mqar\.first_id: alphabet vocab takes a run"):
+        parse_params(raw)
+
+
 @pytest.mark.parametrize("mutate, field", [
     (_set("data.mqar.num_keys", 200), "data.mqar.num_fillers"),  # bytes: past the 256 byte ids
-    (_set("data.mqar.first_id", 300), "data.mqar.first_id"),     # only with alphabet own
+    (_set("data.mqar.first_id", 300), "data.mqar.first_id"),     # only with alphabet own or vocab
     (_set("data.mqar.train_pairs", [2, 9]), "data.mqar.train_pairs.1"),
     (_set("data.mqar.train_pairs", []), "data.mqar.train_pairs"),
     (_set("data.mqar.capacity_pairs", [2, 2]), "data.mqar.capacity_pairs"),

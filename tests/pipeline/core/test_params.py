@@ -256,8 +256,10 @@ def test_smollm2_configs_are_valid(config):
     cfg = params.model_config_for("smollm2")
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.attention.n_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
     assert len({policy.window for _, policy in params.policy_points()}) >= 3
-    assert {p.attention["kind"] for p in params.points.values() if p.init_from == "smollm2"} == {
+    assert {p.attention["kind"] for p in params.points.values() if p.init_from == "smollm2"} >= {
         "swa", "tensor_cache", "mqa"}
+    if "smollm2_ft" in params.points:  # the control: the parent's own design, fine-tuned as the retrofits are
+        assert params.model_config_for("smollm2_ft") == cfg
     for name in params.points:
         params.model_config_for(name)  # builds
 

@@ -70,9 +70,11 @@ def _is_tc(p: "Point", write: str) -> bool:
 
 def _budget(a: "Point", b: "Point") -> str:
     """The steps a bits-per-byte claim is made at (they never settle at these sizes)."""
+    if a.steps is None and b.steps is None:
+        return ""
     if a.steps and a.steps == b.steps:
         return f" at {a.steps} steps (equal budget)"
-    return f" at {a.steps or '?'} vs {b.steps or '?'} steps" if a.steps or b.steps else ""
+    return " at {} vs {} steps".format(*("?" if p.steps is None else p.steps for p in (a, b)))  # 0: pretrained
 
 
 def _claim(text: str, a: "Point", b: "Point", column: str, higher_supports: bool,

@@ -87,7 +87,7 @@ def _watch_train(root, url: str) -> tuple[subprocess.CompletedProcess, list[tupl
                 seen.append((run["info"]["status"], len(history)))
         except OSError:  # the experiment is not there yet
             pass
-        time.sleep(0.3)
+        time.sleep(1.0)  # a poll is three requests the server answers on the same two cores
     out, err = proc.communicate()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), seen
 

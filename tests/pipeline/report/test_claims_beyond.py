@@ -86,3 +86,14 @@ def test_without_a_partner_there_is_no_claim():
     results = [r for r in _study(rng, None, 3.0) if r["variant"] not in ("tensor_cache.window16", "mha+window16")]
     claims = evaluate_claims(points(rows_from_results(results, CONTEXT, TRAINED)))
     assert [c["claim"] for c in claims] == []
+
+
+def test_a_bits_per_byte_claim_names_each_sides_steps_a_pretrained_zero_included():
+    from types import SimpleNamespace as P
+
+    from pipeline.report.claims import _budget
+
+    assert _budget(P(steps=120), P(steps=0)) == " at 120 vs 0 steps"  # a policy on a pretrained point
+    assert _budget(P(steps=300), P(steps=300)) == " at 300 steps (equal budget)"
+    assert _budget(P(steps=60), P(steps=None)) == " at 60 vs ? steps"
+    assert _budget(P(steps=None), P(steps=None)) == ""

@@ -74,7 +74,8 @@ def _budget(a: "Point", b: "Point") -> str:
         return ""
     if a.steps and a.steps == b.steps:
         return f" at {a.steps} steps (equal budget)"
-    return " at {} vs {} steps".format(*("?" if p.steps is None else p.steps for p in (a, b)))  # 0: pretrained
+    a_steps, b_steps = ("?" if s is None else s for s in (a.steps, b.steps))  # 0: a pretrained point
+    return f" at {a_steps} vs {b_steps} steps"
 
 
 def _claim(text: str, a: "Point", b: "Point", column: str, higher_supports: bool,

@@ -19,6 +19,8 @@ from typing import Callable
 import pytest
 import yaml
 
+from tests.ray_node import SHARED
+
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = {
@@ -55,6 +57,7 @@ def short_tmp(prefix: str) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _remove_short_dirs():
     yield
+    SHARED.stop()
     for path in _SHORT_DIRS:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -76,17 +79,38 @@ def stage_env(**extra: str) -> dict:
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0",
            # RAY_AUTH_MODE: test_ray_job's cluster (a stage's own Ray uses a token)
            "DVC_NO_ANALYTICS": "1", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **extra}
-    env.pop("RAY_ADDRESS", None)
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)  # the caller's, not ours: `extra` may name one
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra)
     return env
 
 
 def run_stage(root: Path, stage: str, *args: str, timeout: float = 240, **env) -> subprocess.CompletedProcess:
-    """`python -m stages.<stage>` in `root` (a dotted name runs that module: `tools.mlflow_sync`)."""
+    """`python -m stages.<stage>` in `root` (a dotted name runs that module: `tools.mlflow_sync`).
+    A train or evaluate stage that `shares_ray` runs its jobs on this test process's Ray node
+    (tests/ray_node.py); any other starts its private local Ray, as a user's stage does."""
     module = stage if "." in stage else f"stages.{stage}"
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=stage_env(**env),
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=stage_env_for(root, stage, **env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def stage_env_for(root: Path, stage: str, **extra: str) -> dict:
+    """`stage_env(**extra)`, pointing the stage at this test process's Ray node when it `shares_ray`."""
+    if shares_ray(root, stage, extra):
+        extra = {**extra, **SHARED.env(TINY["compute"]["num_cpus"])}
+    return stage_env(**extra)
+
+
+def shares_ray(root: Path, stage: str, env: dict | None = None) -> bool:
+    """A train or evaluate stage on TINY's compute block (its temp dir and storage aside: the node
+    is on this machine) whose extra environment is at most the train stage's fault hook (read by
+    its driver, not its workers): nothing a shared node would change."""
+    compute = dict(yaml.safe_load((root / "params.yaml").read_text()).get("compute") or {})
+    compute.pop("temp_dir", None)
+    compute.pop("storage", None)
+    allowed = {"KVF_FAULT"} if stage == "train" else set()
+    return stage in ("train", "evaluate") and compute == TINY["compute"] and set(env or {}) <= allowed
 
 
 def kill_ray_in(temp_dir: str) -> None:

@@ -11,18 +11,18 @@ from models.pretrained import HF, from_state, load_pretrained, model_config, sav
 
 from ..helpers import rel_err
 
-pytestmark = pytest.mark.xdist_group("smollm2")
+pytestmark = pytest.mark.xdist_group("smollm2")  # one worker; the weights read once a run (session scope)
 PROMPT = "The capital of France is Paris. The capital of Italy is"
 TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds "
         "that loured upon our house in the deep bosom of the ocean buried.")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ours():
     return load_pretrained("smollm2-135m")  # (model, tokenizer)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference():
     path = source_path("smollm2-135m")
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()

@@ -31,7 +31,9 @@ from pipeline.core import checkpoint, fanout
 from pipeline.core.params import ComputeConfig
 from tests.studies import REPO, run_stage, stage_env, write_params
 
-pytestmark = pytest.mark.xdist_group(__name__)  # under pytest-xdist all on one worker, so the cluster starts once
+# all on one xdist worker, and the cluster session-scoped: it starts once even when the worker runs
+# other modules' tests between these (a module-scoped one was torn down and started again)
+pytestmark = pytest.mark.xdist_group(__name__)
 
 RAY = str(Path(sys.executable).with_name("ray"))
 _NODE2 = """
@@ -75,7 +77,7 @@ def _processes_of(marks: list[str]) -> list[int]:
     return found
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_nodes():
     """(address, what a client's environment needs to reach it, node 2's id, node 2's temp dir): a
     cluster of our own, stopped by its process groups (never `ray stop`: it would stop every Ray

@@ -16,13 +16,13 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.studies import run_stage, stage_env
+from tests.studies import run_stage, stage_env_for
 from tools.mlflow_server import command
 
 EVAL = {"context_lengths": [32, 64], "bpb_tokens": 128, "mqar_pairs": [2], "mqar_examples": 16,
         "capacity_pairs": [1], "lm_eval_tasks": [], "decode_lengths": [64], "decode_new_tokens": 4,
         "report_context": 1024, "cache_policies": [{"policy": "window", "window": 4, "points": ["mha"]}]}
-TRAIN = {"steps": 200, "log_every": 5, "eval_every": 50, "checkpoint_every": 50}  # long enough to watch
+TRAIN = {"steps": 100, "log_every": 5, "eval_every": 50, "checkpoint_every": 50}  # long enough to watch
 
 
 def _free_port() -> int:
@@ -73,7 +73,7 @@ def server(tmp_path_factory):
 def _watch_train(root, url: str) -> tuple[subprocess.CompletedProcess, list[tuple[str, int]]]:
     """Run the train stage, polling the server meanwhile: (result, [(run status, points of
     train/loss) seen while the stage was still running])."""
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=stage_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=stage_env_for(root, "train"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     while proc.poll() is None:
@@ -127,7 +127,7 @@ def test_the_tiny_study_against_a_tracking_server(tiny_project, server):
             assert tags["kvf.logged_by"] == "worker" and metrics["val/bpb"] == pytest.approx(trained[name]["val/bpb"])
             history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run["info"]["run_id"],
                            metric_key="train/loss")["metrics"]
-            assert sorted(m["step"] for m in history) == list(range(5, 201, 5))  # each step once
+            assert sorted(m["step"] for m in history) == list(range(5, 101, 5))  # each step once
             params_logged = {p["key"]: p["value"] for p in run["data"]["params"]}
             assert params_logged["family"] == name and float(params_logged["train.lr"]) > 0
     models = _get(url, "/api/2.0/mlflow/registered-models/search")["registered_models"]

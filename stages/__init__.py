@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import fcntl
 import gc
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,13 +35,58 @@ def parse_args(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def load_or_exit(path: str) -> Params:
-    """Typed params, or one line naming the field on stderr and exit 2 -- before any work."""
+def load_or_exit(path: str, tracked: bool = True) -> Params:
+    """Typed params, or one line naming the field on stderr and exit 2 -- before any work. A
+    `tracked` stage (one that logs to MLflow) also stops there when its tracking server does not
+    answer, and every stage when another stage of the study is running (`study_lock`)."""
+    from pipeline.core.tracking import TrackingUnreachable, check_server
+
     try:
-        return load_params(path)
-    except ParamsError as err:
+        params = load_params(path)
+        if tracked and params.tracking.uri:
+            check_server(params.tracking.uri)
+    except (ParamsError, TrackingUnreachable) as err:
         print(f"{Path(path).name}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    stage = Path(sys.argv[0]).stem
+    try:
+        study_lock(stage)
+    except StudyBusy as err:
+        print(f"[{stage}] {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return params
+
+
+LOCK_FILE = Path("runs") / "stage.lock"
+_held = None  # the lock file, open (so locked) until this process ends
+
+
+class StudyBusy(RuntimeError):
+    """Another stage of this study holds its lock."""
+
+
+def study_lock(stage: str) -> None:
+    """One stage at a time in a study (the folder a stage runs in): an exclusive lock on
+    `runs/stage.lock`, which names its holder, held until the process ends (the kernel drops it
+    on any exit, kill -9 included; not inherited by what the stage starts). `dvc repro` runs its
+    stages one after another, and DVC's own lock refuses a second `dvc repro`; this one refuses a
+    stage started by hand beside either. Raises StudyBusy, having changed nothing."""
+    global _held
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process that has not said which"
+        lock.close()
+        raise StudyBusy(f"another stage of this study is running ({holder}; {LOCK_FILE}): wait for it to end "
+                        "or stop it; nothing was changed") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{stage}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    _held = lock
 
 
 def run_stage(params_path: str, job: Callable[[], int]) -> None:

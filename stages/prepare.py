@@ -9,7 +9,7 @@ from stages import load_or_exit, parse_args
 
 def main() -> None:
     args = parse_args(__doc__)
-    params = load_or_exit(args.params)
+    params = load_or_exit(args.params, tracked=False)  # prepare logs nothing to MLflow
     from pipeline.prepare.corpus import CorpusError
     from pipeline.prepare.prepare import prepare
 

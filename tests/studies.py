@@ -106,11 +106,14 @@ def shares_ray(root: Path, stage: str, env: dict | None = None) -> bool:
     """A train or evaluate stage on TINY's compute block (its temp dir and storage aside: the node
     is on this machine) whose extra environment is at most the train stage's fault hook (read by
     its driver, not its workers): nothing a shared node would change."""
-    compute = dict(yaml.safe_load((root / "params.yaml").read_text()).get("compute") or {})
-    compute.pop("temp_dir", None)
-    compute.pop("storage", None)
-    allowed = {"KVF_FAULT"} if stage == "train" else set()
-    return stage in ("train", "evaluate") and compute == TINY["compute"] and set(env or {}) <= allowed
+    if stage not in ("train", "evaluate") or not set(env or {}) <= ({"KVF_FAULT"} if stage == "train" else set()):
+        return False
+    try:
+        compute = yaml.safe_load((root / "params.yaml").read_text()).get("compute")
+    except (OSError, yaml.YAMLError, AttributeError):  # a test of a bad params file: the stage says so
+        return False
+    compute = {k: v for k, v in (compute or {}).items() if k not in ("temp_dir", "storage")}
+    return compute == TINY["compute"]
 
 
 def kill_ray_in(temp_dir: str) -> None:

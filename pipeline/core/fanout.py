@@ -231,13 +231,13 @@ def _prune_sessions(temp_dir: Path) -> None:
 
 def guarded(fn: Callable[..., dict], job, *args) -> dict:
     """Run one job in a Ray worker; never raises, so the driver always learns which run failed.
-    Success: {"status": "ok", **fn(job, ...)}. Failure: status "failed", the error, its
-    traceback and the step it happened at when the error carries one."""
+    Success: {"status": "ok", **fn(job, ...)}. Failure: status "failed", the error (and its type's
+    name), its traceback and the step it happened at when the error carries one."""
     try:
         return {"status": "ok", **fn(job, *args)}
     except Exception as err:  # noqa: BLE001 -- any error comes back with its run's name
         step = getattr(err, "step", None)  # a failure the job itself diagnosed says so in words
-        return {"status": "failed", "step": step,
+        return {"status": "failed", "step": step, "error_type": type(err).__name__,
                 "error": str(err) if step is not None else f"{type(err).__name__}: {err}",
                 "traceback": "" if step is not None else traceback.format_exc()}
 

@@ -85,6 +85,37 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+class TrackingUnreachable(RuntimeError):
+    """No MLflow server answers at `tracking.uri` (the message names it and what to do)."""
+
+
+SERVER_TRIES, SERVER_TIMEOUT_S = 3, 5.0  # a stage's first look: at most ~17 s before it gives up
+
+
+def check_server(uri: str) -> None:
+    """With a tracking server, ask it `/health` before any work (MLflow's own client would retry
+    for ~4 minutes, then fail with a traceback); raise TrackingUnreachable when nothing answers.
+    A server that answers at all (even an HTTP error: a proxy, auth) counts as there."""
+    import urllib.error
+    import urllib.request
+
+    if not is_server(uri):
+        return
+    reason = ""
+    for attempt in range(SERVER_TRIES):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_S).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, OSError) as err:
+            reason = str(getattr(err, "reason", err))
+        if attempt + 1 < SERVER_TRIES:
+            time.sleep(1.0)
+    raise TrackingUnreachable(f"tracking.uri: {uri}: no MLflow server answers ({reason}, {SERVER_TRIES} tries); "
+                              "start it (make mlflow-server) or point tracking.uri at one that runs")
+
+
 class WorkerLog:
     """A train worker's history records, with a tracking server: logged to the run by the worker
     as they are made (the UI's curves move while it trains), then passed on (`forward`, the

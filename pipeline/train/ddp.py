@@ -58,15 +58,17 @@ class DataParallel:
         dist.all_reduce(total)
         return dict(zip(keys, (total / self.world).tolist()))
 
-    def resume(self, job: TrainJob, model, optimizer) -> tuple[int, list]:
+    def resume(self, job: TrainJob, model, optimizer) -> tuple[int, list, dict]:
+        """(step, history, {}): the logging window's sums are each worker's own, and only rank 0's
+        are in the checkpoint, so a resumed window starts empty."""
         import ray.train
 
         found = ray.train.get_checkpoint()
         if found is None:
-            return 0, []
+            return 0, [], {}
         with found.as_directory() as folder:
             meta = checkpoint.restore(Path(folder), model, optimizer)  # digests verified
-        return meta["step"], meta["history"]
+        return meta["step"], meta["history"], {}
 
     def save(self, step: int, model, optimizer, meta: dict, final: dict | None = None) -> None:
         """Every worker reports; rank 0's report carries the checkpoint."""

@@ -43,6 +43,7 @@ from pipeline.core.runs import (
     train_jobs,
     with_parent,
 )
+from pipeline.train import preempt
 from pipeline.train.ddp import storage_name
 from pipeline.train.loop import OneProcess
 from pipeline.train.retrofit import write_initial
@@ -229,9 +230,11 @@ def _bring_back(store: storage.Storage, sent: TrainJob, ckpt_dir: Path, result: 
 
 
 def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob], cluster: fanout.Cluster,
-                  source: dict[str, str], store: storage.Storage, data_key: str | None) -> dict[str, dict]:
+                  source: dict[str, str], store: storage.Storage, data_key: str | None,
+                  stage: preempt.Stage) -> dict[str, dict]:
     """Train `jobs` (each resumed from its checkpoint when current); {run: result}. With
-    `data_key` (the prepared data in storage) the nodes share nothing but `store`."""
+    `data_key` (the prepared data in storage) the nodes share nothing but `store`. After SIGTERM
+    (`stage`) each run stops at its next step with a checkpoint (pipeline/train/preempt.py)."""
     from ray.util.queue import Queue
 
     jobs, run_ids, started, staged, homes = list(jobs), {}, {}, {}, {}
@@ -271,8 +274,14 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
     live = LiveLog(queue, tracker, run_ids, progress, workers_log)
     by_name = {job.run: job for job in jobs}
     results = {}
+    stage.watch(refs)  # as_completed empties it as runs finish
+
+    def waited() -> None:
+        live.drain()
+        stage.poll()
+
     try:
-        for name, result in fanout.as_completed(refs, timeout=1.0, on_wait=live.drain):
+        for name, result in fanout.as_completed(refs, timeout=1.0, on_wait=waited):
             live.drain()
             job, run_id = by_name[name], run_ids[name]
             if result["status"] == "ok" and name in homes:
@@ -286,9 +295,12 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
                 continue
             step = result["step"] if result["step"] is not None else progress.step.get(name, 0)
             tracker.finish(run_id, ok=False, error=result["error"])
-            results[name] = {"status": "failed", "step": step, "run_id": run_id, "variant": job.variant,
+            status = "preempted" if result.get("error_type") == "Preempted" else "failed"
+            results[name] = {"status": status, "step": step, "run_id": run_id, "variant": job.variant,
                              "seed": job.seed, "error": result["error"]}
-            print(f"[train] FAILED run {name} at step {step}: {result['error']}", file=sys.stderr, flush=True)
+            resumes = f"; the next make repro resumes it from step {step}" if status == "preempted" else ""
+            print(f"[train] {status.upper()} run {name} at step {step}: {result['error']}{resumes}",
+                  file=sys.stderr, flush=True)
             if result.get("traceback"):
                 print(result["traceback"], file=sys.stderr, flush=True)
     finally:
@@ -317,7 +329,8 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, me
     # Ray only when something trains; outputs and MLflow are touched only after every check passed
     location, remote = params.compute.storage, storage.is_uri(params.compute.storage)
     store = storage.Storage(location if remote else str((root / location).resolve()))  # relative: in the repo
-    with fanout.cluster(params.compute, root, custom=True) if todo else nullcontext() as cluster:
+    with (fanout.cluster(params.compute, root, custom=True) if todo else nullcontext()) as cluster, \
+            preempt.on_sigterm(params.compute.preempt_grace_s) as stage:
         if ckpt_root.is_dir():
             for stale in ckpt_root.iterdir():  # runs no longer in params.yaml
                 if stale.is_dir() and stale.name.removesuffix(STAGING) not in jobs:
@@ -331,11 +344,15 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, me
         data_key = storage.put_prepared(store, data_dir, manifest) if remote and todo else None
         first = [job for job in todo if job.run not in children]  # parents (and every other run) first
         if first:
-            results.update(_train_on_ray(params, tracker, first, cluster, source, store, data_key))
+            results.update(_train_on_ray(params, tracker, first, cluster, source, store, data_key, stage))
         then = []
         for name in (n for n in jobs if n in children):
             job, run = jobs[name], next(r for r in params.runs() if r.name == name)
             failed = [p.name for p in params.parent_runs(run) if results[p.name]["status"] != "ok"]
+            if stage.stopping is not None:
+                results[name] = {"status": "preempted", "step": 0, "run_id": None, "variant": job.variant,
+                                 "seed": job.seed, "error": "the stage was preempted before it started"}
+                continue
             if failed:
                 results[name] = {"status": "failed", "step": 0, "run_id": None, "variant": job.variant,
                                  "seed": job.seed, "error": f"parent {failed[0]} failed: not trained"}
@@ -348,7 +365,7 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, me
             else:
                 then.append(job)
         if then:
-            results.update(_train_on_ray(params, tracker, then, cluster, source, store, data_key))
+            results.update(_train_on_ray(params, tracker, then, cluster, source, store, data_key, stage))
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(metrics_path, {
         "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id},
@@ -361,6 +378,11 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, me
                   + " ".join(f"{k}={v:.3f}" for k, v in r.items() if k.startswith("val/mqar_acc"))
                   + f" run={r['run_id']}", flush=True)
     failures = [name for name, r in results.items() if r["status"] != "ok"]
+    if stage.stopping is not None:  # SIGTERM: 128 + 15, as if it had ended the process
+        print(f"[train] preempted (SIGTERM): {len(failures)} run(s) stopped with a checkpoint: "
+              + ", ".join(f"{n} (step {results[n]['step']})" for n in failures)
+              + "; make repro resumes them", file=sys.stderr)
+        return 143
     if failures:
         print(f"[train] {len(failures)} run(s) failed: "
               + ", ".join(f"{n} (step {results[n]['step']})" for n in failures), file=sys.stderr)

@@ -18,6 +18,7 @@ from pipeline.core import checkpoint
 from pipeline.core.data import TrainingData
 from pipeline.core.jobs import TrainJob
 from pipeline.core.params import REPORT_CONTEXT, TrainConfig
+from pipeline.train.preempt import stop_requests
 
 
 class RunFailed(RuntimeError):
@@ -26,6 +27,10 @@ class RunFailed(RuntimeError):
     def __init__(self, step: int, message: str):
         super().__init__(message)
         self.step = step
+
+
+class Preempted(RunFailed):
+    """Stopped on request (pipeline/train/preempt.py) after writing the checkpoint of `step`."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -163,18 +168,19 @@ class OneProcess:
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         return values
 
-    def resume(self, job: TrainJob, model, optimizer) -> tuple[int, list]:
-        """(step, history) of the checkpoint this run continues from, (0, []) when none."""
+    def resume(self, job: TrainJob, model, optimizer) -> tuple[int, list, dict]:
+        """(step, history, logging window's running sums) of the checkpoint this run continues
+        from, (0, [], {}) when none."""
         latest = checkpoint.load_latest(self.ckpt_dir)
         if latest is None or latest.get("fingerprint") != job.fingerprint:
-            return 0, []
+            return 0, [], {}
         try:
             meta = checkpoint.restore(self.ckpt_dir, model, optimizer)  # verified before anything loads
-            return meta["step"], meta["history"]
+            return meta["step"], meta["history"], meta.get("window", {})
         except checkpoint.CorruptCheckpoint as err:
             print(f"[train] {job.run}: {err}: not resumed; the run starts again from step 0", flush=True)
             checkpoint.discard_steps(self.ckpt_dir)
-            return 0, []
+            return 0, [], {}
 
     def save(self, step: int, model, optimizer, meta: dict, final: dict | None = None) -> None:
         if step > 0 or final is None:  # a run of no steps (a pretrained point) has nothing to resume
@@ -217,7 +223,7 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
         "model/cache_bytes_per_token_at_32k": model.cache_nbytes(REPORT_CONTEXT) / REPORT_CONTEXT,
         "model/state_bytes_32k": float(model.cache_nbytes(REPORT_CONTEXT)),
     }
-    start, history = parallel.resume(job, model, optimizer)
+    start, history, window = parallel.resume(job, model, optimizer)
     net = parallel.wrap(model)  # what the steps run through (DDP across workers); `model` is saved
     meta_base = {"run": job.run, "variant": job.variant, "fingerprint": job.fingerprint,
                  "seed": seed,
@@ -227,59 +233,66 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
     w_lm, w_mq = cfg.mixture.lm, cfg.mixture.mqar
     tokens_per_step = w_lm > 0 and cfg.batch_size * cfg.seq_len
     tokens_per_step += w_mq > 0 and cfg.mqar_batch_size * (data.mqar["train"][0].shape[1] - 1)
-    window_t, window_tokens, running = time.perf_counter(), 0, {}
+    # the logging window's running sums: in every checkpoint, so a run resumed mid-window logs
+    # what an uninterrupted one does
+    window_t, window_tokens, running = time.perf_counter(), window.get("tokens", 0), dict(window.get("sums", {}))
 
     model.train()
-    for step in range(start, cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        parts = {}
-        with amp:
-            if w_lm > 0:
-                rows = data.lm_batch(seed, step, cfg.batch_size, cfg.seq_len)
-                parts["train/lm_loss"] = _loss(net, *map(parallel.shard, rows), device, cfg.loss_chunk)
-            if w_mq > 0:
-                rows = data.mqar_batch("train", seed, step, cfg.mqar_batch_size)
-                parts["train/mqar_loss"] = _loss(net, *map(parallel.shard, rows), device, cfg.loss_chunk)
-        loss = w_lm * parts.get("train/lm_loss", 0.0) + w_mq * parts.get("train/mqar_loss", 0.0)
-        fault = _fault(job, step + 1)
-        if fault == "raise":
-            raise RunFailed(step + 1, "injected failure (KVF_FAULT)")
-        if fault == "nan":
-            loss = loss * float("nan")
-        if fault == "kill":
-            parallel.kill()
-        if not torch.isfinite(loss):
-            raise RunFailed(step + 1, f"loss became {loss.item()}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):  # a finite loss can still have inf/NaN gradients
-            raise RunFailed(step + 1, f"gradient norm became {grad_norm.item()}")
-        optimizer.step()
-        window_tokens += tokens_per_step
-        for key, value in {"train/loss": loss, "train/grad_norm": grad_norm, **parts}.items():
-            running[key] = running.get(key, 0.0) + float(value.detach())
-        running["n"] = running.get("n", 0) + 1
+    with stop_requests() as stop:
+        for step in range(start, cfg.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            parts = {}
+            with amp:
+                if w_lm > 0:
+                    rows = data.lm_batch(seed, step, cfg.batch_size, cfg.seq_len)
+                    parts["train/lm_loss"] = _loss(net, *map(parallel.shard, rows), device, cfg.loss_chunk)
+                if w_mq > 0:
+                    rows = data.mqar_batch("train", seed, step, cfg.mqar_batch_size)
+                    parts["train/mqar_loss"] = _loss(net, *map(parallel.shard, rows), device, cfg.loss_chunk)
+            loss = w_lm * parts.get("train/lm_loss", 0.0) + w_mq * parts.get("train/mqar_loss", 0.0)
+            fault = _fault(job, step + 1)
+            if fault == "raise":
+                raise RunFailed(step + 1, "injected failure (KVF_FAULT)")
+            if fault == "nan":
+                loss = loss * float("nan")
+            if fault == "kill":
+                parallel.kill()
+            if not torch.isfinite(loss):
+                raise RunFailed(step + 1, f"loss became {loss.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not torch.isfinite(grad_norm):  # a finite loss can still have inf/NaN gradients
+                raise RunFailed(step + 1, f"gradient norm became {grad_norm.item()}")
+            optimizer.step()
+            window_tokens += tokens_per_step
+            for key, value in {"train/loss": loss, "train/grad_norm": grad_norm, **parts}.items():
+                running[key] = running.get(key, 0.0) + float(value.detach())
+            running["n"] = running.get("n", 0) + 1
 
-        done = step + 1
-        record = {}
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            elapsed = time.perf_counter() - window_t
-            n = running.pop("n")
-            record.update(parallel.mean({k: v / n for k, v in running.items()}))
-            record["train/lr"] = lr_at(step, cfg)
-            record["train/tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
-            running, window_tokens, window_t = {}, 0, time.perf_counter()
-        if (done % cfg.eval_every == 0 or done == cfg.steps) and parallel.rank == 0:
-            record.update(evaluate(model, data, cfg, device))
-        if record:
-            record["step"] = done
-            history.append(record)
-            if parallel.rank == 0:
-                report({"run": job.run, **record})
-        if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            parallel.save(done, model, optimizer, {**meta_base, "history": history})
+            done = step + 1
+            record = {}
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                elapsed = time.perf_counter() - window_t
+                n = running.pop("n")
+                record.update(parallel.mean({k: v / n for k, v in running.items()}))
+                record["train/lr"] = lr_at(step, cfg)
+                record["train/tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                running, window_tokens, window_t = {}, 0, time.perf_counter()
+            if (done % cfg.eval_every == 0 or done == cfg.steps) and parallel.rank == 0:
+                record.update(evaluate(model, data, cfg, device))
+            if record:
+                record["step"] = done
+                history.append(record)
+                if parallel.rank == 0:
+                    report({"run": job.run, **record})
+            preempted = bool(stop) and done < cfg.steps  # asked to stop (SIGINT, SIGTERM): not at the end
+            if preempted or (done % cfg.checkpoint_every == 0 and done < cfg.steps):
+                parallel.save(done, model, optimizer, {**meta_base, "history": history,
+                                                       "window": {"sums": running, "tokens": window_tokens}})
+            if preempted:
+                raise Preempted(done, f"preempted ({stop.signal}): its step-{done} checkpoint is written")
 
     if cfg.steps == 0 and parallel.rank == 0:  # a pretrained point: its checkpoint validated, once
         history.append({"step": 0, **evaluate(model, data, cfg, device)})

@@ -7,11 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
-from tests.studies import kill_ray_in, run_stage, stage_env, write_params
+from tests.studies import kill_ray_in, once_per_run, run_stage, stage_env, stage_env_for, write_params
 
 VAL_KEYS = ("val/bpb", "val/loss", "val/mqar_acc_near", "val/mqar_acc_far", "train/loss")
 
@@ -140,40 +143,155 @@ def test_gpu_request_on_cpu_cluster_fails_fast(tiny_project):
     assert not (tiny_project / "mlflow.db").exists() and not (tiny_project / "metrics").exists()
 
 
-def test_resume_after_kill_9_matches_uninterrupted(tiny_project, tmp_path_factory):
-    overrides = {"train": {"steps": 100, "checkpoint_every": 20, "log_every": 5, "eval_every": 50},
-                 "variants": {"mha": {"kind": "mha"}}}
-    reference = tmp_path_factory.mktemp("reference")
-    (reference / "data").symlink_to(tiny_project / "data")
-    write_params(reference, overrides)
-    result = run_stage(reference, "train")
-    assert result.returncode == 0, result.stderr[-3000:]
-    expected = _metrics(reference)["variants"]["mha"]
+# one run of 100 steps, checkpoints every 20, logged every 5: what an interrupted run must end with
+LONG = {"steps": 100, "checkpoint_every": 20, "log_every": 5, "eval_every": 50}
 
-    params = write_params(tiny_project, overrides)
+
+def _long(root) -> dict:
+    """`root`'s params: TINY with LONG's training and the mha point alone."""
+    params = write_params(root, {"train": LONG})
+    params["variants"] = {"mha": {"kind": "mha"}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, tiny_data):
+    """LONG trained once per test run, uninterrupted: (metrics, history, weights)."""
+    def train(root):
+        root.mkdir()
+        (root / "data").symlink_to(tiny_data)
+        _long(root)
+        result = run_stage(root, "train")
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    root = once_per_run(tmp_path_factory, "uninterrupted", train)
+    final = json.loads((root / "checkpoints" / "mha" / "model.json").read_text())
+    return (_metrics(root)["variants"]["mha"], final["history"],
+            load_file(root / "checkpoints" / "mha" / "model.safetensors"))
+
+
+def _ends_as(root, uninterrupted) -> None:
+    """`root`'s run ended exactly as the uninterrupted one: metrics, weights, logged history, one
+    MLflow run with every step once."""
+    expected, history, weights = uninterrupted
+    resumed = _metrics(root)["variants"]["mha"]
+    for key in VAL_KEYS:
+        assert resumed[key] == expected[key], key  # bit-exact, not approximately
+    got = load_file(root / "checkpoints" / "mha" / "model.safetensors")
+    assert got.keys() == weights.keys() and all(got[k].equal(weights[k]) for k in got)
+    final = json.loads((root / "checkpoints" / "mha" / "model.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in rows]  # noqa: E731
+    assert strip(final["history"]) == strip(history)  # a window cut by the stop logs the same sums
+    runs = _runs(root)
+    assert runs["mha"].info.status == "FINISHED" and runs["mha"].info.run_id == resumed["run_id"]
+    steps = [h.step for h in MlflowClient(f"sqlite:///{root}/mlflow.db").get_metric_history(
+        resumed["run_id"], "train/loss")]
+    assert sorted(set(steps)) == list(range(5, 101, 5))  # one run, every step logged
+
+
+def _checkpointed(root, at_least: int, deadline_s: float = 180) -> None:
+    latest = root / "checkpoints" / "mha" / "latest.json"
+    deadline = time.time() + deadline_s
+    while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text())["step"] >= at_least):
+        time.sleep(0.05)
+
+
+def test_resume_after_kill_9_matches_uninterrupted(tiny_project, uninterrupted):
+    params = _long(tiny_project)
     proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=tiny_project, env=stage_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    latest = tiny_project / "checkpoints" / "mha" / "latest.json"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text())["step"] >= 40):
-        time.sleep(0.05)
+    _checkpointed(tiny_project, 40)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
     proc.wait()
     kill_ray_in(params["compute"]["temp_dir"])
+    latest = tiny_project / "checkpoints" / "mha" / "latest.json"
     killed_at = json.loads(latest.read_text())["step"]
     assert 40 <= killed_at < 100
     assert not (tiny_project / "checkpoints" / "mha" / "model.json").exists()
 
     result = run_stage(tiny_project, "train")
     assert result.returncode == 0, result.stderr[-3000:]
-    resumed = _metrics(tiny_project)["variants"]["mha"]
-    for key in VAL_KEYS:
-        assert resumed[key] == expected[key], key  # bit-exact, not approximately
-    runs = _runs(tiny_project)
-    assert runs["mha"].info.status == "FINISHED" and runs["mha"].info.run_id == resumed["run_id"]
-    steps = [h.step for h in MlflowClient(f"sqlite:///{tiny_project}/mlflow.db").get_metric_history(
-        resumed["run_id"], "train/loss")]
-    assert sorted(set(steps)) == list(range(5, 101, 5))  # one run, every step logged
+    _ends_as(tiny_project, uninterrupted)
+
+
+def _worker_of(task: str) -> int:
+    """The pid of the Ray worker running `task` (its process title: ray::<task>)."""
+    for _ in range(600):
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(f"ray::{task}".encode()):
+                    return int(proc.name)
+            except OSError:
+                continue
+        time.sleep(0.1)
+    raise AssertionError(f"no Ray worker runs {task}")
+
+
+def test_preemption_checkpoints_within_the_grace_then_resumes_to_the_uninterrupted_run(tiny_project, uninterrupted):
+    """SIGTERM to the train stage (a scheduler's preemption), then SIGTERM to the run's Ray worker
+    alone: each time the run writes the checkpoint of the step it is in and stops, naming the run
+    and the step; the stage exits 143 (the worker's alone: 1, a run not finished); the third run
+    resumes and ends bit-exactly as an uninterrupted run (pipeline/train/preempt.py)."""
+    root = tiny_project
+    _long(root)
+    env = stage_env_for(root, "train")
+    latest = root / "checkpoints" / "mha" / "latest.json"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _checkpointed(root, 20)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)  # the stage alone, as a scheduler's SIGTERM to its job
+    out, err = proc.communicate(timeout=120)
+    assert time.time() - sent < 30  # within the default grace period (compute.preempt_grace_s)
+    assert proc.returncode == 143, out[-2000:] + err[-3000:]
+    step = json.loads(latest.read_text())["step"]
+    assert 20 <= step < 100
+    assert (f"[train] PREEMPTED run mha at step {step}: preempted (SIGINT): its step-{step} checkpoint is "
+            f"written; the next make repro resumes it from step {step}") in err, err[-3000:]
+    assert f"[train] preempted (SIGTERM): 1 run(s) stopped with a checkpoint: mha (step {step}); " \
+           "make repro resumes them" in err
+    metrics = _metrics(root)["variants"]["mha"]
+    assert metrics["status"] == "preempted" and metrics["step"] == step
+
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _checkpointed(root, step + 1)
+    os.kill(_worker_of("train:mha"), signal.SIGTERM)  # the run's worker alone (its node going away)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out[-2000:] + err[-3000:]
+    second = json.loads(latest.read_text())["step"]
+    assert step < second < 100
+    assert f"[train] PREEMPTED run mha at step {second}: preempted (SIGTERM): its step-{second} checkpoint" in err
+
+    result = run_stage(root, "train")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _ends_as(root, uninterrupted)
+
+
+def test_a_second_stage_beside_a_running_one_is_refused_at_once(tiny_project):
+    """While a stage holds the study (here a process holding its lock the way a stage does), any
+    other stage of it stops before any work with one line naming the holder; once it ends, the
+    study is free again (the kernel drops the lock, whatever way the holder ended)."""
+    root = tiny_project
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from stages import study_lock; "
+                               "study_lock('train'); print('held', flush=True); time.sleep(300)"],
+                              cwd=root, env=stage_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*"))
+        for stage in ("prepare", "train"):
+            result = run_stage(root, stage, timeout=60)
+            assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+            last = result.stderr.strip().splitlines()[-1]
+            assert last.startswith(f"[{stage}] another stage of this study is running (train, pid {holder.pid}, since ")
+            assert last.endswith("; runs/stage.lock): wait for it to end or stop it; nothing was changed"), last
+        assert sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*")) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    result = run_stage(root, "prepare")
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_a_project_at_a_deep_path_trains(tmp_path, tiny_data):

@@ -137,3 +137,23 @@ def test_the_tiny_study_against_a_tracking_server(tiny_project, server):
                                                        "report/frontier.csv", "report/capacity.png",
                                                        "report/learning.png", "report/retrieval.png"}
     assert any((state / "artifacts").rglob("frontier.md"))  # the server's artifact root holds them
+
+
+def test_a_server_that_does_not_answer_stops_each_tracked_stage_before_any_work(tiny_project):
+    """tracking.uri naming a port nothing listens on: train and export stop at once (MLflow's own
+    client would retry for ~4 minutes, then fail with a traceback), one line naming the URI and
+    what to do, nothing written; prepare, which logs nothing, is not held up."""
+    root, url = tiny_project, f"http://127.0.0.1:{_free_port()}"
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["tracking"]["uri"] = url
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    for stage in ("train", "export"):
+        start = time.time()
+        result = run_stage(root, stage, timeout=120)
+        assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"params.yaml: tracking.uri: {url}: no MLflow server answers (") and last.endswith(
+            "3 tries); start it (make mlflow-server) or point tracking.uri at one that runs"), last
+        assert time.time() - start < 60
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before

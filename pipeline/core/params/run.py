@@ -186,6 +186,9 @@ class ComputeConfig(_Block):
                                         "pins the jobs to the nodes that declare them")
     max_failures: int = Field(2, ge=0, description="data-parallel runs: worker-group restarts "
                               "(from the last checkpoint) before the run fails")
+    preempt_grace_s: float = Field(30.0, gt=0, description="train stage: after SIGTERM, how long its "
+                                   "runs have to write a checkpoint at their next step before they are "
+                                   "cancelled (pipeline/train/preempt.py)")
 
     @field_validator("gpus_per_job", mode="before")
     @classmethod

@@ -243,13 +243,15 @@ def guarded(fn: Callable[..., dict], job, *args) -> dict:
 
 
 def submit(fn: Callable[..., dict], jobs: dict[str, Any], stage: str, cpus: int, gpus: int,
-           *args, resources: dict[str, float] | None = None) -> dict:
-    """One Ray task per job (`guarded(fn, job, *args)`), never retried, each holding `cpus`,
-    `gpus` and the custom `resources`; returns {ref: name}."""
+           *args, resources: dict[str, float] | None = None, retries: int = 0) -> dict:
+    """One Ray task per job (`guarded(fn, job, *args)`), each holding `cpus`, `gpus` and the
+    custom `resources`; returns {ref: name}. A task whose worker dies (killed, out of memory, its
+    node gone) is run again by Ray up to `retries` times (an error the job raises is a result,
+    never retried); a train job resumes from its last checkpoint."""
     import ray
 
     task = ray.remote(guarded)
-    return {task.options(num_cpus=cpus, num_gpus=gpus, resources=resources or {}, max_retries=0,
+    return {task.options(num_cpus=cpus, num_gpus=gpus, resources=resources or {}, max_retries=retries,
                          name=f"{stage}:{name}")
             .remote(fn, job, *args): name for name, job in jobs.items()}
 

@@ -265,7 +265,8 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
                         if (j.policy is not None) == policy}
                 if mine:
                     refs |= fanout.submit(in_node_cache, mine, "evaluate", params.compute.cpus_per_job,
-                                          cluster.gpus_per_job, fn, resources=params.compute.resources)
+                                          cluster.gpus_per_job, fn, resources=params.compute.resources,
+                                          retries=params.compute.max_failures)
             print(f"[evaluate] {len(todo)} run(s) on Ray ({cluster.where}), {cluster.gpus_per_job} GPU(s) per "
                   f"job{where}", flush=True)
             for name, r in fanout.as_completed(refs):

@@ -258,7 +258,7 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
     ready = {job.run: job.model_copy(update={"device": cluster.device, **live_fields(job)}) for job in jobs}
     if compute.workers_per_run == 1:  # one Ray task per run
         refs = fanout.submit(train_task, ready, "train", compute.cpus_per_job, cluster.gpus_per_job, queue,
-                             resources=compute.resources)
+                             resources=compute.resources, retries=compute.max_failures)
         spread = ""
     else:  # one Ray Train run per run (its task holds nothing; its workers hold the resources)
         from pipeline.train.ddp import fit_run

@@ -269,6 +269,20 @@ def test_preemption_checkpoints_within_the_grace_then_resumes_to_the_uninterrupt
     _ends_as(root, uninterrupted)
 
 
+def test_a_killed_worker_is_run_again_from_its_checkpoint(tiny_project, uninterrupted):
+    """kill -9 to the run's Ray worker mid-run (out of memory, a node gone): Ray runs the task
+    again (`compute.max_failures`), it resumes from its last checkpoint, the stage succeeds."""
+    root = tiny_project
+    _long(root)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=stage_env_for(root, "train"),
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _checkpointed(root, 20)
+    os.kill(_worker_of("train:mha"), signal.SIGKILL)  # the worker while it runs the task (its title says so)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    _ends_as(root, uninterrupted)
+
+
 def test_a_second_stage_beside_a_running_one_is_refused_at_once(tiny_project):
     """While a stage holds the study (here a process holding its lock the way a stage does), any
     other stage of it stops before any work with one line naming the holder; once it ends, the

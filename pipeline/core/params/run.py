@@ -184,8 +184,10 @@ class ComputeConfig(_Block):
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each "
                                         "train and evaluate job (each Ray Train worker) asks for, e.g. {node2: 1}: "
                                         "pins the jobs to the nodes that declare them")
-    max_failures: int = Field(2, ge=0, description="data-parallel runs: worker-group restarts "
-                              "(from the last checkpoint) before the run fails")
+    max_failures: int = Field(2, ge=0, description="a job whose worker dies (killed, out of memory, "
+                              "its node gone) is run again this many times, a run from its last "
+                              "checkpoint (Ray's task retries; data-parallel runs: Ray Train's worker-group "
+                              "restarts) before it fails")
     preempt_grace_s: float = Field(30.0, gt=0, description="train stage: after SIGTERM, how long its "
                                    "runs have to write a checkpoint at their next step before they are "
                                    "cancelled (pipeline/train/preempt.py)")

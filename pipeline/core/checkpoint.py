@@ -11,6 +11,7 @@ weights are read: a file changed or cut on disk raises `CorruptCheckpoint`, nami
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,6 +29,19 @@ FINAL_META = "model.json"
 
 class CorruptCheckpoint(RuntimeError):
     """A checkpoint file whose bytes are not the ones written (the message names it)."""
+
+
+class DiskFull(OSError):
+    """A write that found no space left on its device: the message names the file, the bytes it
+    needed and those free. Nothing half-written is left (the temp file is removed)."""
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return -1
 
 
 def file_sha256(path: Path) -> str:
@@ -48,21 +62,44 @@ def verify(path: Path, expected: str | None) -> None:
                                 f"written (changed or cut on disk)")
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def _atomic_write(path: Path, write, needs: int) -> None:
+    """`write(tmp)` a temp file beside `path`, fsync it, move it to `path`; on any failure the temp
+    file is removed and `path` is as it was. No space left: DiskFull (`needs`: the bytes the
+    file takes, about)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as err:
+        _raise_if_full(err, path, needs)
+        raise
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, Exception):
+            _raise_if_full(err, path, needs)
         raise
 
 
+def _raise_if_full(err: Exception, path: Path, needs: int) -> None:
+    """DiskFull when `err` says no space is left, or when the device has less room than the file
+    needs (safetensors reports ENOSPC as a SafetensorError of its own)."""
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or 0 <= _free_bytes(path.parent) < needs:
+        raise DiskFull(f"{path}: no space left on its device (it needs about {needs:,} bytes; "
+                       f"{_free_bytes(path.parent):,} free there): free some space, then run it again "
+                       "(make repro resumes from the last checkpoint)") from err
+
+
+def _nbytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def write_json(path: Path, obj: Any) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    text = json.dumps(obj, indent=2) + "\n"
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text), len(text.encode()))
 
 
 def read_json(path: Path) -> Any:
@@ -106,7 +143,7 @@ def save(ckpt_dir: Path, step: int, model, optimizer, meta: dict) -> None:
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     stem = f"step-{step:06d}"
-    _atomic_write(ckpt_dir / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp))
+    _atomic_write(ckpt_dir / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp), _nbytes(tensors))
     write_json(ckpt_dir / f"{stem}.json", {**meta, "step": step, "optimizer": optim_meta,
                                            "weights_sha256": file_sha256(ckpt_dir / f"{stem}.safetensors")})
     write_json(ckpt_dir / LATEST, {"step": step, "stem": stem})
@@ -150,7 +187,7 @@ def save_final(ckpt_dir: Path, model, meta: dict) -> None:
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # clone: tied weights share storage
-    _atomic_write(ckpt_dir / FINAL_WEIGHTS, lambda tmp: save_file(weights, tmp))
+    _atomic_write(ckpt_dir / FINAL_WEIGHTS, lambda tmp: save_file(weights, tmp), _nbytes(weights))
     write_json(ckpt_dir / FINAL_META, {**meta, "complete": True,
                                        "weights_sha256": file_sha256(ckpt_dir / FINAL_WEIGHTS)})
 

@@ -192,6 +192,15 @@ class OneProcess:
         raise RunFailed(0, "a kill fault needs workers_per_run > 1 (Ray Train restarts the worker)")
 
 
+def _save(parallel, step: int, *args, **kwargs) -> None:
+    """`parallel.save`; a full disk fails the run at this step, naming the file (the last
+    checkpoint stays the commit point: the next run resumes there)."""
+    try:
+        parallel.save(step, *args, **kwargs)
+    except checkpoint.DiskFull as err:
+        raise RunFailed(step, str(err)) from err
+
+
 def _fault(job: TrainJob, step: int) -> Optional[str]:
     """Test hook: job.fault = "<run>:<step>:nan|raise" (from $KVF_FAULT in the driver)."""
     if not job.fault:
@@ -289,8 +298,8 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
                     report({"run": job.run, **record})
             preempted = bool(stop) and done < cfg.steps  # asked to stop (SIGINT, SIGTERM): not at the end
             if preempted or (done % cfg.checkpoint_every == 0 and done < cfg.steps):
-                parallel.save(done, model, optimizer, {**meta_base, "history": history,
-                                                       "window": {"sums": running, "tokens": window_tokens}})
+                _save(parallel, done, model, optimizer, {**meta_base, "history": history,
+                                                         "window": {"sums": running, "tokens": window_tokens}})
             if preempted:
                 raise Preempted(done, f"preempted ({stop.signal}): its step-{done} checkpoint is written")
 
@@ -302,6 +311,6 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
     losses = [r["train/loss"] for r in history if "train/loss" in r]
     metrics = {**final, **static, **({"train/loss": losses[-1]} if losses else {}),
                "train/tokens_per_s": float(np.median(speeds)) if speeds else 0.0}
-    parallel.save(cfg.steps, model, optimizer, {**meta_base, "history": history},
-                  final={**meta_base, "step": cfg.steps, "metrics": metrics, "static": static, "history": history})
+    _save(parallel, cfg.steps, model, optimizer, {**meta_base, "history": history},
+          final={**meta_base, "step": cfg.steps, "metrics": metrics, "static": static, "history": history})
     return {"step": cfg.steps, "metrics": metrics, "history": history}

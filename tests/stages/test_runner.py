@@ -3,6 +3,8 @@ Tests that start from a trained study take their own copy of the one trained onc
 session (`trained_project`); those about a first training train their own (`tiny_project`)."""
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,7 +159,7 @@ def _long(root) -> dict:
 
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, tiny_data):
-    """LONG trained once per test run, uninterrupted: (metrics, history, weights)."""
+    """LONG trained once per test run, uninterrupted: (metrics, history, weights, bytes of a step checkpoint)."""
     def train(root):
         root.mkdir()
         (root / "data").symlink_to(tiny_data)
@@ -168,13 +170,14 @@ def uninterrupted(tmp_path_factory, tiny_data):
     root = once_per_run(tmp_path_factory, "uninterrupted", train)
     final = json.loads((root / "checkpoints" / "mha" / "model.json").read_text())
     return (_metrics(root)["variants"]["mha"], final["history"],
-            load_file(root / "checkpoints" / "mha" / "model.safetensors"))
+            load_file(root / "checkpoints" / "mha" / "model.safetensors"),
+            (root / "checkpoints" / "mha" / "step-000100.safetensors").stat().st_size)
 
 
 def _ends_as(root, uninterrupted) -> None:
     """`root`'s run ended exactly as the uninterrupted one: metrics, weights, logged history, one
     MLflow run with every step once."""
-    expected, history, weights = uninterrupted
+    expected, history, weights, _ = uninterrupted
     resumed = _metrics(root)["variants"]["mha"]
     for key in VAL_KEYS:
         assert resumed[key] == expected[key], key  # bit-exact, not approximately
@@ -280,6 +283,35 @@ def test_a_killed_worker_is_run_again_from_its_checkpoint(tiny_project, uninterr
     os.kill(_worker_of("train:mha"), signal.SIGKILL)  # the worker while it runs the task (its title says so)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    _ends_as(root, uninterrupted)
+
+
+def test_a_full_disk_stops_the_run_naming_the_file_then_it_resumes(tiny_project, uninterrupted, tmp_path_factory):
+    """checkpoints/ on a tmpfs with room for one step checkpoint (a mount namespace of the stage's
+    own: `unshare`): the second checkpoint's write fails; the run stops at that step naming the
+    file, the bytes it needed and those free, leaves no half-written file, and keeps its last
+    checkpoint; with room again the next run resumes there and ends as an uninterrupted run."""
+    root, kept = tiny_project, tmp_path_factory.mktemp("kept")
+    _long(root)
+    (root / "checkpoints").mkdir()
+    size = (uninterrupted[3] * 3 // 2 // 4096 + 1) * 4096  # one step's pair fits, a second does not
+    script = (f"mount -t tmpfs -o size={size} kvf-full checkpoints && {sys.executable} -m stages.train; "
+              f"rc=$?; cp -a checkpoints/. {kept}/; exit $rc")  # what the small disk held, kept
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=root,
+                            env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    line = next((x for x in result.stderr.splitlines() if x.startswith("[train] FAILED run mha at step 40: ")),
+                result.stderr[-3000:])
+    assert re.fullmatch(r"\[train\] FAILED run mha at step 40: \S*checkpoints/mha/step-000040\.safetensors: no space "
+                        r"left on its device \(it needs about [\d,]+ bytes; [\d,]+ free there\): free some space, "
+                        r"then run it again \(make repro resumes from the last checkpoint\)", line), line
+    assert sorted(p.name for p in (kept / "mha").iterdir()) == ["latest.json", "step-000020.json",
+                                                                "step-000020.safetensors"]  # no temp file
+    shutil.rmtree(root / "checkpoints")
+    shutil.copytree(kept, root / "checkpoints")  # the space freed: the same files, on a disk with room
+
+    result = run_stage(root, "train")
+    assert result.returncode == 0, result.stderr[-3000:]
     _ends_as(root, uninterrupted)
 
 

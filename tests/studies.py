@@ -113,6 +113,8 @@ def shares_ray(root: Path, stage: str, env: dict | None = None) -> bool:
     except (OSError, yaml.YAMLError, AttributeError):  # a test of a bad params file: the stage says so
         return False
     compute = {k: v for k, v in (compute or {}).items() if k not in ("temp_dir", "storage")}
+    if compute.get("workers_per_run") == 1:  # the default, written out
+        del compute["workers_per_run"]
     return compute == TINY["compute"]
 
 

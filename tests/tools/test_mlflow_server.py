@@ -142,7 +142,7 @@ def test_the_tiny_study_against_a_tracking_server(tiny_project, server):
 def test_a_server_that_does_not_answer_stops_each_tracked_stage_before_any_work(tiny_project):
     """tracking.uri naming a port nothing listens on: train and export stop at once (MLflow's own
     client would retry for ~4 minutes, then fail with a traceback), one line naming the URI and
-    what to do, nothing written; prepare, which logs nothing, is not held up."""
+    what to do, nothing written."""
     root, url = tiny_project, f"http://127.0.0.1:{_free_port()}"
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["tracking"]["uri"] = url

@@ -22,5 +22,23 @@ from tests.studies import _remove_short_dirs, tiny_data, tiny_project, trained_p
 STAGE_LEVEL = ("tests/stages/", "tests/tools/", "tests/pipeline/")
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: not item.nodeid.startswith(STAGE_LEVEL))
+    _group_for_xdist(config, items)
+
+
+def _group_for_xdist(config, items) -> None:
+    """`--dist loadgroup` sends a test marked `xdist_group(name)` to the worker of its group by the
+    `@name` suffix its worker gives its node id. pytest-xdist 3.8 writes it to `item._nodeid`,
+    which pytest 9 no longer reads (the id is `item._id`), so every group was spread over the
+    workers and each built its session fixtures itself (the fault study, the two-node cluster,
+    SmolLM2's weights: up to three times a run). Here the suffix goes where pytest 9 reads it."""
+    if not getattr(config.option, "loadgroup", False):  # set in xdist's workers under loadgroup
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")

@@ -11,9 +11,10 @@ from mlflow.tracking import MlflowClient
 from pipeline.core.results import MEASURES
 from tests.studies import run_stage
 
+# no lm-eval tasks (~8 CPU s an evaluated run): the stage runs them in test_corpus (a BPE study),
+# test_pretrained and test_two_node (a cache policy's, through storage)
 EVAL = {"context_lengths": [32, 64], "bpb_tokens": 128, "mqar_pairs": [2], "mqar_examples": 16,
-        "capacity_pairs": [1, 2],
-        "lm_eval_tasks": ["kvf_passkey_mc"], "task_context_lengths": [256], "limit": 1,
+        "capacity_pairs": [1, 2], "lm_eval_tasks": [],
         "decode_lengths": [64], "decode_new_tokens": 4, "generate_lengths": [], "report_context": 1024,
         # inference-time cache policies on the mha checkpoints, at the swa windows' bytes
         "cache_policies": [{"policy": "window", "window": 4, "points": ["mha"]},
@@ -98,7 +99,7 @@ def test_seeds_from_train_to_report(trained_project):
         assert r["run"] == winners[key] and r["variant"] == key.split(".seed")[0]
         assert r["seed"] == int(key.endswith("seed1")) and r["family"] == key.split(".")[0]
         assert set(r["lr_candidates"]) == {"0.003", "0.01"}
-        assert r["device"] == "cpu" and r["lm_eval"]["scores"]["kvf_passkey_mc"]
+        assert r["device"] == "cpu"
         for bucket in r["mqar"].values():
             assert bucket["decode"]["acc"] == bucket["acc"]
             assert np.mean(bucket["hits"]) == bucket["acc"] and len(bucket["gaps"]) == bucket["n"]
@@ -155,7 +156,7 @@ def test_a_deleted_mlflow_store_is_rebuilt(trained_project):
     every run from its checkpoint's history, with its export, evaluation metrics and a report
     run; export alone, on a store lost after training, rebuilds the runs it logs to."""
     root = trained_project
-    _set(root, "eval", **{**EVAL, "lm_eval_tasks": []})  # lm-eval's numbers are synced as the others
+    _set(root, "eval", **EVAL)
     for stage in ("export", "evaluate", "report"):
         _ok(run_stage(root, stage, timeout=600))
     before = json.loads((root / "metrics" / "train.json").read_text())["variants"]

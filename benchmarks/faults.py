@@ -66,11 +66,13 @@ def checkpointed(root: Path, at_least: int) -> None:
         time.sleep(0.02)
 
 
-def worker_of(task: str) -> int:
+def worker_of(task: str, older: set[int]) -> int:
+    """The Ray worker running `task`, not one of the `older` processes."""
     while True:
         for proc in Path("/proc").iterdir():
             try:
-                if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(f"ray::{task}".encode()):
+                if (proc.name.isdigit() and int(proc.name) not in older
+                        and (proc / "cmdline").read_bytes().startswith(f"ray::{task}".encode())):
                     return int(proc.name)
             except OSError:
                 continue
@@ -126,9 +128,10 @@ def main() -> None:
                      f"{again:.1f} s (the resumed stage)", lost(root, reference)))
 
         root = project(base, "worker", data)
+        older = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
         proc, t0 = stage(root)
         checkpointed(root, 20)
-        os.kill(worker_of("train:mha"), signal.SIGKILL)
+        os.kill(worker_of("train:mha", older), signal.SIGKILL)
         killed = time.perf_counter()
         code, log = finish(proc)
         assert code == 0, log[-3000:]

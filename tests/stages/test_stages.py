@@ -43,23 +43,23 @@ def test_seeds_from_train_to_report(trained_project):
     first = json.loads((root / "metrics" / "train.json").read_text())["variants"]
     assert set(first) == {"mha", "swa"}
 
-    # a second seed, a second rate and a swept window: only the new runs train, the first
-    # seed's runs at the first rate are kept as they are (one train stage: each costs a Ray start);
-    # per point and seed the rate with the lower validation objective is selected, from the
-    # checkpoints' own metrics
+    # a second seed and a second rate: only the new runs train, the first seed's runs at the first
+    # rate are kept as they are (one train stage); per point and seed the rate with the lower
+    # validation objective is selected, from the checkpoints' own metrics. (A swept knob's points
+    # and names: test_sweep.py and the default study.)
     _set(root, "train", seeds=[0, 1], lr=[3e-3, 1e-2])
-    _set(root, "variants", swa={"kind": "swa", "window": [4, 6]})
     _ok(run_stage(root, "train"))
     runs = json.loads((root / "metrics" / "train.json").read_text())["variants"]
-    keys = ["mha", "mha.seed1", "swa.window4", "swa.window4.seed1", "swa.window6", "swa.window6.seed1"]
+    keys = ["mha", "mha.seed1", "swa", "swa.seed1"]
     assert set(runs) == set(keys) | {_lr_name(k) for k in keys}
     assert runs["mha"]["trained"] is False and runs["mha"]["run_id"] == first["mha"]["run_id"]
+    assert runs["swa"]["trained"] is False and runs["swa"]["run_id"] == first["swa"]["run_id"]
     assert runs["mha.seed1"]["trained"] is True and runs["mha.seed1"]["seed"] == 1
     assert runs["mha.seed1"]["variant"] == "mha" and runs["mha.lr0.01.seed1"]["trained"] is True
     assert runs["mha.seed1"]["val/loss"] != runs["mha"]["val/loss"]  # another init, another batch order
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    tags = client.get_run(runs["swa.window4.seed1"]["run_id"]).data.tags
-    assert tags["kvf.variant"] == "swa.window4" and tags["kvf.seed"] == "1"
+    tags = client.get_run(runs["swa.seed1"]["run_id"]).data.tags
+    assert tags["kvf.variant"] == "swa" and tags["kvf.seed"] == "1"
     winners = {}
     for key in keys:
         objectives = {0.003: runs[key]["val/objective"], 0.01: runs[_lr_name(key)]["val/objective"]}
@@ -105,17 +105,17 @@ def test_seeds_from_train_to_report(trained_project):
             assert np.mean(bucket["hits"]) == bucket["acc"] and len(bucket["gaps"]) == bucket["n"]
         assert np.mean(r["bpb_windows"]["64"]) == r["bpb"]["64"]
         assert set(r["capacity"]) == {"1", "2"} and r["bpb_by_distance"]["window"] == 4
-    swa = runs[winners["swa.window6.seed1"]]["run_id"]
+    swa = runs[winners["swa.seed1"]]["run_id"]
     logged = client.get_run(swa).data
-    assert logged.metrics["eval/bpb_64"] == results["swa.window6.seed1"]["bpb"]["64"]
-    assert logged.metrics["frontier/bpb"] == np.mean(results["swa.window6.seed1"]["bpb_windows"]["32"])
-    assert logged.params["knob.window"] == "6" and logged.params["family"] == "swa"
+    assert logged.metrics["eval/bpb_64"] == results["swa.seed1"]["bpb"]["64"]
+    assert logged.metrics["frontier/bpb"] == np.mean(results["swa.seed1"]["bpb_windows"]["32"])
+    assert logged.params["family"] == "swa"
     assert logged.tags["kvf.selected"] == "true"
 
     # report: means over the two seeds, one CSV row per point and seed, the rate that won
     _ok(run_stage(root, "report"))
     table = (root / "report" / "frontier.md").read_text()
-    for point in ("mha", "swa.window4", "swa.window6"):
+    for point in ("mha", "swa"):
         bpb = [np.mean(results[k]["bpb_windows"]["32"]) for k in (point, f"{point}.seed1")]
         line = next(row for row in table.splitlines() if row.startswith(f"| {point} "))
         assert f"| {np.mean(bpb):.3f} [" in line
@@ -126,8 +126,8 @@ def test_seeds_from_train_to_report(trained_project):
     assert (root / "report" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     # convergence: every point's runs read from their checkpoints, flagged one way or the other
     points_table = table.split("## Points")[1].split("\n## ")[0].splitlines()
-    cells = [line.split("|")[8:10] for line in points_table if line.startswith(("| mha ", "| swa.window"))]
-    assert len(cells) == 3 and {steps.strip() for steps, _ in cells} == {str(_train_steps(root))}
+    cells = [line.split("|")[8:10] for line in points_table if line.startswith(("| mha ", "| swa "))]
+    assert len(cells) == 2 and {steps.strip() for steps, _ in cells} == {str(_train_steps(root))}
     assert {flag.strip() for _, flag in cells} <= {"converged", "still learning", "recall settled, bpb learning",
                                                    "recall learning, bpb settled"}
     assert (root / "report" / "learning.png").read_bytes()[:4] == b"\x89PNG"
@@ -189,10 +189,10 @@ def test_a_deleted_mlflow_store_is_rebuilt(trained_project):
 
 
 def test_a_damaged_export_stops_evaluate_before_any_work(trained_project):
-    """One changed byte in an export: evaluate names the file and exits 2 before evaluating
-    anything; exporting again restores it."""
+    """One changed byte in an export that evaluate reads (its lm-eval tasks run on the exports):
+    evaluate names the file and exits 2 before evaluating anything; exporting again restores it."""
     root = trained_project
-    _set(root, "eval", **EVAL)
+    _set(root, "eval", **{**EVAL, "lm_eval_tasks": ["kvf_passkey_mc"], "task_context_lengths": [256], "limit": 1})
     _ok(run_stage(root, "export"))
     weights = root / "exports" / "swa" / "model.safetensors"
     data = bytearray(weights.read_bytes())

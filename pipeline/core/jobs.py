@@ -59,7 +59,7 @@ class TrainJob(_Job):
     data_dir: Optional[str]
     ckpt_dir: Optional[str]
     storage: Optional[StorageKeys] = None
-    fault: Optional[str] = None  # test hook, from $KVF_FAULT: "<run>:<step>:nan|raise"
+    fault: Optional[str] = None  # test hook, from $KVF_FAULT: "<run>:<step>:nan|raise|kill|sigterm"
     tracking_uri: Optional[str] = None  # set with a tracking server: the worker logs its own curve
     mlflow_run_id: Optional[str] = None
     init_from: Optional[str] = None  # a retrofit: the parent run it starts from (its selected rate)

@@ -281,7 +281,8 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
         stage.poll()
 
     try:
-        for name, result in fanout.as_completed(refs, timeout=1.0, on_wait=waited):
+        # a wait of 0.25 s at most: a SIGTERM's handler runs between waits, so it asks the runs to stop soon
+        for name, result in fanout.as_completed(refs, timeout=0.25, on_wait=waited):
             live.drain()
             job, run_id = by_name[name], run_ids[name]
             if result["status"] == "ok" and name in homes:

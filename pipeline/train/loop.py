@@ -6,6 +6,8 @@ dropout, so resuming from a checkpoint replays exactly the steps an uninterrupte
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -189,7 +191,13 @@ class OneProcess:
             checkpoint.save_final(self.ckpt_dir, model, final)
 
     def kill(self) -> None:
-        raise RunFailed(0, "a kill fault needs workers_per_run > 1 (Ray Train restarts the worker)")
+        """Test hook (`<run>:<step>:kill`): this worker dies once, as if its node went (Ray runs
+        the task again, which resumes from the last checkpoint); the marker beside the run's
+        folder says it already did."""
+        marker = self.ckpt_dir.parent / f".{self.ckpt_dir.name}.fault-fired"
+        if not marker.exists():
+            marker.write_text("killed once\n")
+            os._exit(1)
 
 
 def _save(parallel, step: int, *args, **kwargs) -> None:
@@ -202,7 +210,7 @@ def _save(parallel, step: int, *args, **kwargs) -> None:
 
 
 def _fault(job: TrainJob, step: int) -> Optional[str]:
-    """Test hook: job.fault = "<run>:<step>:nan|raise" (from $KVF_FAULT in the driver)."""
+    """Test hook: job.fault = "<run>:<step>:nan|raise|kill|sigterm" (from $KVF_FAULT in the driver)."""
     if not job.fault:
         return None
     name, at, kind = job.fault.split(":")
@@ -267,6 +275,8 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
                 loss = loss * float("nan")
             if fault == "kill":
                 parallel.kill()
+            if fault == "sigterm":  # as a scheduler's SIGTERM to this worker, at a known step
+                os.kill(os.getpid(), signal.SIGTERM)
             if not torch.isfinite(loss):
                 raise RunFailed(step + 1, f"loss became {loss.item()}")
             optimizer.zero_grad(set_to_none=True)

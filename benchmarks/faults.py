@@ -98,6 +98,7 @@ def resume(root: Path) -> float:
 
 
 def main() -> None:
+    (REPO / "runs").mkdir(exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="kvffaults", dir=REPO / "runs"))
     rows = []
     try:

@@ -26,10 +26,11 @@ sys.path.insert(0, str(REPO))
 
 from safetensors.torch import load_file  # noqa: E402
 
-from tests.studies import _SHORT_DIRS, stage_env, write_params  # noqa: E402
+from tests.studies import stage_env, write_params  # noqa: E402
 
 LONG = {"steps": 100, "checkpoint_every": 20, "log_every": 5, "eval_every": 50}
 VAL = ("val/bpb", "val/loss", "val/mqar_acc_near", "val/mqar_acc_far")
+RAY_DIRS: list[Path] = []
 
 
 import yaml  # noqa: E402
@@ -42,6 +43,7 @@ def project(base: Path, name: str, data: Path | None, tracking: str | None = Non
     if data is not None:
         (root / "data").symlink_to(data)
     params = write_params(root, {"train": LONG})
+    RAY_DIRS.append(Path(params["compute"]["temp_dir"]))  # a short /tmp folder of its own: removed at the end
     params["variants"] = {"mha": {"kind": "mha"}}
     if tracking:
         params["tracking"]["uri"] = tracking
@@ -183,7 +185,7 @@ def main() -> None:
                      "-", "nothing (nothing was written)"))
     finally:
         shutil.rmtree(base, ignore_errors=True)
-        for path in _SHORT_DIRS:  # the Ray temp dirs write_params made
+        for path in RAY_DIRS:
             shutil.rmtree(path, ignore_errors=True)
 
     print("| fault | detected | recovered | lost |")

@@ -38,14 +38,27 @@ def parse_args(description: str) -> argparse.Namespace:
 def load_or_exit(path: str, tracked: bool = True) -> Params:
     """Typed params, or one line naming the field on stderr and exit 2 -- before any work. A
     `tracked` stage (one that logs to MLflow) also stops there when its tracking server does not
-    answer, and every stage when another stage of the study is running (`study_lock`)."""
-    from pipeline.core.tracking import TrackingUnreachable, check_server
+    answer or its experiment on a shared store is another study's (`tracking.check_study`), and
+    every stage when another stage of the study is running (`study_lock`)."""
+    from pipeline.core.tracking import (
+        StudyConflict,
+        TrackingUnreachable,
+        check_server,
+        check_study,
+        repo_root,
+        shared_store,
+    )
 
+    global _tracking_uri
     try:
         params = load_params(path)
         if tracked and params.tracking.uri:
             check_server(params.tracking.uri)
-    except (ParamsError, TrackingUnreachable) as err:
+            _tracking_uri = params.tracking.uri
+        shared = shared_store(params.tracking.uri, repo_root())  # not the study's own mlflow.db
+        if tracked and shared:
+            check_study(shared, params.tracking.experiment, repo_root())
+    except (ParamsError, TrackingUnreachable, StudyConflict) as err:
         print(f"{Path(path).name}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     stage = Path(sys.argv[0]).stem
@@ -58,6 +71,7 @@ def load_or_exit(path: str, tracked: bool = True) -> Params:
 
 
 LOCK_FILE = Path("runs") / "stage.lock"
+_tracking_uri = None  # the tracking server a tracked stage checked before it began
 _held = None  # the lock file, open (so locked) until this process ends
 
 
@@ -91,11 +105,13 @@ def study_lock(stage: str) -> None:
 
 def run_stage(params_path: str, job: Callable[[], int]) -> None:
     """Run a stage; a cluster that cannot serve the request, or an input file that is not the one
-    written (data, checkpoint), exits 2 with one line that names it and what to do."""
-    from pipeline.core.checkpoint import CorruptCheckpoint
+    written (data, checkpoint), exits 2 with one line that names it and what to do; a tracking
+    server that stopped answering mid-stage (past MLflow's retries) exits 1 with one line naming it."""
+    from pipeline.core.checkpoint import CorruptCheckpoint, DiskFull
     from pipeline.core.data import DataCorrupt
     from pipeline.core.exports import CorruptExport
     from pipeline.core.fanout import ComputeError
+    from pipeline.core.tracking import lost_server
 
     atexit.register(gc.freeze)  # the collector skips torch's, lm-eval's... objects at exit: 3-5 s a stage
     try:
@@ -113,4 +129,13 @@ def run_stage(params_path: str, job: Callable[[], int]) -> None:
     except DataCorrupt as err:
         print(str(err), file=sys.stderr)
         raise SystemExit(2) from None
+    except DiskFull as err:  # what is written stays; nothing half-written (pipeline.core.checkpoint)
+        print(f"[{Path(sys.argv[0]).stem}] {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception:
+        lost = _tracking_uri and lost_server(_tracking_uri)  # the server went away mid-stage
+        if not lost:
+            raise
+        print(f"[{Path(sys.argv[0]).stem}] {lost}", file=sys.stderr)
+        raise SystemExit(1) from None
     raise SystemExit(code)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import load_or_exit, parse_args
+from stages import load_or_exit, parse_args, run_stage
 
 
 def main() -> None:
@@ -12,7 +12,8 @@ def main() -> None:
     from pipeline.core.tracking import repo_root
     from pipeline.report.frontier import run_report
 
-    raise SystemExit(run_report(params, repo_root(), Path("results/eval"), Path("report"), Path("checkpoints")))
+    run_stage(args.params, lambda: run_report(params, repo_root(), Path("results/eval"), Path("report"),
+                                              Path("checkpoints")))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def sync_store(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expo
     if not rebuilt:
         return []
     uri = tracking.tracking_uri(params.tracking.uri, root)
-    tracker = tracking.Tracker(uri, params.tracking.experiment)
+    tracker = tracking.Tracker.for_study(params, root)
     results = {}
     for key in params.result_keys():
         path = results_dir / f"{key}.json"
@@ -45,7 +45,8 @@ def sync_store(params: Params, root: Path, data_dir: Path, ckpt_root: Path, expo
     for name in sorted(rebuilt):
         card = export_root / name / EXPORT_META
         if card.exists():
-            log_export(uri, run_ids[name], name, (export_root / name).resolve(), checkpoint.read_json(card))
+            log_export(uri, params.tracking.experiment, run_ids[name], name, (export_root / name).resolve(),
+                       checkpoint.read_json(card))
         tracker.client.set_tag(run_ids[name], "kvf.selected", str(name in winners).lower())
     redo = {key: r for key, r in results.items() if r.get("checkpoint_run", r["run"]) in rebuilt}
     # a policy's run comes back beside its checkpoint's

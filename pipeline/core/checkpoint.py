@@ -62,15 +62,15 @@ def verify(path: Path, expected: str | None) -> None:
                                 f"written (changed or cut on disk)")
 
 
-def _atomic_write(path: Path, write, needs: int) -> None:
+def _atomic_write(path: Path, write, needs: int, then: str = "") -> None:
     """`write(tmp)` a temp file beside `path`, fsync it, move it to `path`; on any failure the temp
     file is removed and `path` is as it was. No space left: DiskFull (`needs`: the bytes the
-    file takes, about)."""
+    file takes, about; `then`: what a rerun does, RESUMES by default)."""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
     except OSError as err:
-        _raise_if_full(err, path, needs)
+        raise_if_full(err, path, needs, then or RESUMES)
         raise
     try:
         write(tmp)
@@ -80,26 +80,30 @@ def _atomic_write(path: Path, write, needs: int) -> None:
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, Exception):
-            _raise_if_full(err, path, needs)
+            raise_if_full(err, path, needs, then or RESUMES)
         raise
 
 
-def _raise_if_full(err: Exception, path: Path, needs: int) -> None:
+RESUMES = "make repro resumes from the last checkpoint"
+
+
+def raise_if_full(err: Exception, path: Path, needs: int, then: str = RESUMES) -> None:
     """DiskFull when `err` says no space is left, or when the device has less room than the file
-    needs (safetensors reports ENOSPC as a SafetensorError of its own)."""
-    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or 0 <= _free_bytes(path.parent) < needs:
+    needs (safetensors reports ENOSPC as a SafetensorError of its own); `then`: what a rerun does."""
+    free = _free_bytes(Path(path).parent)
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or 0 <= free < needs:
         raise DiskFull(f"{path}: no space left on its device (it needs about {needs:,} bytes; "
-                       f"{_free_bytes(path.parent):,} free there): free some space, then run it again "
-                       "(make repro resumes from the last checkpoint)") from err
+                       f"{free:,} free there): free some space, then run it again ({then})") from err
 
 
 def _nbytes(tensors: dict) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any, then: str = "") -> None:
+    """`obj` as JSON at `path`, atomically (`_atomic_write`; `then`: what a rerun does after a full disk)."""
     text = json.dumps(obj, indent=2) + "\n"
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text), len(text.encode()))
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text), len(text.encode()), then)
 
 
 def read_json(path: Path) -> Any:

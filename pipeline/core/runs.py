@@ -136,7 +136,7 @@ def mlflow_run_ids(params: Params, root: Path, data_dir: Path, ckpt_root: Path, 
     at runs that are gone."""
     code, data_files = train_code(), verify_prepared(data_dir)["files"]
     jobs = train_jobs(params, code, data_dir, ckpt_root, data_files)
-    tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
+    tracker = tracking.Tracker.for_study(params, root)
     source, out = tracking.source_tags(root), {}
     for name in names:
         final = checkpoint.load_final_meta(ckpt_root / name, check=False)

@@ -277,14 +277,15 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
                     continue
                 r["key"], r["eval_fingerprint"] = name, todo[name].fingerprint
                 worker = r.pop("worker", None)  # through storage: where it ran (not part of the result)
-                checkpoint.write_json(results_dir / f"{name}.json", r)
+                checkpoint.write_json(results_dir / f"{name}.json", r,
+                                      then="make repro keeps the results written and evaluates the rest")
                 results[name] = r
                 seconds = r["time_quality_s"] + r.get("time_lm_eval_s", 0) + r["time_decode_s"]
                 print(f"[evaluate] {name}: done in {seconds:.1f}s" + (
                     f" (on node {worker['node_id']}, data read from {worker['data_dir']})" if worker else ""),
                     flush=True)
 
-    tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
+    tracker = tracking.Tracker.for_study(params, root)
     context, trained = params.eval.report_context, params.train.seq_len
     flat = {name: flat_metrics(r, context, trained) for name, r in results.items()}
     winners = {r["run"] for r in results.values()}

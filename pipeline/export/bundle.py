@@ -112,7 +112,19 @@ def _card_markdown(card: dict) -> str:
 def export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path = SOURCE_ROOT,
                    tokenizer_dir: Path | None = None) -> dict:
     """Write the HF directory of one variant; returns its model card. `tokenizer_dir`: the
-    study's tokenizer (`data/tokenizer/`, saved by prepare), bundled as it is; None: bytes (KVFTokenizer)."""
+    study's tokenizer (`data/tokenizer/`, saved by prepare), bundled as it is; None: bytes (KVFTokenizer).
+    No space left on the way: checkpoint.DiskFull naming the directory, the part written removed
+    (its card, written last, never was: nothing would have trusted it)."""
+    try:
+        return _export_variant(variant, ckpt_dir, out_dir, repo, tokenizer_dir)
+    except Exception as err:  # OSError, or safetensors' own error for ENOSPC (save_pretrained)
+        needs = (Path(ckpt_dir) / checkpoint.FINAL_WEIGHTS).stat().st_size + (1 << 20)  # + code, tokenizer, card
+        shutil.rmtree(out_dir, ignore_errors=True)
+        checkpoint.raise_if_full(err, Path(out_dir), needs, then="make repro exports it again")
+        raise
+
+
+def _export_variant(variant: str, ckpt_dir: Path, out_dir: Path, repo: Path, tokenizer_dir: Path | None) -> dict:
     from transformers import GenerationConfig
 
     from pipeline.core.tokenizer import load_local, n_ids

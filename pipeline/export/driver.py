@@ -1,5 +1,5 @@
 """The export stage's driver: export every selected run (`export_variant`), log it to its MLflow run
-and register it in the model registry as a pyfunc over the directory (`kvf-<run>`), once per
+and register it in the model registry as a pyfunc over the directory (`<experiment>.<run>`), once per
 (checkpoint, code)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.core import checkpoint
+from pipeline.core import checkpoint, tracking
 from pipeline.export.bundle import describe, export_variant
 
 
@@ -59,7 +59,8 @@ def _logged_model_name(name: str) -> str:
     return "".join("-" if c in "/:.%\"'" else c for c in name)
 
 
-def log_export(tracking_uri: str, run_id: str, variant: str, out_dir: Path, card: dict) -> tuple[str, bool]:
+def log_export(tracking_uri: str, experiment: str, run_id: str, variant: str, out_dir: Path,
+               card: dict) -> tuple[str, bool]:
     """Log the directory to the variant's run and register it; returns ('name/version', new?).
     An export whose checkpoint and bundled code are already registered from this run is not
     registered again (re-running the stage adds no versions)."""
@@ -68,7 +69,7 @@ def log_export(tracking_uri: str, run_id: str, variant: str, out_dir: Path, card
 
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    name = f"kvf-{variant}"
+    name = tracking.registered_name(experiment, variant)
     existing = _registered_version(client, name, run_id, card)
     if existing is not None:
         return f"{name}/{existing}", False
@@ -97,7 +98,6 @@ def run_export(params, root: Path, data_dir: Path, ckpt_root: Path, export_root:
                metrics_path: Path) -> int:
     """Export every selected run (the best learning rate of each point and seed,
     `pipeline.core.selection`); log and register each in MLflow. 0 on success."""
-    from pipeline.core import tracking
     from pipeline.core.runs import mlflow_run_ids
     from pipeline.core.selection import select
     from pipeline.core.tokenizer import prepared_dir
@@ -114,7 +114,8 @@ def run_export(params, root: Path, data_dir: Path, ckpt_root: Path, export_root:
         out_dir = export_root / run.name
         card = export_variant(run.name, ckpt_root / run.name, out_dir, tokenizer_dir=tokenizer_dir)
         run_id = run_ids.get(run.name)
-        registered, new = log_export(uri, run_id, run.name, out_dir.resolve(), card) if run_id else (None, False)
+        registered, new = (log_export(uri, params.tracking.experiment, run_id, run.name, out_dir.resolve(), card)
+                           if run_id else (None, False))
         if run_id is None:
             failed.append(run.name)
         results[run.name] = {**{k: v for k, v in card.items() if k not in ("attention", "files")},

@@ -390,7 +390,7 @@ def log_report(params, root: Path, results: list[dict], paths: dict[str, Path]) 
     from pipeline.core import tracking
     from pipeline.report.mlflow_view import write_view
 
-    tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
+    tracker = tracking.Tracker.for_study(params, root)
     client, experiment = tracker.client, tracker.experiment_id
     for stale in client.search_runs([experiment], "tags.`kvf.report` = 'frontier' and attributes.status = 'RUNNING'"):
         client.set_terminated(stale.info.run_id, "KILLED")  # a report killed mid-way: not current

@@ -123,12 +123,14 @@ class Progress:
 
 class LiveLog:
     """Drains the workers' queue into the progress display and, unless the workers log
-    themselves (a tracking server), each run's MLflow history."""
+    themselves (a tracking server), each run's MLflow history. When they do, it keeps the records:
+    what a worker could not log (its server gone longer than the client retries) is logged as the
+    run ends (`fill`)."""
 
     def __init__(self, queue, tracker: tracking.Tracker, run_ids: dict[str, str], progress: Progress,
                  workers_log: bool = False):
         self.queue, self.tracker, self.run_ids, self.progress = queue, tracker, run_ids, progress
-        self.workers_log = workers_log
+        self.workers_log, self.seen = workers_log, {}
 
     def drain(self) -> None:
         pending: dict[str, list] = {}
@@ -137,8 +139,16 @@ class LiveLog:
                 pending.setdefault(record["run"], []).append(record)
                 self.progress.update(record)
         for name, records in pending.items():
-            if not self.workers_log:
+            if self.workers_log:
+                self.seen.setdefault(name, []).extend(records)
+            else:
                 self.tracker.log_records(self.run_ids[name], records)
+
+    def fill(self, name: str) -> None:
+        if self.workers_log:
+            missing = self.tracker.fill_history(self.run_ids[name], self.seen.pop(name, []))
+            if missing:
+                print(f"[train] {name}: {missing} logged step(s) its worker could not send, sent now", flush=True)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -284,6 +294,7 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
         # a wait of 0.25 s at most: a SIGTERM's handler runs between waits, so it asks the runs to stop soon
         for name, result in fanout.as_completed(refs, timeout=0.25, on_wait=waited):
             live.drain()
+            live.fill(name)
             job, run_id = by_name[name], run_ids[name]
             if result["status"] == "ok" and name in homes:
                 result = _bring_back(store, job, homes[name], result)
@@ -338,7 +349,7 @@ def run_training(params: Params, root: Path, data_dir: Path, ckpt_root: Path, me
                     shutil.rmtree(stale)
         if remote and todo:
             _prune_storage(store, jobs, todo)
-        tracker = tracking.Tracker(tracking.tracking_uri(params.tracking.uri, root), params.tracking.experiment)
+        tracker = tracking.Tracker.for_study(params, root)
         source = tracking.source_tags(root)
         results = {name: adopt_completed(params, tracker, jobs[name], final, source)
                    for name, final in complete.items() if name not in children}

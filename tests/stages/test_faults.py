@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,7 +43,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from tests.studies import copy_study, run_stage, stage_env
+from tests.studies import copy_study, run_stage, stage_env, stage_env_for
 
 # all on one xdist worker, and the study session-scoped: it runs once even when the worker runs
 # other modules' tests between these (a module-scoped one ran up to three times a run)
@@ -217,7 +218,7 @@ def test_kill_9_in_export_then_rerun(study, tmp_path):
     out = _ok(run_stage(root, "export")).stdout
     card = study.cards["mha"]
     assert (f"[export] mha: {card['parameters']:,} params, {card['state_bytes_32k']:,} state bytes at 32k "
-            f"-> exports/mha (already registered as kvf-mha/1)") in out
+            f"-> exports/mha (already registered as tiny.mha/1)") in out
     card = study.cards["swa"]
     assert (f"[export] swa: {card['parameters']:,} params, {card['state_bytes_32k']:,} state bytes at 32k "
             f"-> exports/swa (") in out
@@ -231,7 +232,7 @@ def test_kill_9_in_export_then_rerun(study, tmp_path):
         run_id = study.export_metrics[run]["run_id"]
         assert logged[run]["run_id"] == run_id
         assert client.get_run(run_id).info.status == "FINISHED"
-        versions = client.search_model_versions(f"name = 'kvf-{run}'")
+        versions = client.search_model_versions(f"name = 'tiny.{run}'")
         assert any(v.run_id == run_id and v.tags.get("fingerprint") == study.cards[run]["fingerprint"]
                    and v.tags.get("code_sha256") == study.cards[run]["code_sha256"] for v in versions)
 
@@ -299,5 +300,73 @@ def test_a_failed_evaluate_keeps_the_last_good_metrics_marked_stale(study, tmp_p
     assert "[evaluate] swa: unchanged (checkpoint, eval config), kept" in result.stdout
     assert "[evaluate] mha: done in " in result.stdout and "stale" not in result.stderr
     assert "stale" not in json.loads((root / "metrics" / "eval.json").read_text())["variants"]["mha"]
+    assert _eval_numbers(root) == study.eval_numbers
+    assert _results(root) == study.results
+
+
+# --------------------------------------------------------------------------- a full disk
+def _pages(folder: Path) -> int:
+    """The bytes `folder`'s files take on a tmpfs (whole pages)."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
+
+
+def _on_a_small_disk(root: Path, folder: str, size: int, stage: str) -> subprocess.CompletedProcess:
+    """`stage` with the study's `folder` on a tmpfs of `size` bytes (a mount namespace of the stage's
+    own: `unshare`, no root needed); afterwards what the small disk held is `folder`, on a disk with
+    room (the space freed)."""
+    kept = root.parent / f"{folder}-on-the-small-disk"
+    (root / folder).mkdir(exist_ok=True)
+    script = (f"mount -t tmpfs -o size={size} kvf-full {folder} && {sys.executable} -m stages.{stage}; "
+              f"rc=$?; mkdir {kept} && cp -a {folder}/. {kept}/; exit $rc")
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=root,
+                            env=stage_env_for(root, stage), capture_output=True, text=True, timeout=300)
+    assert not [p.name for p in kept.rglob("*.tmp")]  # no temp file left behind
+    shutil.rmtree(root / folder)
+    shutil.copytree(kept, root / folder)
+    return result
+
+
+def test_a_full_disk_in_export_and_evaluate_names_the_path_then_a_rerun_ends_as_the_study(study, tmp_path):
+    """exports/ and then results/ on a disk with room for one run's files, not two: the stage
+    stops at the second with one line naming its path, the bytes it needs and those free, keeps the
+    first whole and leaves nothing half-written that could pass for good; with room again a rerun
+    ends with the uninterrupted study's exports and numbers."""
+    from pipeline.core.exports import verify_export
+
+    root = _copy(study, tmp_path / "study")
+    shutil.rmtree(root / "exports")
+    first, second = RUNS  # exported in this order (params' runs)
+    size = _pages(study.root / "exports" / first) + _pages(study.root / "exports" / second) // 2
+    result = _on_a_small_disk(root, "exports", size, "export")
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"[export] {first}: " in result.stdout and f"[export] {second}: " not in result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"\[export\] exports/{second}: no space left on its device \(it needs about [\d,]+ bytes; "
+                        r"[\d,]+ free there\): free some space, then run it again \(make repro exports it again\)",
+                        last), result.stderr[-3000:]
+    assert verify_export(root / "exports" / first) == study.cards[first]
+    assert not (root / "exports" / second).exists()  # the part written, removed
+    _kept(study, root, exports=False)
+    _ok(run_stage(root, "export"))
+    assert _cards(root) == study.cards
+
+    shutil.rmtree(root / "results")  # both runs to evaluate again
+    size = _pages(study.root / "results" / "eval" / f"{first}.json") + 4096
+    result = _on_a_small_disk(root, "results", size, "evaluate")
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    done = [run for run in RUNS if f"[evaluate] {run}: done in " in result.stdout]
+    stopped = [run for run in RUNS if run not in done]
+    last = result.stderr.strip().splitlines()[-1]
+    assert len(done) <= 1 and re.fullmatch(
+        rf"\[evaluate\] results/eval/({'|'.join(map(re.escape, stopped))})\.json: no space left on its device \(it "
+        r"needs about [\d,]+ bytes; [\d,]+ free there\): free some space, then run it again \(make repro keeps the "
+        r"results written and evaluates the rest\)", last), result.stdout[-2000:] + result.stderr[-3000:]
+    assert sorted(p.name for p in (root / "results" / "eval").iterdir()) == [f"{run}.json" for run in done]
+    assert (root / "metrics" / "eval.json").read_bytes() == study.eval_json  # the last good file
+    out = _ok(run_stage(root, "evaluate")).stdout
+    for run in done:
+        assert f"[evaluate] {run}: unchanged (checkpoint, eval config), kept" in out
+    for run in stopped:
+        assert f"[evaluate] {run}: done in " in out
     assert _eval_numbers(root) == study.eval_numbers
     assert _results(root) == study.results

@@ -173,7 +173,7 @@ def test_a_deleted_mlflow_store_is_rebuilt(trained_project):
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 3  # the whole history
         assert run.data.metrics["eval/bpb_64"] == logged[name]["eval/bpb_64"]
         assert run.data.tags["kvf.selected"] == "true"
-        assert client.search_model_versions(f"name = 'kvf-{name}'")[0].run_id == run.info.run_id
+        assert client.search_model_versions(f"name = 'tiny.{name}'")[0].run_id == run.info.run_id
     for point in POLICIES:  # a cache policy's run comes back too, with its evaluation metrics
         (run,) = client.search_runs([experiment], f"tags.`kvf.run` = '{logged['mha']['run']}+{point.split('+')[1]}'")
         assert run.data.metrics["eval/bpb_64"] == logged[point]["eval/bpb_64"]

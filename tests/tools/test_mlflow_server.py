@@ -1,10 +1,13 @@
 """The tiny study against a real MLflow tracking server over HTTP (the one `make mlflow-server`
 starts: tools/mlflow_server.py, on 127.0.0.1 with a sqlite store): the train workers log their
 curves while they train, the driver the rest, and afterwards runs, params, metrics, registered
-models and the report's artifacts are all read back through the REST API. Only the server this
-test started is stopped."""
+models and the report's artifacts are all read back through the REST API. On the way the server
+goes away (stopped, then started again on the same store, as a restarted server is) while the
+workers log and while evaluate logs, then for good; and a second clone of the study shares the
+server. Only the server this module started is stopped."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,39 +46,60 @@ def _post(url: str, endpoint: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    state = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    argv, env = command(port, state)
-    log = open(state / "server.log", "w")
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
+class Server:
+    """The MLflow server this module started (`make mlflow-server`'s command), which a test can
+    stop and start again on the same port and store, as a restarted server is."""
+
+    def __init__(self, state):
+        self.state, self.port, self.proc, self.log = state, _free_port(), None, None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        argv, env = command(self.port, self.state)
+        self.log = open(self.state / "server.log", "a")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
         while True:
             try:
-                urllib.request.urlopen(f"{url}/health", timeout=5).read()
-                break
+                urllib.request.urlopen(f"{self.url}/health", timeout=5).read()
+                return
             except OSError:
-                assert proc.poll() is None and time.time() < deadline, (state / "server.log").read_text()[-3000:]
+                assert self.proc.poll() is None and time.time() < deadline, \
+                    (self.state / "server.log").read_text()[-3000:]
                 time.sleep(0.5)
-        yield url, state
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # this server's process group only
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)  # this server's process group only
         try:
-            proc.wait(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
 
 
-def _watch_train(root, url: str) -> tuple[subprocess.CompletedProcess, list[tuple[str, int]]]:
-    """Run the train stage, polling the server meanwhile: (result, [(run status, points of
-    train/loss) seen while the stage was still running])."""
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("mlflow-server"))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop()
+
+
+OUTAGE_S = 5  # then the server's restart (~5-10 s): MLflow's client retries after 0, 4, 8, 16 s...
+
+
+def _watch_train(root, server: Server) -> tuple[subprocess.CompletedProcess, list[tuple[str, int]], bool]:
+    """Run the train stage, polling the server meanwhile; once a run's curve has moved, stop the
+    server for OUTAGE_S and start it again. (result, [(run status, points of train/loss) seen
+    while the stage ran], whether the outage fell inside the stage)."""
+    url, final_points = server.url, TRAIN["steps"] // TRAIN["log_every"]
     proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=stage_env_for(root, "train"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = []
+    seen, outage = [], None
     while proc.poll() is None:
         try:
             found = _get(url, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="tiny")
@@ -87,28 +111,69 @@ def _watch_train(root, url: str) -> tuple[subprocess.CompletedProcess, list[tupl
                 seen.append((run["info"]["status"], len(history)))
         except OSError:  # the experiment is not there yet
             pass
+        if outage is None and any(status == "RUNNING" and 0 < n < final_points for status, n in seen):
+            server.stop()  # the workers are logging: their next log calls find no server
+            time.sleep(OUTAGE_S)
+            outage = proc.poll() is None
+            server.start()
         time.sleep(1.0)  # a poll is three requests the server answers on the same two cores
     out, err = proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), seen
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), seen, bool(outage)
 
 
-def test_the_tiny_study_against_a_tracking_server(tiny_project, server):
-    url, state = server
-    root = tiny_project
+def _evaluate_with_outage(root, server: Server, names, back: bool, env=None) -> subprocess.CompletedProcess:
+    """Run the evaluate stage; stop the server once the stage is past its first look at it (its
+    results folder made) and, when `back`, start it again once every result is on disk: the stage
+    logs them (its first MLflow call) to a server that is not there, then comes back."""
+    results = root / "results" / "eval"
+    before = {n: (results / f"{n}.json").stat().st_mtime_ns if (results / f"{n}.json").exists() else 0
+              for n in names}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.evaluate"], cwd=root,
+                            env={**stage_env_for(root, "evaluate"), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    made = results.is_dir()
+
+    def fresh(name: str) -> bool:
+        return (results / f"{name}.json").exists() and (results / f"{name}.json").stat().st_mtime_ns != before[name]
+
+    # past its look at the server: it made its results folder, or writes results again
+    while proc.poll() is None and not (not made and results.is_dir() or any(map(fresh, names))):
+        time.sleep(0.1)
+    server.stop()
+    if back:
+        while proc.poll() is None and not all(map(fresh, names)):
+            time.sleep(0.1)
+        time.sleep(1.0)
+        server.start()
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_the_tiny_study_against_a_tracking_server_that_goes_away(tiny_project, server, tmp_path_factory):
+    """The study against the server, which is stopped for OUTAGE_S (then restarted) while the
+    workers log their curves and again while evaluate logs its results: MLflow's client retries,
+    and every step and number ends up logged once. Then a server that stays away: evaluate ends
+    with one line naming it, its results on disk, and logs them once the server is back."""
+    url, state, root = server.url, server.state, tiny_project
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["tracking"]["uri"] = url
     params["eval"].update(EVAL)
     params["train"].update(TRAIN)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    result, seen = _watch_train(root, url)
+    result, seen, outage = _watch_train(root, server)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(the workers log their curves live)" in result.stdout
     final_points = TRAIN["steps"] // TRAIN["log_every"]
     assert any(status == "RUNNING" and 0 < n < final_points for status, n in seen), seen  # the curve moved
-    for stage in ("export", "evaluate", "report"):
-        out = run_stage(root, stage, timeout=600)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert outage, "the train stage ended before the server came back: the outage tested nothing"
+    out = run_stage(root, "export", timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    evaluated_names = ("mha", "swa", "mha+window4")
+    out = _evaluate_with_outage(root, server, evaluated_names, back=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    out = run_stage(root, "report", timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert not (root / "mlflow.db").exists()  # nothing went to a local store
 
     # everything read back over HTTP
@@ -131,12 +196,85 @@ def test_the_tiny_study_against_a_tracking_server(tiny_project, server):
             params_logged = {p["key"]: p["value"] for p in run["data"]["params"]}
             assert params_logged["family"] == name and float(params_logged["train.lr"]) > 0
     models = _get(url, "/api/2.0/mlflow/registered-models/search")["registered_models"]
-    assert {m["name"] for m in models} == {"kvf-mha", "kvf-swa"}
+    assert {m["name"] for m in models} == {"tiny.mha", "tiny.swa"}
     artifacts = _get(url, "/api/2.0/mlflow/artifacts/list", run_id=runs["frontier"]["info"]["run_id"], path="report")
     assert {f["path"] for f in artifacts["files"]} == {"report/frontier.png", "report/frontier.md",
                                                        "report/frontier.csv", "report/capacity.png",
                                                        "report/learning.png", "report/retrieval.png"}
     assert any((state / "artifacts").rglob("frontier.md"))  # the server's artifact root holds them
+
+    # the server goes away for good while evaluate computes (MLflow's client bounded to one retry)
+    params["eval"]["decode_new_tokens"] = 3  # new results for every run
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    kept = (root / "metrics" / "eval.json").read_bytes()
+    fingerprint = lambda n: json.loads((root / "results" / "eval" / f"{n}.json").read_text())["eval_fingerprint"]  # noqa: E731
+    old = {n: fingerprint(n) for n in evaluated_names}
+    out = _evaluate_with_outage(root, server, evaluated_names, back=False,
+                                env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"})
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"[evaluate] tracking.uri: {url}: the MLflow server stopped answering while the stage "
+                           "ran (") and "start the server again, then make repro logs it" in last, out.stderr[-3000:]
+    assert all(fingerprint(n) != old[n] for n in evaluated_names)  # the new results: computed, kept on disk
+    assert (root / "metrics" / "eval.json").read_bytes() == kept  # the stage's output: not half-updated
+    server.start()
+    out = run_stage(root, "evaluate", timeout=600)
+    assert out.returncode == 0 and out.stdout.count("unchanged (checkpoint, eval config), kept") == 3, \
+        out.stdout[-2000:] + out.stderr[-3000:]
+    evaluated = json.loads((root / "metrics" / "eval.json").read_text())["variants"]
+    for name in evaluated_names:
+        run = _get(url, "/api/2.0/mlflow/runs/get", run_id=evaluated[name]["run_id"])["run"]
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert metrics["eval/bpb_64"] == pytest.approx(evaluated[name]["eval/bpb_64"])
+
+    _a_second_study_beside(root, server, tmp_path_factory.mktemp("clone"))
+
+
+def _experiment_runs(url: str, name: str) -> dict[str, str]:
+    experiment = _get(url, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=name)["experiment"]
+    runs = _post(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                                      "max_results": 1000})["runs"]
+    return {r["info"]["run_id"]: r["info"]["run_name"] for r in runs}
+
+
+def _a_second_study_beside(root, server: Server, tmp_path) -> None:
+    """Another clone of the study at `root` (its own study id) on the same server: with the first's
+    experiment, every tracked stage stops at once naming it, changing nothing; with an experiment
+    of its own, its runs and registered models stay apart from the first's (its MLflow side rebuilt
+    from disk by `tools.mlflow_sync`, the way `make repro` ends)."""
+    first = _experiment_runs(server.url, "tiny")
+    models = {m["name"] for m in _get(server.url, "/api/2.0/mlflow/registered-models/search")["registered_models"]}
+    assert first and models == {"tiny.mha", "tiny.swa"}
+    owner = (root / "runs" / "study-id").read_text().strip()
+    other = tmp_path / "clone"
+    shutil.copytree(root, other, ignore=shutil.ignore_patterns("runs"))  # a clone of the project, not this folder
+    params = yaml.safe_load((other / "params.yaml").read_text())
+    params["tracking"] = {"uri": server.url, "experiment": "tiny"}
+    (other / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in ("train", "export"):
+        out = run_stage(other, stage, timeout=120)
+        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+        assert out.stderr.strip().splitlines()[-1] == (
+            f"params.yaml: tracking.experiment: 'tiny' on {server.url} belongs to another study "
+            f"({socket.gethostname()}:{root.resolve()}, study id {owner}; this one is "
+            f"{(other / 'runs' / 'study-id').read_text().strip()}): give "
+            "this study an experiment of its own (tracking.experiment), so neither's runs, metrics or "
+            "registered models mix into the other's; nothing was changed"), out.stderr[-3000:]
+    assert _experiment_runs(server.url, "tiny") == first
+
+    params["tracking"]["experiment"] = "tiny-clone"
+    (other / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run_stage(other, "tools.mlflow_sync", timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert _experiment_runs(server.url, "tiny") == first  # nothing of the clone's in the first's
+    clone = _experiment_runs(server.url, "tiny-clone")
+    assert {"mha", "swa", "mha+window4", "frontier"} <= set(clone.values()) and not set(clone) & set(first)
+    versions = _get(server.url, "/api/2.0/mlflow/registered-models/search")["registered_models"]
+    by_name = {m["name"]: m for m in versions}
+    assert set(by_name) == {"tiny.mha", "tiny.swa", "tiny-clone.mha", "tiny-clone.swa"}
+    for name, model in by_name.items():
+        owner = first if name.startswith("tiny.") else clone
+        assert all(v["run_id"] in owner for v in model["latest_versions"]), (name, model)
 
 
 def test_a_server_that_does_not_answer_stops_each_tracked_stage_before_any_work(tiny_project):

@@ -20,6 +20,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -243,32 +244,83 @@ def guarded(fn: Callable[..., dict], job, *args) -> dict:
 
 
 def submit(fn: Callable[..., dict], jobs: dict[str, Any], stage: str, cpus: int, gpus: int,
-           *args, resources: dict[str, float] | None = None, retries: int = 0) -> dict:
+           *args, resources: dict[str, float] | None = None, retries: int = 0,
+           needs: dict[str, float] | None = None) -> dict:
     """One Ray task per job (`guarded(fn, job, *args)`), each holding `cpus`, `gpus` and the
     custom `resources`; returns {ref: name}. A task whose worker dies (killed, out of memory, its
     node gone) is run again by Ray up to `retries` times (an error the job raises is a result,
-    never retried); a train job resumes from its last checkpoint."""
+    never retried); a train job resumes from its last checkpoint. `needs`: what one node must
+    have for the job's work when the task itself holds less (a Ray Train run's workers)."""
     import ray
 
     task = ray.remote(guarded)
-    return {task.options(num_cpus=cpus, num_gpus=gpus, resources=resources or {}, max_retries=retries,
+    need = {k: float(v) for k, v in (needs or {"CPU": cpus, "GPU": gpus, **(resources or {})}).items() if v}
+    refs = {task.options(num_cpus=cpus, num_gpus=gpus, resources=resources or {}, max_retries=retries,
                          name=f"{stage}:{name}")
             .remote(fn, job, *args): name for name, job in jobs.items()}
+    NEEDS.update({ref: need for ref in refs})
+    return refs
 
 
-def as_completed(refs: dict, timeout: float | None = None,
-                 on_wait: Callable[[], None] = lambda: None) -> Iterator[tuple[str, dict]]:
-    """Yield (name, result) as tasks finish; a worker that died (OOM, signal) becomes a failed
-    result. `on_wait` runs after every wait (the train stage drains its progress queue there)."""
+NEEDS: dict = {}  # ref -> the resources its task asks for (submit), read by `stranded`
+
+
+def _live_nodes() -> tuple[list[dict], list[dict]]:
     import ray
 
+    nodes = ray.nodes()
+    return [n for n in nodes if n.get("Alive")], [n for n in nodes if not n.get("Alive")]
+
+
+def stranded(need: dict[str, float], live: list[dict]) -> bool:
+    """True when no live node has `need` in all (busy nodes are not stranding: their jobs end)."""
+    return not any(all(node.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items()) for node in live)
+
+
+def _stranded_result(need: dict, live: list[dict], lost: list[dict], after_s: float, where: str) -> dict:
+    wants = ", ".join(f"{k}={v:g}" for k, v in sorted(need.items()))
+    gone = "; ".join(f"node {n.get('NodeManagerAddress', '?')} ("
+                     + ", ".join(f"{k}={v:g}" for k, v in sorted(n.get("Resources", {}).items())
+                                 if not k.startswith("node:") and k not in ("memory", "object_store_memory"))
+                     + ")" for n in lost)
+    return {"status": "failed", "step": None, "error_type": "Stranded",
+            "error": f"nothing left to run it on: it needs {wants} and none of the {len(live)} live node(s) of "
+                     f"the Ray cluster ({where}) has that" + (f" (lost: {gone})" if gone else "")
+                     + f"; waited {after_s:g} s (compute.stranded_after_s): start a node that can take it, then "
+                     "run it again (a train run resumes from its last checkpoint)"}
+
+
+def as_completed(refs: dict, timeout: float | None = None, on_wait: Callable[[], None] = lambda: None,
+                 stranded_after_s: float = 0.0, where: str = "") -> Iterator[tuple[str, dict]]:
+    """Yield (name, result) as tasks finish; a worker that died (OOM, signal) becomes a failed
+    result. `on_wait` runs after every wait (the train stage drains its progress queue there).
+    With `stranded_after_s`, a task no live node can run (`stranded`: its node lost, nothing
+    else with its resources) for that long is cancelled and comes back failed, naming what it
+    needs and the nodes lost: the stage ends with a line instead of waiting forever."""
+    import ray
+
+    since: dict = {}  # ref -> when it was first seen stranded
+    checked = 0.0
+    wait = timeout if not stranded_after_s else min(timeout or 1.0, 1.0)
     while refs:
-        ready, _ = ray.wait(list(refs), num_returns=1, timeout=timeout)
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=wait)
         on_wait()
         for ref in ready:
             name = refs.pop(ref)
+            NEEDS.pop(ref, None)
             try:
                 result = ray.get(ref)
             except Exception as err:  # noqa: BLE001 -- the worker died
                 result = {"status": "failed", "step": None, "error": f"{type(err).__name__}: {err}"}
             yield name, result
+        if stranded_after_s and refs and time.monotonic() - checked >= 1.0:
+            checked = now = time.monotonic()
+            live, lost = _live_nodes()
+            for ref in list(refs):
+                need = NEEDS.get(ref, {})
+                if not stranded(need, live):
+                    since.pop(ref, None)
+                elif now - since.setdefault(ref, now) >= stranded_after_s:
+                    ray.cancel(ref, force=True)
+                    NEEDS.pop(ref, None)
+                    yield refs.pop(ref), _stranded_result(need, live, lost, stranded_after_s, where)

@@ -269,7 +269,8 @@ def run_evaluate(params: Params, root: Path, data_dir: Path, ckpt_root: Path, ex
                                           retries=params.compute.max_failures)
             print(f"[evaluate] {len(todo)} run(s) on Ray ({cluster.where}), {cluster.gpus_per_job} GPU(s) per "
                   f"job{where}", flush=True)
-            for name, r in fanout.as_completed(refs):
+            for name, r in fanout.as_completed(refs, timeout=1.0, where=cluster.where,
+                                               stranded_after_s=params.compute.stranded_after_s):
                 if r["status"] != "ok":
                     failures.append(name)
                     print(f"[evaluate] FAILED {name}: {r['error']}\n{r.get('traceback', '')}",

@@ -274,7 +274,8 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
         from pipeline.train.ddp import fit_run
 
         refs = fanout.submit(fit_run, ready, "train", 0, 0, queue, compute.workers_per_run, compute.cpus_per_job,
-                             cluster.gpus_per_job, compute.resources, store.location, compute.max_failures)
+                             cluster.gpus_per_job, compute.resources, store.location, compute.max_failures,
+                             needs={"CPU": compute.cpus_per_job, "GPU": cluster.gpus_per_job, **compute.resources})
         spread = f" x {compute.workers_per_run} Ray Train workers per run (DDP)"
     print(f"[train] {len(jobs)} run(s) on Ray ({cluster.where}), {cluster.gpus_per_job} GPU(s) per job{spread}; "
           + (f"storage {store.location} (no shared filesystem); " if data_key
@@ -292,7 +293,8 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
 
     try:
         # a wait of 0.25 s at most: a SIGTERM's handler runs between waits, so it asks the runs to stop soon
-        for name, result in fanout.as_completed(refs, timeout=0.25, on_wait=waited):
+        for name, result in fanout.as_completed(refs, timeout=0.25, on_wait=waited, where=cluster.where,
+                                                stranded_after_s=compute.stranded_after_s):
             live.drain()
             live.fill(name)
             job, run_id = by_name[name], run_ids[name]

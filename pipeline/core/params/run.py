@@ -191,6 +191,10 @@ class ComputeConfig(_Block):
     preempt_grace_s: float = Field(30.0, gt=0, description="train stage: after SIGTERM, how long its "
                                    "runs have to write a checkpoint at their next step before they are "
                                    "cancelled (pipeline/train/preempt.py)")
+    stranded_after_s: float = Field(60.0, ge=0, description="a train or evaluate job that no live node "
+                                    "of the cluster can run (its node lost and no other with its resources) "
+                                    "fails after this many seconds, naming what it needs, instead of waiting "
+                                    "forever; 0: wait (an autoscaling cluster that adds nodes)")
 
     @field_validator("gpus_per_job", mode="before")
     @classmethod

@@ -2,7 +2,7 @@
 stops (or carries on), how long the recovery takes, and what was lost, against one uninterrupted
 run of the same study (the tiny study of the tests: one MHA run of 100 steps, checkpoints every 20).
 
-    .venv/bin/python benchmarks/faults.py            # a markdown table on stdout, ~4 minutes
+    .venv/bin/python benchmarks/faults.py            # a markdown table on stdout, ~6 minutes
 
 Each fault starts from a fresh copy of the prepared data; "lost" compares the final weights (every
 tensor, bit for bit) and validation metrics with the uninterrupted run's. The stages start their
@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +33,7 @@ from tests.studies import stage_env, write_params  # noqa: E402
 LONG = {"steps": 100, "checkpoint_every": 20, "log_every": 5, "eval_every": 50}
 VAL = ("val/bpb", "val/loss", "val/mqar_acc_near", "val/mqar_acc_far")
 RAY_DIRS: list[Path] = []
+OUTAGE_S = 30  # the tracking server's outage (the issue's: "stopped for 30 s in the middle of training")
 
 
 import yaml  # noqa: E402
@@ -99,6 +102,74 @@ def resume(root: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _server(port: int, state: Path) -> subprocess.Popen:
+    """`make mlflow-server`'s server on `port`, its store in `state`, answering."""
+    from tools.mlflow_server import command
+
+    argv, env = command(port, state)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+            return proc
+        except OSError:
+            assert proc.poll() is None
+            time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def _logged_steps(url: str) -> list[int]:
+    def get(endpoint: str, **query) -> dict:
+        with urllib.request.urlopen(f"{url}{endpoint}?{urllib.parse.urlencode(query)}", timeout=30) as r:
+            return json.loads(r.read())
+
+    experiment = get("/api/2.0/mlflow/experiments/get-by-name", experiment_name="tiny")["experiment"]
+    request = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode())
+    with urllib.request.urlopen(request, timeout=30) as r:
+        run = json.loads(r.read())["runs"][0]
+    history = get("/api/2.0/mlflow/metrics/get-history", run_id=run["info"]["run_id"], metric_key="train/loss")
+    return sorted(m["step"] for m in history["metrics"])
+
+
+def server_outages(base: Path, data: Path, reference) -> list[tuple[str, str, str, str]]:
+    """The train stage against a tracking server, uninterrupted and with the server stopped for
+    OUTAGE_S once the run has a checkpoint (then started again on the same store)."""
+    rows, times = [], {}
+    for name, outage in (("tracked", 0), ("outage", OUTAGE_S)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = _server(port, base / f"{name}-store")
+        root = project(base, name, data, tracking=f"http://127.0.0.1:{port}")
+        proc, t0 = stage(root)
+        if outage:
+            checkpointed(root, 20)
+            _stop(server)
+            time.sleep(outage)
+            server = _server(port, base / f"{name}-store")
+            back = time.perf_counter()
+        code, log = finish(proc)
+        assert code == 0, log[-3000:]
+        times[name] = time.perf_counter() - t0
+        steps = _logged_steps(f"http://127.0.0.1:{port}")
+        _stop(server)
+        if outage:
+            every = steps == list(range(LONG["log_every"], LONG["steps"] + 1, LONG["log_every"]))
+            rows.append((f"the tracking server stopped {outage} s mid-train, then started again",
+                         "the workers' log calls stall while MLflow's client retries (no line)",
+                         f"{time.perf_counter() - back:.1f} s from the restart to the stage's end "
+                         f"({times['outage'] - times['tracked']:+.1f} s against the same stage with the server up, "
+                         f"{times['tracked']:.1f} s)",
+                         lost(root, reference) + ("; every step logged once" if every else f"; LOGGED {steps}")))
+    return rows
+
+
 def main() -> None:
     (REPO / "runs").mkdir(exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="kvffaults", dir=REPO / "runs"))
@@ -160,6 +231,8 @@ def main() -> None:
         rows.append(("the disk fills at a checkpoint (checkpoints/ on a small tmpfs)",
                      f"at the step-40 write; the stage exits 1 after {failed:.1f} s, naming the file",
                      f"{again:.1f} s (the resumed stage, room made)", lost(root, reference)))
+
+        rows += server_outages(base, data, reference)
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

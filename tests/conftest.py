@@ -17,13 +17,29 @@ torch.set_num_threads(1)
 # The tiny study's fixtures, for every folder whose tests run stages (tests/studies.py).
 from tests.studies import _remove_short_dirs, tiny_data, tiny_project, trained_project, trained_study  # noqa: E402,F401
 
-# Tests that run stages (seconds to minutes each) go first, so under pytest-xdist (`make test`)
-# the short tests fill the workers' last minutes.
+# Tests that run stages (seconds to minutes each) go first, the longest of them (1-4 minutes each on
+# these 2 cores, `make test`'s --durations) before the rest, so under pytest-xdist (`make test`) the
+# short tests fill the workers' last minutes. (xdist hands out its groups of several tests first.)
 STAGE_LEVEL = ("tests/stages/", "tests/tools/", "tests/pipeline/")
+LONGEST = (
+    "tests/stages/test_stages.py::test_seeds_from_train_to_report",
+    "tests/pipeline/train/test_ray_train.py::test_two_workers_follow_one_process_and_survive_a_killed_worker",
+    "tests/tools/test_mlflow_server.py::test_the_tiny_study_against_a_tracking_server_that_goes_away",
+    "tests/pipeline/prepare/test_corpus.py::test_prepare_train_evaluate_on_a_local_corpus_with_a_trained_bpe",
+    "tests/stages/test_pretrained.py::test_a_pretrained_point_its_policies_and_retrofits_through_every_stage",
+    "tests/stages/test_runner.py::test_preemption_and_a_killed_worker_end_as_the_uninterrupted_run",
+    "tests/pipeline/train/test_retrofit.py::test_train_stage_trains_parents_then_children_and_skips_what_did_not_change",
+    "tests/stages/test_stages.py::test_a_deleted_mlflow_store_is_rebuilt",
+)
+
+
+def _order(item) -> tuple[bool, int]:
+    rank = next((i for i, prefix in enumerate(LONGEST) if item.nodeid.startswith(prefix)), len(LONGEST))
+    return not item.nodeid.startswith(STAGE_LEVEL), rank
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: not item.nodeid.startswith(STAGE_LEVEL))
+    items.sort(key=_order)
     _group_for_xdist(config, items)
 
 

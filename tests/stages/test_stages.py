@@ -65,11 +65,10 @@ def test_seeds_from_train_to_report(trained_project):
         objectives = {0.003: runs[key]["val/objective"], 0.01: runs[_lr_name(key)]["val/objective"]}
         winners[key] = key if objectives[0.003] <= objectives[0.01] else _lr_name(key)
 
-    # export: one directory and one registered version per selected run; a re-run registers nothing new
+    # export: one directory per selected run (a re-run registers nothing new: test_faults.py's kill -9
+    # in export reruns it)
     _ok(run_stage(root, "export"))
     assert {p.name for p in (root / "exports").iterdir()} == set(winners.values())
-    again = _ok(run_stage(root, "export")).stdout
-    assert again.count("already registered") == len(keys)
 
     # evaluate: one result per point and seed, for the selected run; and per cache policy on
     # each mha key, the same checkpoint measured through the policy's cache

@@ -104,10 +104,9 @@ def resume(root: Path) -> float:
 
 def _server(port: int, state: Path) -> subprocess.Popen:
     """`make mlflow-server`'s server on `port`, its store in `state`, answering."""
-    from tools.mlflow_server import command
-
-    argv, env = command(port, state)
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    state.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "tools.mlflow_server", "--port", str(port), "--dir", str(state)],
+                            cwd=REPO, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     while True:
         try:

@@ -79,6 +79,8 @@ def stage_env(**extra: str) -> dict:
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0",
            # RAY_AUTH_MODE: test_ray_job's cluster (a stage's own Ray uses a token)
            "DVC_NO_ANALYTICS": "1", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO),
+           # MLflow's client backs off 1, not 2 (its default): a test's server outage costs less waiting
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)  # the caller's, not ours: `extra` may name one
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -3,7 +3,7 @@ starts: tools/mlflow_server.py, on 127.0.0.1 with a sqlite store): the train wor
 curves while they train, the driver the rest, and afterwards runs, params, metrics, registered
 models and the report's artifacts are all read back through the REST API. On the way the server
 goes away (stopped, then started again on the same store, as a restarted server is) while the
-workers log and while evaluate logs, then for good; and a second clone of the study shares the
+workers log, then for good while evaluate computes; and a second clone of the study shares the
 server. Only the server this module started is stopped."""
 import json
 import os

@@ -305,7 +305,14 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
                 record["step"] = done
                 history.append(record)
                 if parallel.rank == 0:
-                    report({"run": job.run, **record})
+                    try:
+                        report({"run": job.run, **record})
+                    except Exception as err:  # noqa: BLE001
+                        # the stage's cancel (a stop request, pipeline/train/preempt.py) landing while
+                        # the report waits on the driver's queue comes as Ray's TaskCancelledError
+                        if type(err).__name__ != "TaskCancelledError":
+                            raise
+                        stop.request("SIGINT")
             preempted = bool(stop) and done < cfg.steps  # asked to stop (SIGINT, SIGTERM): not at the end
             if preempted or (done % cfg.checkpoint_every == 0 and done < cfg.steps):
                 _save(parallel, done, model, optimizer, {**meta_base, "history": history,

@@ -7,7 +7,9 @@
 - A run's worker, on SIGINT (the stage's request) or SIGTERM (sent to the worker itself): the
   training loop finishes the step it is in, writes that step's checkpoint and stops (`Preempted`).
   The checkpoint holds the running sums of the logging window it was in, so the resumed run
-  logs, and ends with, what an uninterrupted run does.
+  logs, and ends with, what an uninterrupted run does. A cancel that lands while the worker waits
+  on the driver's queue comes as Ray's TaskCancelledError out of that wait, not as the signal:
+  the loop takes it as the same request (`StopRequest.request`).
 - Only where the loop runs on its process's main thread (a one-process run, a Ray task): a Ray
   Train worker's loop runs on a thread of its own, so a data-parallel run keeps Ray Train's
   own behaviour (its last `checkpoint_every` checkpoint).
@@ -31,7 +33,11 @@ class StopRequest:
         return self.signal is not None
 
     def _set(self, signum, frame) -> None:
-        self.signal = self.signal or signal.Signals(signum).name
+        self.request(signal.Signals(signum).name)
+
+    def request(self, name: str) -> None:
+        """A stop asked for another way than by a signal handler (Ray's cancel inside a `ray.get`)."""
+        self.signal = self.signal or name
 
 
 @contextmanager

@@ -50,3 +50,38 @@ def test_validation_logs_bpb_spread_and_capacity_sets_outside_the_objective(tmp_
     assert out["val/mqar_acc_far"] == far[0] / far[1]
     assert out["val/mqar_loss"] == pytest.approx((near[2] + far[2]) / (near[1] + far[1]), rel=1e-4)  # buckets only
     assert out["val/objective"] == pytest.approx(out["val/loss"] + 2.0 * out["val/mqar_loss"], rel=1e-9)
+
+
+def test_a_cancel_landing_in_a_report_stops_the_run_as_a_signal_does(tiny_project):
+    """The stage's cancel (preemption) can reach a run's worker while it waits on the driver's queue
+    (`report`): Ray then raises TaskCancelledError there instead of calling the SIGINT handler.
+    The run still stops at that step with its checkpoint (it had failed with the error, losing the
+    preemption, in a fresh-clone `make test`)."""
+    import json
+    from pathlib import Path
+
+    from pipeline.core.data import verify_prepared
+    from pipeline.core.params import load_params
+    from pipeline.core.runs import train_code, train_jobs
+    from pipeline.train.loop import Preempted, train_run
+
+    class TaskCancelledError(Exception):  # Ray's, told by its name (the loop does not import ray)
+        pass
+
+    def report(record: dict) -> None:
+        if record["step"] == 10:
+            raise TaskCancelledError("Task: ... was cancelled.")
+
+    data = tiny_project / "data"
+    job = train_jobs(load_params(tiny_project / "params.yaml"), train_code(), data, tiny_project / "checkpoints",
+                     verify_prepared(data)["files"])["mha"]
+    with pytest.raises(Preempted) as stopped:
+        train_run(job, report)
+    assert stopped.value.step == 10 and str(stopped.value) == "preempted (SIGINT): its step-10 checkpoint is written"
+    assert json.loads((Path(job.ckpt_dir) / "latest.json").read_text())["step"] == 10
+
+    def broken(record: dict) -> None:  # any other error in a report is the run's failure, as before
+        raise RuntimeError("queue gone")
+
+    with pytest.raises(RuntimeError, match="queue gone"):
+        train_run(job, broken)

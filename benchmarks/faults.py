@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from safetensors.torch import load_file  # noqa: E402
 
+from tests.ray_node import free_port  # noqa: E402
 from tests.studies import stage_env, write_params  # noqa: E402
 
 LONG = {"steps": 100, "checkpoint_every": 20, "log_every": 5, "eval_every": 50}
@@ -141,9 +141,7 @@ def server_outages(base: Path, data: Path, reference) -> list[tuple[str, str, st
     OUTAGE_S once the run has a checkpoint (then started again on the same store)."""
     rows, times = [], {}
     for name, outage in (("tracked", 0), ("outage", OUTAGE_S)):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         server = _server(port, base / f"{name}-store")
         root = project(base, name, data, tracking=f"http://127.0.0.1:{port}")
         proc, t0 = stage(root)
@@ -233,9 +231,7 @@ def main() -> None:
 
         rows += server_outages(base, data, reference)
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         root = project(base, "server", data, tracking=f"http://127.0.0.1:{port}")
         proc, t0 = stage(root)
         code, log = finish(proc)

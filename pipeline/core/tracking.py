@@ -88,7 +88,12 @@ def is_server(uri: str) -> bool:
 
 
 class TrackingUnreachable(RuntimeError):
-    """No MLflow server answers at `tracking.uri` (the message names it and what to do)."""
+    """No MLflow server answers at `tracking.uri` (the message names it and what to do; `reason`:
+    the last error, as the socket said it)."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
 
 
 SERVER_TRIES, SERVER_TIMEOUT_S = 3, 5.0  # a stage's first look: at most ~17 s before it gives up
@@ -114,10 +119,8 @@ def check_server(uri: str, tries: int = SERVER_TRIES) -> None:
             reason = str(getattr(err, "reason", err))
         if attempt + 1 < tries:
             time.sleep(1.0)
-    err = TrackingUnreachable(f"tracking.uri: {uri}: no MLflow server answers ({reason}, {tries} tries); "
-                              "start it (make mlflow-server) or point tracking.uri at one that runs")
-    err.reason = reason
-    raise err
+    raise TrackingUnreachable(f"tracking.uri: {uri}: no MLflow server answers ({reason}, {tries} tries); "
+                              "start it (make mlflow-server) or point tracking.uri at one that runs", reason)
 
 
 def retry_bound_s() -> float:
@@ -261,7 +264,7 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, study: str | None = None, root: Path | None = None):
         from mlflow.tracking import MlflowClient
 
-        self.uri, self.experiment = uri, experiment
+        self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         if study is not None:

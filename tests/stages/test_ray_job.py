@@ -1,7 +1,6 @@
 """`ray job submit` against a real local cluster (its own temp dir), stopped by its own pids."""
 import json
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -10,21 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.ray_node import free_port
 from tests.studies import REPO, kill_ray_in, short_tmp, stage_env, write_params
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def local_cluster():
     temp_dir = short_tmp("kvfrc")
-    port, dash, agent = _free_port(), _free_port(), _free_port()
+    port, dash, agent = free_port(), free_port(), free_port()
     env = stage_env()  # RAY_AUTH_MODE=disabled: `ray job submit` needs no token
     subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),

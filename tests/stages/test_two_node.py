@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import yaml
 
 from pipeline.core import checkpoint, fanout
 from pipeline.core.params import ComputeConfig
+from tests.ray_node import free_port
 from tests.studies import REPO, run_stage, stage_env, write_params
 
 # all on one xdist worker, and the cluster session-scoped: it starts once even when the worker runs
@@ -58,10 +58,6 @@ print(json.dumps([{"id": n["NodeID"], "resources": n["Resources"]} for n in node
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _processes_of(marks: list[str]) -> list[int]:
@@ -90,14 +86,14 @@ def two_nodes():
     token.chmod(0o600)
     client = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env = stage_env(**client)
-    port = _free_port()
+    port = free_port()
     groups = []
 
     def start(cmd: list[str], log: str) -> None:
         """`ray start --block` in a process group of its own; ports of its own (the defaults may
         belong to another Ray on this machine)."""
         cmd += ["--block", "--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--disable-usage-stats",
-                "--dashboard-agent-listen-port", str(_free_port())]
+                "--dashboard-agent-listen-port", str(free_port())]
         with open(base / log, "w") as out:
             groups.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         for _ in range(120):  # `ray start --block` says so once its node is up
@@ -109,7 +105,7 @@ def two_nodes():
 
     try:
         start([RAY, "start", "--head", "--port", str(port), "--num-cpus", "0", "--include-dashboard", "false",
-               "--ray-client-server-port", str(_free_port()), "--temp-dir", temp_dirs[0]], "head.log")
+               "--ray-client-server-port", str(free_port()), "--temp-dir", temp_dirs[0]], "head.log")
         start([sys.executable, "-c", _NODE2, "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "2",
                "--resources", json.dumps({"node2": 4}), "--temp-dir", temp_dirs[1]], "node2.log")
         probe = subprocess.run([sys.executable, "-c", _NODES, f"127.0.0.1:{port}"], env=env, capture_output=True,

@@ -19,6 +19,7 @@ import urllib.request
 import pytest
 import yaml
 
+from tests.ray_node import free_port
 from tests.studies import run_stage, stage_env_for
 from tools.mlflow_server import command
 
@@ -28,10 +29,6 @@ EVAL = {"context_lengths": [32, 64], "bpb_tokens": 128, "mqar_pairs": [2], "mqar
 TRAIN = {"steps": 100, "log_every": 5, "eval_every": 50, "checkpoint_every": 50}  # long enough to watch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, endpoint: str, **query) -> dict:
@@ -51,7 +48,7 @@ class Server:
     stop and start again on the same port and store, as a restarted server is."""
 
     def __init__(self, state):
-        self.state, self.port, self.proc, self.log = state, _free_port(), None, None
+        self.state, self.port, self.proc, self.log = state, free_port(), None, None
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
@@ -257,7 +254,7 @@ def test_a_server_that_does_not_answer_stops_each_tracked_stage_before_any_work(
     """tracking.uri naming a port nothing listens on: train and export stop at once (MLflow's own
     client would retry for ~4 minutes, then fail with a traceback), one line naming the URI and
     what to do, nothing written."""
-    root, url = tiny_project, f"http://127.0.0.1:{_free_port()}"
+    root, url = tiny_project, f"http://127.0.0.1:{free_port()}"
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["tracking"]["uri"] = url
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -5,6 +5,7 @@ import random
 import pytest
 
 from pipeline.core import tracking
+from tests.ray_node import free_port
 
 
 def _records(steps: list[int]) -> list[dict]:
@@ -51,14 +52,6 @@ def test_a_worker_that_loses_its_server_trains_on_and_the_driver_fills_the_gaps(
     assert sorted(m.step for m in again.client.get_metric_history(run_id, "train/loss")) == list(range(5, 111, 5))
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_stated_retry_bound_is_how_long_mlflows_client_tries(monkeypatch):
     """The bound a stage states (`retry_bound_s`) against a real client giving up on a port nothing
     listens on (2 retries, factor 1: waits of 0 and 2 s, plus up to 1 s of jitter); by default ~4 min."""
@@ -74,7 +67,7 @@ def test_the_stated_retry_bound_is_how_long_mlflows_client_tries(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     bound = tracking.retry_bound_s()
-    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{_closed_port()}")
+    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{free_port()}")
     start = time.perf_counter()
     with pytest.raises(MlflowException, match="Max retries exceeded"):
         client.get_experiment_by_name("tiny")
@@ -82,7 +75,7 @@ def test_the_stated_retry_bound_is_how_long_mlflows_client_tries(monkeypatch):
 
 
 def test_a_lost_server_is_told_apart_from_other_failures(tmp_path):
-    port = _closed_port()
+    port = free_port()
     line = tracking.lost_server(f"http://127.0.0.1:{port}")
     assert line.startswith(f"tracking.uri: http://127.0.0.1:{port}: the MLflow server stopped answering while "
                            "the stage ran (") and "make repro logs it" in line

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tests.ray_node import SHARED
+from tests.stage_zygote import Zygotes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,7 @@ TINY = {
 
 
 _SHORT_DIRS: list[Path] = []
+ZYGOTES = Zygotes()
 
 
 def short_tmp(prefix: str) -> Path:
@@ -57,6 +59,7 @@ def short_tmp(prefix: str) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _remove_short_dirs():
     yield
+    ZYGOTES.stop()
     SHARED.stop()
     for path in _SHORT_DIRS:
         shutil.rmtree(path, ignore_errors=True)
@@ -89,12 +92,13 @@ def stage_env(**extra: str) -> dict:
 
 
 def run_stage(root: Path, stage: str, *args: str, timeout: float = 240, **env) -> subprocess.CompletedProcess:
-    """`python -m stages.<stage>` in `root` (a dotted name runs that module: `tools.mlflow_sync`).
+    """`python -m stages.<stage>` in `root` (a dotted name runs that module: `tools.mlflow_sync`),
+    forked from a zygote that has imported what stages import (tests/stage_zygote.py).
     A train or evaluate stage that `shares_ray` runs its jobs on this test process's Ray node
     (tests/ray_node.py); any other starts its private local Ray, as a user's stage does."""
     module = stage if "." in stage else f"stages.{stage}"
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=stage_env_for(root, stage, **env),
-                          capture_output=True, text=True, timeout=timeout)
+    return ZYGOTES.run([sys.executable, "-m", module, *args], cwd=root, env=stage_env_for(root, stage, **env),
+                       timeout=timeout)
 
 
 def stage_env_for(root: Path, stage: str, **extra: str) -> dict:

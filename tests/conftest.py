@@ -15,6 +15,7 @@ torch.set_num_threads(1)
 
 
 # The tiny study's fixtures, for every folder whose tests run stages (tests/studies.py).
+from tests.ray_node import SHARED  # noqa: E402
 from tests.studies import _remove_short_dirs, tiny_data, tiny_project, trained_project, trained_study  # noqa: E402,F401
 
 # Tests that run stages (seconds to minutes each) go first, the longest of them (1-4 minutes each on
@@ -23,7 +24,7 @@ from tests.studies import _remove_short_dirs, tiny_data, tiny_project, trained_p
 STAGE_LEVEL = ("tests/stages/", "tests/tools/", "tests/pipeline/")
 LONGEST = (
     "tests/stages/test_stages.py::test_seeds_from_train_to_report",
-    "tests/pipeline/train/test_ray_train.py::test_two_workers_follow_one_process_and_survive_a_killed_worker",
+    "tests/pipeline/train/test_ray_train.py::test_two_workers_follow_one_process_through_a_preemption_and_a_killed_worker",
     "tests/tools/test_mlflow_server.py::test_the_tiny_study_against_a_tracking_server_that_goes_away",
     "tests/pipeline/prepare/test_corpus.py::test_prepare_train_evaluate_on_a_local_corpus_with_a_trained_bpe",
     "tests/stages/test_pretrained.py::test_a_pretrained_point_its_policies_and_retrofits_through_every_stage",
@@ -36,6 +37,16 @@ LONGEST = (
 def _order(item) -> tuple[bool, int]:
     rank = next((i for i, prefix in enumerate(LONGEST) if item.nodeid.startswith(prefix)), len(LONGEST))
     return not item.nodeid.startswith(STAGE_LEVEL), rank
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controller (or the one process without xdist)
+        SHARED.stop()  # a folder a killed run left under this pid
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):
+        SHARED.stop()  # the run's shared Ray node, once every worker is done (tests/ray_node.py)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -183,7 +183,13 @@ class Storage:
         return bool(there)
 
     def remove(self, key: str) -> None:
-        if self.exists(key):
+        """The file or folder `key`, gone (nothing when it is not there)."""
+        import pyarrow.fs
+
+        kind = self._kind(key)
+        if kind == pyarrow.fs.FileType.File:
+            self.fs.delete_file(self.path(key))
+        elif kind == pyarrow.fs.FileType.Directory:
             self.fs.delete_dir(self.path(key))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +34,34 @@ from pipeline.core.jobs import TrainJob
 class DataParallel:
     """`OneProcess`'s interface for one of N Ray Train workers."""
 
-    def __init__(self, job: TrainJob, store: storage.Storage, fault_marker: str):
+    def __init__(self, job: TrainJob, store: storage.Storage, fault_marker: str, stop_marker: str):
         import ray.train
 
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.store, self.fault_marker = store, fault_marker
+        self.store, self.fault_marker, self.stop_marker = store, fault_marker, stop_marker
+        self.device, self._look_after = None, 0.0
 
     def wrap(self, model):
         from torch.nn.parallel import DistributedDataParallel
 
-        device = next(model.parameters()).device
+        self.device = device = next(model.parameters()).device
         return DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device])
+
+    def stop_requested(self) -> bool:
+        """Whether the stage asked this run to stop (`fit_run` left the stop marker in storage):
+        rank 0 looks, at most every half second, and every worker takes its answer at the same
+        step (a broadcast each step, as small as a loss)."""
+        import torch
+        import torch.distributed as dist
+
+        asked = 0
+        if self.rank == 0 and time.monotonic() >= self._look_after:
+            self._look_after = time.monotonic() + 0.5
+            asked = int(self.store.exists(self.stop_marker))
+        flag = torch.tensor([asked], device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def shard(self, rows: np.ndarray) -> np.ndarray:
         return rows[self.rank :: self.world]
@@ -54,13 +71,12 @@ class DataParallel:
         import torch.distributed as dist
 
         keys = sorted(values)
-        total = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        total = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
         return dict(zip(keys, (total / self.world).tolist()))
 
     def resume(self, job: TrainJob, model, optimizer) -> tuple[int, list, dict]:
-        """(step, history, {}): the logging window's sums are each worker's own, and only rank 0's
-        are in the checkpoint, so a resumed window starts empty."""
+        """(step, history, the logging window's sums averaged over the workers when it was saved)."""
         import ray.train
 
         found = ray.train.get_checkpoint()
@@ -68,7 +84,7 @@ class DataParallel:
             return 0, [], {}
         with found.as_directory() as folder:
             meta = checkpoint.restore(Path(folder), model, optimizer)  # digests verified
-        return meta["step"], meta["history"], {}
+        return meta["step"], meta["history"], meta.get("window", {})
 
     def save(self, step: int, model, optimizer, meta: dict, final: dict | None = None) -> None:
         """Every worker reports; rank 0's report carries the checkpoint."""
@@ -83,6 +99,17 @@ class DataParallel:
                 saved = ray.train.Checkpoint.from_directory(folder)
             ray.train.report({"step": step}, checkpoint=saved)
 
+    def hold(self) -> None:
+        """Test hook (`<run>:<step>:hold`): rank 0 says it holds (`holding` in the run's folder)
+        and waits there, up to 5 minutes, for the stage's stop request; the others wait on it in
+        the step's gradient all-reduce. A SIGTERM to the stage then lands at a known step."""
+        if self.rank == 0:
+            self.store.put_bytes(self.stop_marker.rsplit("/", 1)[0] + "/holding", b"holding\n")
+            deadline = time.monotonic() + 300
+            while not self.store.exists(self.stop_marker) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self._look_after = 0.0  # seen: this step's check takes it
+
     def kill(self) -> None:
         """Test hook (`<run>:<step>:kill`): the last worker dies once, as if its node went."""
         if self.rank == self.world - 1 and not self.store.exists(self.fault_marker):
@@ -95,7 +122,7 @@ def _worker(config: dict) -> None:
     import ray.train.torch
 
     from pipeline.core import tracking
-    from pipeline.train.loop import train_run
+    from pipeline.train.loop import Preempted, train_run
 
     job = TrainJob.model_validate(config["job"])
     job = job.model_copy(update={"device": str(ray.train.torch.get_device()) if job.device == "cuda" else "cpu"})
@@ -103,11 +130,14 @@ def _worker(config: dict) -> None:
     if job.storage is not None:  # no shared filesystem: this node's copy of the data
         job = job.model_copy(update={"data_dir": str(storage.fetch_prepared(store, job.storage.data,
                                                                             storage.node_cache()))})
-    parallel = DataParallel(job, store, config["fault_marker"])
-    if parallel.rank == 0:  # the one that reports
-        train_run(job, tracking.record_sink(job, config["queue"].put), parallel)
-    else:
-        train_run(job, parallel=parallel)
+    parallel = DataParallel(job, store, config["fault_marker"], config["stop_marker"])
+    try:
+        if parallel.rank == 0:  # the one that reports
+            train_run(job, tracking.record_sink(job, config["queue"].put), parallel)
+        else:
+            train_run(job, parallel=parallel)
+    except Preempted:  # asked to stop: that step's checkpoint is reported; fit_run tells the stage
+        return
 
 
 def storage_name(job: TrainJob) -> str:
@@ -115,26 +145,48 @@ def storage_name(job: TrainJob) -> str:
     return f"{job.run}-{job.fingerprint[:12]}"
 
 
+def _stop_marker(job: TrainJob) -> str:
+    return f"{storage_name(job)}/stop-requested"
+
+
+def clear_stop(job: TrainJob, location: str) -> None:
+    """Before the run starts: a stop asked of an earlier attempt is not this one's."""
+    storage.Storage(location).remove(_stop_marker(job))
+
+
+def request_stop(job: TrainJob, location: str, why: str) -> None:
+    """The stage's stop request to a data-parallel run (its workers' loops run on threads where
+    no signal reaches them): the marker in storage that `DataParallel.stop_requested` looks for."""
+    storage.Storage(location).put_bytes(_stop_marker(job), f"{why}\n".encode())
+
+
 def fit_run(job: TrainJob, queue, workers: int, cpus: int, gpus: int, custom: dict[str, float], location: str,
             max_failures: int) -> dict:
     """In a Ray task (no resources of its own): train `job` on `workers` Ray Train workers (each
     holding `cpus`, `gpus` and the `custom` resources; checkpoints in `location`, compute.storage),
     then copy its final checkpoint into `job.ckpt_dir`, or with `job.storage` into the run's folder
-    there. Returns what `train_run` returns."""
+    there. Returns what `train_run` returns. When the stage asks the run to stop (`request_stop`)
+    the workers stop after the same step and report its checkpoint
+    (`DataParallel.stop_requested`), and this raises `Preempted` with that step."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    name = storage_name(job)
+    from pipeline.train.loop import Preempted
+
+    name, store, stop_marker = storage_name(job), storage.Storage(location), _stop_marker(job)
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"job": job.model_dump(mode="json"), "queue": queue, "storage": location,
-                           "fault_marker": f"{name}/fault-fired"},
+                           "fault_marker": f"{name}/fault-fired", "stop_marker": stop_marker},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=location, failure_config=FailureConfig(max_failures=max_failures)))
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
         final = checkpoint.load_final_meta(Path(folder))  # digests verified
+        if final is None:  # its workers stopped on the stage's request before the last step
+            step, why = checkpoint.load_latest(Path(folder))["step"], store.read_bytes(stop_marker) or b"?"
+            raise Preempted(step, f"preempted ({why.decode().strip()}): its step-{step} checkpoint is written")
         if job.storage is not None:
             storage.Storage(location).put_dir(Path(folder), job.storage.checkpoints)
         else:

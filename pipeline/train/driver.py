@@ -271,8 +271,10 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
                              resources=compute.resources, retries=compute.max_failures)
         spread = ""
     else:  # one Ray Train run per run (its task holds nothing; its workers hold the resources)
-        from pipeline.train.ddp import fit_run
+        from pipeline.train.ddp import clear_stop, fit_run, request_stop
 
+        for job in ready.values():
+            clear_stop(job, store.location)
         refs = fanout.submit(fit_run, ready, "train", 0, 0, queue, compute.workers_per_run, compute.cpus_per_job,
                              cluster.gpus_per_job, compute.resources, store.location, compute.max_failures,
                              needs={"CPU": compute.cpus_per_job, "GPU": cluster.gpus_per_job, **compute.resources})
@@ -285,7 +287,9 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
     live = LiveLog(queue, tracker, run_ids, progress, workers_log)
     by_name = {job.run: job for job in jobs}
     results = {}
-    stage.watch(refs)  # as_completed empties it as runs finish
+    # as_completed empties it as runs finish; a data-parallel run is asked to stop through storage
+    stage.watch(refs, None if compute.workers_per_run == 1 else
+                lambda ref: request_stop(ready[refs[ref]], store.location, "SIGTERM"))
 
     def waited() -> None:
         live.drain()

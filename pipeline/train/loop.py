@@ -167,6 +167,13 @@ class OneProcess:
     def shard(self, rows: np.ndarray) -> np.ndarray:
         return rows
 
+    def stop_requested(self) -> bool:
+        """A one-process run is stopped by a signal to its own process (`stop_requests`)."""
+        return False
+
+    def hold(self) -> None:
+        raise ValueError("the test hook <run>:<step>:hold is for a data-parallel run")
+
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         return values
 
@@ -210,7 +217,7 @@ def _save(parallel, step: int, *args, **kwargs) -> None:
 
 
 def _fault(job: TrainJob, step: int) -> Optional[str]:
-    """Test hook: job.fault = "<run>:<step>:nan|raise|kill|sigterm" (from $KVF_FAULT in the driver)."""
+    """Test hook: job.fault = "<run>:<step>:nan|raise|kill|sigterm|hold" (from $KVF_FAULT in the driver)."""
     if not job.fault:
         return None
     name, at, kind = job.fault.split(":")
@@ -277,6 +284,8 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
                 parallel.kill()
             if fault == "sigterm":  # as a scheduler's SIGTERM to this worker, at a known step
                 os.kill(os.getpid(), signal.SIGTERM)
+            if fault == "hold":  # a data-parallel run waits here for the stage's stop request
+                parallel.hold()
             if not torch.isfinite(loss):
                 raise RunFailed(step + 1, f"loss became {loss.item()}")
             optimizer.zero_grad(set_to_none=True)
@@ -291,6 +300,8 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
             running["n"] = running.get("n", 0) + 1
 
             done = step + 1
+            if parallel.stop_requested():  # a data-parallel run's stop (pipeline/train/ddp.py)
+                stop.request("SIGINT")
             record = {}
             if done % cfg.log_every == 0 or done == cfg.steps:
                 elapsed = time.perf_counter() - window_t
@@ -315,8 +326,12 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
                         stop.request("SIGINT")
             preempted = bool(stop) and done < cfg.steps  # asked to stop (SIGINT, SIGTERM): not at the end
             if preempted or (done % cfg.checkpoint_every == 0 and done < cfg.steps):
+                # the window's sums as the log will average them (across the workers of a data-
+                # parallel run: every worker resumes with them, and the mean of their own sums plus
+                # these is what an uninterrupted window logs)
+                sums = parallel.mean(running) if running else {}
                 _save(parallel, done, model, optimizer, {**meta_base, "history": history,
-                                                         "window": {"sums": running, "tokens": window_tokens}})
+                                                         "window": {"sums": sums, "tokens": window_tokens}})
             if preempted:
                 raise Preempted(done, f"preempted ({stop.signal}): its step-{done} checkpoint is written")
 

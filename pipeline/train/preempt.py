@@ -10,9 +10,15 @@
   logs, and ends with, what an uninterrupted run does. A cancel that lands while the worker waits
   on the driver's queue comes as Ray's TaskCancelledError out of that wait, not as the signal:
   the loop takes it as the same request (`StopRequest.request`).
-- Only where the loop runs on its process's main thread (a one-process run, a Ray task): a Ray
-  Train worker's loop runs on a thread of its own, so a data-parallel run keeps Ray Train's
-  own behaviour (its last `checkpoint_every` checkpoint).
+- A data-parallel run (Ray Train, `compute.workers_per_run > 1`): its workers' loops run on
+  threads of their own, where no signal handler runs (and Ray Train takes its task's SIGINT to
+  abort the run). So the stage asks it through storage instead of `ray.cancel`: a stop marker in
+  the run's folder in `compute.storage` (`ddp.request_stop`). Rank 0 looks for it at most every
+  half second and broadcasts what it saw at each step, so every worker stops after the same
+  step, reports that step's checkpoint to Ray Train and returns; `fit_run` raises `Preempted`
+  with the step. The next run starts Ray Train again on the same name and storage, which
+  resumes from that checkpoint. A SIGTERM to one Ray Train worker is a lost worker: Ray Train
+  brings the group back from its last checkpoint (`compute.max_failures`).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 
 class StopRequest:
@@ -43,7 +49,7 @@ class StopRequest:
 @contextmanager
 def stop_requests() -> Iterator[StopRequest]:
     """A StopRequest the loop polls between steps; the previous handlers come back on exit. Off
-    the main thread (Python handles signals there only) it is never set."""
+    the main thread (Python handles signals there only) it is never set by a signal."""
     request, previous = StopRequest(), {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -58,19 +64,20 @@ def stop_requests() -> Iterator[StopRequest]:
 class Stage:
     """The train stage's side. After SIGTERM, `stopping` holds when it came; the runs `watch`ed
     are asked to stop at once (and those watched later, as they start), and `poll` cancels what
-    is still running once `grace_s` has passed."""
+    is still running once `grace_s` has passed. A run is asked by `ray.cancel`, or by `ask(ref)`
+    where the stage gives one (a data-parallel run: `ddp.request_stop`)."""
 
     def __init__(self, grace_s: float):
-        self.grace_s, self.stopping, self.forced, self.pending = grace_s, None, False, {}
+        self.grace_s, self.stopping, self.forced, self.pending, self.ask = grace_s, None, False, {}, None
 
     def request(self) -> None:
         if self.stopping is None:
             self.stopping = time.monotonic()
             self._cancel(force=False)
 
-    def watch(self, refs: dict) -> None:
+    def watch(self, refs: dict, ask: Optional[Callable[[object], None]] = None) -> None:
         """The Ray refs of the runs now training (a dict the caller empties as they finish)."""
-        self.pending = refs
+        self.pending, self.ask = refs, ask
         if self.stopping is not None:
             self._cancel(force=False)
 
@@ -83,7 +90,10 @@ class Stage:
         import ray
 
         for ref in list(self.pending):
-            ray.cancel(ref, force=force)
+            if self.ask is not None and not force:
+                self.ask(ref)
+            else:
+                ray.cancel(ref, force=force)
 
 
 @contextmanager

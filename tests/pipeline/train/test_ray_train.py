@@ -1,40 +1,74 @@
 """One run across two Ray Train workers (`compute.workers_per_run: 2`, DDP over gloo): the same
-loss curve as the one-process run, and a worker killed mid-run is brought back by Ray Train from
-its last checkpoint, the run ending on that same curve."""
+loss curve as the one-process run; preempted (SIGTERM to the stage) it stops with a checkpoint and
+the next stage resumes it; a worker killed mid-run is brought back by Ray Train from its last
+checkpoint; the run ends on that same curve."""
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.studies import run_stage, write_params
+from tests.studies import run_stage, stage_env, write_params
 
 TRAIN = {"steps": 20, "log_every": 2, "eval_every": 10, "checkpoint_every": 6, "batch_size": 4,
          "mqar_batch_size": 4}
 
 
-def _train(root, workers: int, **env) -> tuple[dict, list[dict], str]:
+def _params(root, workers: int) -> None:
     params = write_params(root, {"variants": {"mha": {"kind": "mha"}}, "train": TRAIN})
     params["variants"] = {"mha": {"kind": "mha"}}
     params["compute"].update(workers_per_run=workers, storage=str(root / "storage"))
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _train(root, workers: int, **env) -> tuple[dict, list[dict], str]:
+    _params(root, workers)
     result = run_stage(root, "train", timeout=600, **env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     final = json.loads((root / "checkpoints" / "mha" / "model.json").read_text())
     return final, final["history"], result.stdout + result.stderr
 
 
-def test_two_workers_follow_one_process_and_survive_a_killed_worker(tiny_data, tmp_path_factory):
+def _preempted_at_7(root) -> list[dict]:
+    """The stage, SIGTERM'd while the run is at step 7 (rank 0 holds there until the stage asks it
+    to stop): exit 143 naming the run and step 7; returns the history of its step-7 checkpoint."""
+    _params(root, 2)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, text=True,
+                            env=stage_env(KVF_FAULT="mha:7:hold"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not any((root / "storage").rglob("holding")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-2000:] + err[-4000:]
+    assert ("[train] PREEMPTED run mha at step 7: preempted (SIGTERM): its step-7 checkpoint is written; "
+            "the next make repro resumes it from step 7") in err, err[-4000:]
+    assert json.loads((root / "metrics" / "train.json").read_text())["variants"]["mha"]["status"] == "preempted"
+    [meta] = list((root / "storage").rglob("step-000007.json"))  # reported to Ray Train, in its storage
+    return json.loads(meta.read_text())["history"]
+
+
+def test_two_workers_follow_one_process_through_a_preemption_and_a_killed_worker(tiny_data, tmp_path_factory):
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     for root in (one, two):
         shutil.copytree(tiny_data, root / "data")
     final_1, curve_1, _ = _train(one, 1)
-    final_2, curve_2, log = _train(two, 2, KVF_FAULT="mha:9:kill")  # worker 1 dies at step 9, once
+    before = _preempted_at_7(two)
+    assert [r["step"] for r in before] == [2, 4, 6]
+    final_2, curve_2, log = _train(two, 2, KVF_FAULT="mha:11:kill")  # worker 1 dies at step 11, once
 
     assert "x 2 Ray Train workers per run (DDP" in log
     assert (two / "storage").is_dir() and any((two / "storage").rglob("fault-fired"))  # it did die
-    # Ray Train brought the group back from the step-6 checkpoint: each step of the curve once
+    # resumed from the step-7 checkpoint (Ray Train, same name and storage), not trained again: the
+    # records before it are those the first stage made, to their measured speed
+    assert curve_2[:3] == before
+    # Ray Train brought the group back from that checkpoint after the kill: each step of the curve
+    # once, step 8's record the mean over the window the preemption cut (both workers' sums saved)
     assert [r["step"] for r in curve_2] == [r["step"] for r in curve_1] == list(range(2, 21, 2))
     for a, b in zip(curve_1, curve_2):
         for key in ("train/loss", "train/lm_loss", "train/mqar_loss", "train/grad_norm"):

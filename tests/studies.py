@@ -60,7 +60,6 @@ def short_tmp(prefix: str) -> Path:
 def _remove_short_dirs():
     yield
     ZYGOTES.stop()
-    SHARED.stop()
     for path in _SHORT_DIRS:
         shutil.rmtree(path, ignore_errors=True)
 

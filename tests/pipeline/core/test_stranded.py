@@ -1,6 +1,6 @@
 """A job no live node can run (its node lost, nothing else with its resources) comes back failed
 within `compute.stranded_after_s`, naming what it needs, instead of Ray keeping it pending forever;
-a job that can run is untouched. On a real Ray node (this test process's shared one)."""
+a job that can run is untouched. On a real Ray node (the test run's shared one)."""
 import json
 import subprocess
 import sys

@@ -134,7 +134,7 @@ class Zygotes:
             done = _forked(zygote[1], args, cwd, env, timeout)
             if done is not None:
                 return done
-            self._zygotes[key] = None  # it refused: real processes from now on
+            self._zygotes[key] = None  # it refused or is gone: real processes from now on
         return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
     def _zygote(self, key: tuple, env: dict):
@@ -160,13 +160,18 @@ class Zygotes:
 
 
 def _forked(path: str, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess | None:
-    """One stage through the zygote at `path`; None if it refused."""
+    """One stage through the zygote at `path`; None if it refused or is gone."""
     request = {"module": args[2], "args": args[3:], "cwd": str(cwd), "env": env}
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     with socket.socket(socket.AF_UNIX) as conn:
-        conn.connect(path)
-        socket.send_fds(conn, [json.dumps(request).encode()], [out_w, err_w])
+        try:
+            conn.connect(path)
+            socket.send_fds(conn, [json.dumps(request).encode()], [out_w, err_w])
+        except OSError:  # the zygote is gone (killed): a real process instead
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
+            return None
         os.close(out_w)
         os.close(err_w)
         replies = conn.makefile("r")

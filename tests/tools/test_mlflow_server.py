@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.ray_node import free_port
-from tests.studies import run_stage, stage_env_for
+from tests.studies import run_stage, stage_env, stage_env_for
 from tools.mlflow_server import command
 
 EVAL = {"context_lengths": [32, 64], "bpb_tokens": 128, "mqar_pairs": [2], "mqar_examples": 16,
@@ -138,7 +138,8 @@ def test_the_tiny_study_against_a_tracking_server_that_goes_away(tiny_project, s
     """The study against the server, which is stopped for OUTAGE_S (then restarted) while the
     workers log their curves: MLflow's client retries and every step ends up logged once. Then it
     goes for good while evaluate computes: evaluate ends with one line naming it, its results on
-    disk, and logs them once the server is back. Then a second clone of the study beside it."""
+    disk, and logs them once the server is back. Then a second clone of the study beside it, the
+    two writing to the server at the same time (this one's report, the clone's runs)."""
     url, state, root = server.url, server.state, tiny_project
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["tracking"]["uri"] = url
@@ -169,8 +170,7 @@ def test_the_tiny_study_against_a_tracking_server_that_goes_away(tiny_project, s
     out = run_stage(root, "evaluate", timeout=600)
     assert out.returncode == 0 and out.stdout.count("unchanged (checkpoint, eval config), kept") == 3, \
         out.stdout[-2000:] + out.stderr[-3000:]
-    out = run_stage(root, "report", timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    clone = _a_second_study_beside(root, server, tmp_path_factory.mktemp("clone"))  # runs this study's report
     assert not (root / "mlflow.db").exists()  # nothing went to a local store
 
     # everything read back over HTTP
@@ -193,14 +193,13 @@ def test_the_tiny_study_against_a_tracking_server_that_goes_away(tiny_project, s
             params_logged = {p["key"]: p["value"] for p in run["data"]["params"]}
             assert params_logged["family"] == name and float(params_logged["train.lr"]) > 0
     models = _get(url, "/api/2.0/mlflow/registered-models/search")["registered_models"]
-    assert {m["name"] for m in models} == {"tiny.mha", "tiny.swa"}
+    assert {m["name"] for m in models if not m["name"].startswith("tiny-clone.")} == {"tiny.mha", "tiny.swa"}
     artifacts = _get(url, "/api/2.0/mlflow/artifacts/list", run_id=runs["frontier"]["info"]["run_id"], path="report")
     assert {f["path"] for f in artifacts["files"]} == {"report/frontier.png", "report/frontier.md",
                                                        "report/frontier.csv", "report/capacity.png",
                                                        "report/learning.png", "report/retrieval.png"}
     assert any((state / "artifacts").rglob("frontier.md"))  # the server's artifact root holds them
-
-    _a_second_study_beside(root, server, tmp_path_factory.mktemp("clone"))
+    clone()
 
 
 def _experiment_runs(url: str, name: str) -> dict[str, str]:
@@ -210,11 +209,12 @@ def _experiment_runs(url: str, name: str) -> dict[str, str]:
     return {r["info"]["run_id"]: r["info"]["run_name"] for r in runs}
 
 
-def _a_second_study_beside(root, server: Server, tmp_path) -> None:
+def _a_second_study_beside(root, server: Server, tmp_path):
     """Another clone of the study at `root` (its own study id) on the same server: with the first's
     experiment, every tracked stage stops at once naming it, changing nothing; with an experiment
-    of its own, its runs and registered models stay apart from the first's (its MLflow side rebuilt
-    from disk by `tools.mlflow_sync`, the way `make repro` ends)."""
+    of its own, its MLflow side is built from disk (`tools.mlflow_sync`, the way `make repro` ends)
+    while the first study's report stage logs to the same server, and neither's runs or registered
+    models appear in the other's. Returns the check of the clone's side, to run last."""
     first = _experiment_runs(server.url, "tiny")
     models = {m["name"] for m in _get(server.url, "/api/2.0/mlflow/registered-models/search")["registered_models"]}
     assert first and models == {"tiny.mha", "tiny.swa"}
@@ -237,17 +237,27 @@ def _a_second_study_beside(root, server: Server, tmp_path) -> None:
 
     params["tracking"]["experiment"] = "tiny-clone"
     (other / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run_stage(other, "tools.mlflow_sync", timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert _experiment_runs(server.url, "tiny") == first  # nothing of the clone's in the first's
-    clone = _experiment_runs(server.url, "tiny-clone")
-    assert {"mha", "swa", "mha+window4", "frontier"} <= set(clone.values()) and not set(clone) & set(first)
-    versions = _get(server.url, "/api/2.0/mlflow/registered-models/search")["registered_models"]
-    by_name = {m["name"]: m for m in versions}
-    assert set(by_name) == {"tiny.mha", "tiny.swa", "tiny-clone.mha", "tiny-clone.swa"}
-    for name, model in by_name.items():
-        owner = first if name.startswith("tiny.") else clone
-        assert all(v["run_id"] in owner for v in model["latest_versions"]), (name, model)
+    sync = subprocess.Popen([sys.executable, "-m", "tools.mlflow_sync"], cwd=other, env=stage_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    report = run_stage(root, "report", timeout=600)  # the first study, at the same time
+    out, err = sync.communicate(timeout=300)
+    assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-3000:]
+    assert sync.returncode == 0, out[-2000:] + err[-3000:]
+
+    def check() -> None:
+        mine = _experiment_runs(server.url, "tiny")
+        assert set(mine.values()) == set(first.values()) | {"frontier"}  # its report's run, nothing of the clone's
+        clone = _experiment_runs(server.url, "tiny-clone")
+        assert {"mha", "swa", "mha+window4"} <= set(clone.values()) and not set(clone) & set(mine)
+        models = _get(server.url, "/api/2.0/mlflow/registered-models/search")["registered_models"]
+        by_name = {m["name"]: m for m in models}
+        assert set(by_name) == {"tiny.mha", "tiny.swa", "tiny-clone.mha", "tiny-clone.swa"}
+        for name, model in by_name.items():
+            owner_runs = mine if name.startswith("tiny.") else clone
+            assert all(v["run_id"] in owner_runs for v in model["latest_versions"]), (name, model)
+
+    return check
+
 
 
 def test_a_server_that_does_not_answer_stops_each_tracked_stage_before_any_work(tiny_project):

@@ -16,6 +16,11 @@ over gloo on CPU or NCCL on GPU, running the very loop a one-process run runs
   keeps its checkpoints there, each worker reads the data from its node's copy
   (`pipeline.core.storage.fetch_prepared`) and the final checkpoint goes to the run's folder in
   storage, from which the driver brings it back.
+- Preemption: the stage asks the run to stop through a marker in its folder in storage
+  (`request_stop`; no signal reaches the workers' loops), every worker stops after the same step,
+  rank 0 reports that step's checkpoint (the logging window's sums averaged over the workers) and
+  `fit_run` raises `Preempted`; the next stage's Ray Train resumes there
+  (pipeline/train/preempt.py).
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ class DataParallel:
         return DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device])
 
     def stop_requested(self) -> bool:
-        """Whether the stage asked this run to stop (`fit_run` left the stop marker in storage):
+        """Whether the stage asked this run to stop (its stop marker in storage, `request_stop`):
         rank 0 looks, at most every half second, and every worker takes its answer at the same
         step (a broadcast each step, as small as a loss)."""
         import torch

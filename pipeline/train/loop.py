@@ -301,7 +301,7 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
 
             done = step + 1
             if parallel.stop_requested():  # a data-parallel run's stop (pipeline/train/ddp.py)
-                stop.request("SIGINT")
+                stop.request("the stage's stop marker")
             record = {}
             if done % cfg.log_every == 0 or done == cfg.steps:
                 elapsed = time.perf_counter() - window_t

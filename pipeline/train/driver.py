@@ -245,7 +245,9 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
     """Train `jobs` (each resumed from its checkpoint when current); {run: result}. With
     `data_key` (the prepared data in storage) the nodes share nothing but `store`. After SIGTERM
     (`stage`) each run stops at its next step with a checkpoint (pipeline/train/preempt.py)."""
+    import ray
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     jobs, run_ids, started, staged, homes = list(jobs), {}, {}, {}, {}
     for i, job in enumerate(jobs):
@@ -263,7 +265,11 @@ def _train_on_ray(params: Params, tracker: tracking.Tracker, jobs: list[TrainJob
                                             mlflow_tags(job, source))
         if latest:
             tracker.log_records(run_ids[job.run], latest["history"])
-    queue, workers_log, compute = Queue(), tracking.is_server(tracker.uri), params.compute
+    # the progress queue lives on the driver's node (and holds no CPU): a node lost mid-study must
+    # not take it along, and a head node of no CPUs can hold it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    workers_log, compute = tracking.is_server(tracker.uri), params.compute
     live_fields = lambda job: {"tracking_uri": tracker.uri, "mlflow_run_id": run_ids[job.run]} if workers_log else {}  # noqa: E731
     ready = {job.run: job.model_copy(update={"device": cluster.device, **live_fields(job)}) for job in jobs}
     if compute.workers_per_run == 1:  # one Ray task per run

@@ -172,7 +172,11 @@ class OneProcess:
         return False
 
     def hold(self) -> None:
-        raise ValueError("the test hook <run>:<step>:hold is for a data-parallel run")
+        """Test hook (`<run>:<step>:hold`): say so (`.<run>.holding` beside the run's folder) and
+        wait there, up to 5 minutes, for what the test does to this worker meanwhile (its node
+        stopped). A data-parallel run waits for the stage's stop request instead."""
+        (self.ckpt_dir.parent / f".{self.ckpt_dir.name}.holding").write_text("holding\n")
+        time.sleep(300)
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         return values
@@ -284,7 +288,7 @@ def train_run(job: TrainJob, report: Callable[[dict], None] = lambda record: Non
                 parallel.kill()
             if fault == "sigterm":  # as a scheduler's SIGTERM to this worker, at a known step
                 os.kill(os.getpid(), signal.SIGTERM)
-            if fault == "hold":  # a data-parallel run waits here for the stage's stop request
+            if fault == "hold":  # waits here for what the test does meanwhile (a stop request, a lost node)
                 parallel.hold()
             if not torch.isfinite(loss):
                 raise RunFailed(step + 1, f"loss became {loss.item()}")

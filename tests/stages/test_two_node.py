@@ -75,9 +75,10 @@ def _processes_of(marks: list[str]) -> list[int]:
 
 @pytest.fixture(scope="session")
 def two_nodes():
-    """(address, what a client's environment needs to reach it, node 2's id, node 2's temp dir): a
-    cluster of our own, stopped by its process groups (never `ray stop`: it would stop every Ray
-    on the machine). The stage keeps 127.0.0.1 as it is too (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)."""
+    """(address, what a client's environment needs to reach it, node 2's id, node 2's temp dir,
+    `restart()`: node 2 started again after a test stopped it, its new id): a cluster of our own,
+    stopped by its process groups (never `ray stop`: it would stop every Ray on the machine). The
+    stage keeps 127.0.0.1 as it is too (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)."""
     base = REPO / "runs" / f"test-two-node-{os.getpid()}"
     # each node's temp dir in the repo (through a short /tmp link when too deep for Ray's socket names)
     temp_dirs = [fanout.ray_temp_dir(ComputeConfig(temp_dir=str(base / name)), REPO) for name in ("head", "node2")]
@@ -103,9 +104,7 @@ def two_nodes():
             time.sleep(0.5)
         pytest.fail(f"{log}: the node did not come up within 60 s: {(base / log).read_text()[-3000:]}")
 
-    try:
-        start([RAY, "start", "--head", "--port", str(port), "--num-cpus", "0", "--include-dashboard", "false",
-               "--ray-client-server-port", str(free_port()), "--temp-dir", temp_dirs[0]], "head.log")
+    def start_node2() -> str:
         start([sys.executable, "-c", _NODE2, "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "2",
                "--resources", json.dumps({"node2": 4}), "--temp-dir", temp_dirs[1]], "node2.log")
         probe = subprocess.run([sys.executable, "-c", _NODES, f"127.0.0.1:{port}"], env=env, capture_output=True,
@@ -114,7 +113,12 @@ def two_nodes():
         nodes = json.loads(probe.stdout.strip().splitlines()[-1])
         node2 = [n["id"] for n in nodes if "node2" in n["resources"]]
         assert len(nodes) == 2 and len(node2) == 1, (nodes, (base / "node2.log").read_text()[-3000:])
-        yield f"127.0.0.1:{port}", client, node2[0], temp_dirs[1]
+        return node2[0]
+
+    try:
+        start([RAY, "start", "--head", "--port", str(port), "--num-cpus", "0", "--include-dashboard", "false",
+               "--ray-client-server-port", str(free_port()), "--temp-dir", temp_dirs[0]], "head.log")
+        yield f"127.0.0.1:{port}", client, start_node2(), temp_dirs[1], start_node2
     finally:
         for group in groups:
             try:
@@ -149,7 +153,7 @@ def _trained_on(log: str, run: str) -> tuple[str, str]:
 
 
 def test_train_stage_on_the_second_node_through_storage(two_nodes, tiny_project, tmp_path_factory):
-    address, client, node2, node2_temp = two_nodes
+    address, client, node2, node2_temp, _ = two_nodes
     root, store = tiny_project, tmp_path_factory.mktemp("storage")
     _study(root, address, store, {"node2": 1})
 
@@ -227,7 +231,7 @@ def _set_eval(root: Path) -> None:
 def test_ray_train_workers_on_the_second_node_through_storage(two_nodes, tiny_project, tmp_path_factory):
     """`workers_per_run: 2`: Ray Train keeps its checkpoints in the storage URI, each worker reads
     its node's copy of the data, the final checkpoint comes back to `checkpoints/<run>`."""
-    address, client, _, node2_temp = two_nodes
+    address, client, _, node2_temp, _ = two_nodes
     root, store = tiny_project, tmp_path_factory.mktemp("storage")
     _study(root, address, store, {"node2": 1})
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -250,13 +254,61 @@ def test_ray_train_workers_on_the_second_node_through_storage(two_nodes, tiny_pr
 
 
 def test_a_resource_no_node_declares_fails_at_once(two_nodes, tiny_project, tmp_path_factory):
-    address, client, _, _ = two_nodes
+    address, client, _, _, _ = two_nodes
     _study(tiny_project, address, tmp_path_factory.mktemp("storage"), {"gpu_box": 1})
     result = run_stage(tiny_project, "train", timeout=120, **client)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert (f"params.yaml: compute.resources: gpu_box=1 per train job but the Ray cluster ({address}) has 0 "
             "of it (its custom resources: node2)") in result.stderr
     assert not (tiny_project / "checkpoints").exists() and not (tiny_project / "metrics").exists()
+
+
+def test_a_lost_node_stops_its_runs_then_a_new_node_resumes_them(two_nodes, tiny_project, tmp_path_factory,
+                                                                 trained_study):
+    """Node 2, the only node with the study's resource, stopped while a run holds at step 12 (after
+    its step-10 checkpoint reached storage): Ray runs the task again, no live node can take it, and
+    the stage ends within `compute.stranded_after_s` naming the run, what it needs and the node lost.
+    With a node 2 again, the next stage resumes the run from its checkpoint in storage, and both
+    runs end with the numbers of the study trained in one go (`trained_study`). Last in this
+    module: it stops the fixture's node 2 (and starts one again)."""
+    address, client, _, node2_temp, restart = two_nodes
+    root, store = tiny_project, tmp_path_factory.mktemp("storage")
+    _study(root, address, store, {"node2": 1})
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["compute"]["stranded_after_s"] = 3
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stage = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, text=True,
+                             env=stage_env(KVF_FAULT="swa:12:hold", **client),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not list(Path(node2_temp).rglob(".*.holding")) and time.time() < deadline and stage.poll() is None:
+        time.sleep(0.2)
+    assert stage.poll() is None and list(Path(node2_temp).rglob(".*.holding")), "the run never held at step 12"
+    lost = time.time()
+    for pid in _processes_of([node2_temp]):  # node 2 gone: its raylet, agents and workers
+        os.kill(pid, signal.SIGKILL)
+    out, err = stage.communicate(timeout=240)
+    took = time.time() - lost
+    assert stage.returncode == 1, out[-3000:] + err[-4000:]
+    line = next((x for x in err.splitlines() if x.startswith("[train] FAILED run swa at step ")), err[-4000:])
+    assert (": nothing left to run it on: it needs CPU=1, node2=1 and none of the 1 live node(s) of the Ray "
+            f"cluster ({address}) has that (lost: node ") in line, line
+    assert "waited 3 s (compute.stranded_after_s)" in line, line
+    assert took < 120, took  # Ray's health checks notice the node, then the 3-s bound: never a hang
+    stored = {p.name.rsplit("-", 1)[0]: p for p in (store / "checkpoints").iterdir()}
+    assert json.loads((stored["swa"] / "latest.json").read_text())["step"] == 10  # what storage kept
+
+    restart()
+    result = run_stage(root, "train", timeout=300, **client)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "[train] swa: step 15/30" in log and "[train] swa: step 5/30" not in log  # from step 10
+    metrics = json.loads((root / "metrics" / "train.json").read_text())["variants"]
+    reference = json.loads((trained_study / "metrics" / "train.json").read_text())["variants"]
+    for run in ("mha", "swa"):
+        assert metrics[run]["status"] == "ok"
+        assert {k: v for k, v in metrics[run].items() if k.startswith("val/")} == \
+            {k: v for k, v in reference[run].items() if k.startswith("val/")}, run
 
 
 def test_a_job_sent_to_a_worker_carries_storage_keys_and_no_driver_path(tiny_project, tmp_path_factory):

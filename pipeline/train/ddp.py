@@ -193,7 +193,7 @@ def fit_run(job: TrainJob, queue, workers: int, cpus: int, gpus: int, custom: di
             step, why = checkpoint.load_latest(Path(folder))["step"], store.read_bytes(stop_marker) or b"?"
             raise Preempted(step, f"preempted ({why.decode().strip()}): its step-{step} checkpoint is written")
         if job.storage is not None:
-            storage.Storage(location).put_dir(Path(folder), job.storage.checkpoints)
+            store.put_dir(Path(folder), job.storage.checkpoints)
         else:
             incoming = Path(job.ckpt_dir + ".incoming")
             shutil.rmtree(incoming, ignore_errors=True)

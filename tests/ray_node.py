@@ -29,10 +29,20 @@ from pathlib import Path
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 and not handed out before by this process: a port is free again
+    once its probing socket closes, so two calls in a row could name the same one (seen: a Ray
+    head whose dashboard and agent were given one port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _home() -> Path:

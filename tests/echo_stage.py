@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-print(json.dumps({"cwd": os.getcwd(), "argv": sys.argv[1:], "echo": os.environ.get("KVF_ECHO"),
+print(json.dumps({"cwd": os.getcwd(), "argv": sys.argv[1:], "echo": os.environ.get("KVF_FAULT"),
                   "path0": sys.path[0], "name": __name__}))
 print("a line on stderr", file=sys.stderr)
 arg = sys.argv[1]

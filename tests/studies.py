@@ -109,8 +109,9 @@ def stage_env_for(root: Path, stage: str, **extra: str) -> dict:
 
 def shares_ray(root: Path, stage: str, env: dict | None = None) -> bool:
     """A train or evaluate stage on TINY's compute block (its temp dir and storage aside: the node
-    is on this machine) whose extra environment is at most the train stage's fault hook (read by
-    its driver, not its workers): nothing a shared node would change."""
+    is on this machine; `workers_per_run` up to TINY's CPUs) whose extra environment is at most the
+    train stage's fault hook (read by its driver, not its workers): nothing a shared node would
+    change."""
     if stage not in ("train", "evaluate") or not set(env or {}) <= ({"KVF_FAULT"} if stage == "train" else set()):
         return False
     try:
@@ -118,8 +119,9 @@ def shares_ray(root: Path, stage: str, env: dict | None = None) -> bool:
     except (OSError, yaml.YAMLError, AttributeError):  # a test of a bad params file: the stage says so
         return False
     compute = {k: v for k, v in (compute or {}).items() if k not in ("temp_dir", "storage")}
-    if compute.get("workers_per_run") == 1:  # the default, written out
-        del compute["workers_per_run"]
+    # Ray Train's workers for a run, as many as a test process's share of the node has CPUs for
+    if compute.get("workers_per_run", 1) <= TINY["compute"]["num_cpus"]:
+        compute.pop("workers_per_run", None)
     return compute == TINY["compute"]
 
 

@@ -20,7 +20,9 @@ def zygotes():
 @pytest.mark.parametrize("arg", ["0", "3", "a message", "raise"])
 def test_a_forked_stage_sees_and_ends_as_a_real_process(zygotes, tmp_path, arg):
     args = [sys.executable, "-m", "tests.echo_stage", arg]
-    env = stage_env(KVF_ECHO=f"echo {arg}")
+    # a variable read when the stage runs (CALL_TIME): every case shares one zygote (its imports are
+    # ~4 CPU seconds), so each case's own value must come through the fork, not the zygote's
+    env = stage_env(KVF_FAULT=f"echo {arg}")
     forked = zygotes.run(args, tmp_path, env, timeout=60)
     real = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert zygotes._zygotes and all(z is not None for z in zygotes._zygotes.values())  # it was forked

@@ -49,9 +49,11 @@ from tests.studies import copy_study, run_stage, stage_env, stage_env_for
 # other modules' tests between these (a module-scoped one ran up to three times a run)
 pytestmark = pytest.mark.xdist_group(__name__)
 
-# the evaluate block of the tiny study: every measure, smallest sizes, no lm-eval (10 s a start)
+# the evaluate block of the tiny study: every measure the reruns are compared on, smallest sizes; no
+# lm-eval (10 s a start) and no memory/speed probes (a fresh process each, ~2 CPU s, measuring time
+# and peak RSS, which no rerun can be compared on; test_evaluate.py tests them)
 EVAL = {"context_lengths": [32, 64], "bpb_tokens": 128, "mqar_pairs": [2], "mqar_examples": 16,
-        "capacity_pairs": [1, 2], "decode_lengths": [64], "decode_new_tokens": 4}
+        "capacity_pairs": [1, 2], "decode_lengths": []}
 RUNS = ("mha", "swa")
 REPORT_FILES = ("frontier.png", "frontier.md", "frontier.csv", "capacity.png", "learning.png", "retrieval.png")
 SETTLE_S = 30  # Ray's workers exit ~1-2 s after their raylet dies; agents once lingered 1-2 min

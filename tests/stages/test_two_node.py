@@ -31,8 +31,9 @@ from pipeline.core.params import ComputeConfig
 from tests.ray_node import free_port
 from tests.studies import REPO, run_stage, stage_env, write_params
 
-# all on one xdist worker, and the cluster session-scoped: it starts once even when the worker runs
-# other modules' tests between these (a module-scoped one was torn down and started again)
+# all on one xdist worker, which runs them one after the other: the cluster is module-scoped, so it
+# stops once they are done (a session-scoped one idled beside the rest of the suite: ~30 CPU s of
+# its agents, log monitors and idle workers on these 2 cores)
 pytestmark = pytest.mark.xdist_group(__name__)
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -73,7 +74,7 @@ def _processes_of(marks: list[str]) -> list[int]:
     return found
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def two_nodes():
     """(address, what a client's environment needs to reach it, node 2's id, node 2's temp dir,
     `restart()`: node 2 started again after a test stopped it, its new id): a cluster of our own,

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.studies import run_stage, stage_env, write_params
+from tests.studies import run_stage, stage_env_for, write_params
 
 TRAIN = {"steps": 20, "log_every": 2, "eval_every": 10, "checkpoint_every": 6, "batch_size": 4,
          "mqar_batch_size": 4}
@@ -39,7 +39,8 @@ def _preempted_at_7(root) -> list[dict]:
     to stop): exit 143 naming the run and step 7; returns the history of its step-7 checkpoint."""
     _params(root, 2)
     proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, text=True,
-                            env=stage_env(KVF_FAULT="mha:7:hold"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            env=stage_env_for(root, "train", KVF_FAULT="mha:7:hold"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not any((root / "storage").rglob("holding")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)

@@ -153,44 +153,75 @@ def _trained_on(log: str, run: str) -> tuple[str, str]:
     return node, data
 
 
-def test_train_stage_on_the_second_node_through_storage(two_nodes, tiny_project, tmp_path_factory):
-    address, client, node2, node2_temp, _ = two_nodes
+def test_a_lost_node_then_the_study_through_storage_on_a_new_one(two_nodes, tiny_project, tmp_path_factory,
+                                                                trained_study):
+    """Node 2, the only node with the study's resource, stopped while swa holds at step 12 (after its
+    step-10 checkpoint reached storage) and mha has finished and come back: Ray runs swa's task again,
+    no live node can take it, and the stage ends within `compute.stranded_after_s` naming the run,
+    what it needs and the node lost. With a node 2 again, the next stage resumes swa from its
+    checkpoint in storage, mha is not retrained, and both end with the numbers of the study trained
+    in one go (`trained_study`); then export and evaluate run there too. First in this module: the
+    node 2 the other tests use is the one started here."""
+    address, client, _, node2_temp, restart = two_nodes
     root, store = tiny_project, tmp_path_factory.mktemp("storage")
     _study(root, address, store, {"node2": 1})
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["compute"]["stranded_after_s"] = 3
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    # 1. swa fails at step 12, after its step-10 checkpoint reached storage; mha finishes
-    first = run_stage(root, "train", timeout=300, KVF_FAULT="swa:12:raise", **client)
-    log = first.stdout + first.stderr
-    assert first.returncode == 1, log[-4000:]
+    # 1. swa holds at step 12; once mha is back in checkpoints/, node 2 goes (its raylet, agents, workers)
+    stage = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, text=True,
+                             env=stage_env(KVF_FAULT="swa:12:hold", **client),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (list(Path(node2_temp).rglob(".*.holding")) and (root / "checkpoints" / "mha" / "model.json").exists()) \
+            and time.time() < deadline and stage.poll() is None:
+        time.sleep(0.2)
+    assert stage.poll() is None and list(Path(node2_temp).rglob(".*.holding")), "the run never held at step 12"
+    lost = time.time()
+    for pid in _processes_of([node2_temp]):
+        os.kill(pid, signal.SIGKILL)
+    out, err = stage.communicate(timeout=240)
+    took, log = time.time() - lost, out + err
+    assert stage.returncode == 1, log[-4000:]
     assert f"[train] 2 run(s) on Ray ({address})" in log and f"storage file://{store} (no shared filesystem)" in log
-    assert "FAILED run swa at step 12" in log
+    line = next((x for x in err.splitlines() if x.startswith("[train] FAILED run swa at step ")), err[-4000:])
+    assert (": nothing left to run it on: it needs CPU=1, node2=1 and none of the 1 live node(s) of the Ray "
+            f"cluster ({address}) has that (lost: node ") in line, line
+    assert "waited 3 s (compute.stranded_after_s)" in line, line
+    assert took < 120, took  # Ray's health checks notice the node, then the 3-s bound: never a hang
     node, data = _trained_on(log, "mha")
     manifest = (root / "data" / "manifest.json").read_bytes()
     key = f"data/{Path(data).name}"
-    assert node == node2 and data == f"{node2_temp}/kvf-cache/{key}"  # node 2's own copy of the data
+    assert data == f"{node2_temp}/kvf-cache/{key}"  # node 2's own copy of the data
     assert (store / key / "manifest.json").read_bytes() == manifest  # the data went through storage
     for rel in json.loads(manifest)["files"]:
         assert (store / key / rel).read_bytes() == (root / "data" / rel).read_bytes()
     stored = {p.name.rsplit("-", 1)[0]: p for p in (store / "checkpoints").iterdir()}
     assert sorted(stored) == ["mha", "swa"]
-    assert json.loads((stored["swa"] / "latest.json").read_text())["step"] == 10
+    assert json.loads((stored["swa"] / "latest.json").read_text())["step"] == 10  # what storage kept
     assert not (stored["swa"] / "model.json").exists() and not (root / "checkpoints" / "swa").exists()
     assert checkpoint.load_final_meta(root / "checkpoints" / "mha")["step"] == 30  # brought back, verified
 
-    # 2. swa resumes from its checkpoint in storage (on node 2 again); mha is not retrained
+    # 2. a node 2 again: swa resumes from its checkpoint in storage; mha is not retrained
+    node2 = restart()
+    assert node2 != node
     second = run_stage(root, "train", timeout=300, **client)
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-4000:]
     assert "[train] mha: unchanged since its last completed run, skipped" in log
-    assert "[train] swa: step 15/30" in log and "[train] swa: step 5/30" not in log
+    assert "[train] swa: step 15/30" in log and "[train] swa: step 5/30" not in log  # from step 10
     assert _trained_on(log, "swa") == (node2, data)
     metrics = json.loads((root / "metrics" / "train.json").read_text())["variants"]
+    reference = json.loads((trained_study / "metrics" / "train.json").read_text())["variants"]
     for run in ("mha", "swa"):
         final = checkpoint.load_final_meta(root / "checkpoints" / run)  # where DVC and export expect it
         assert metrics[run]["status"] == "ok" and final["fingerprint"] == json.loads(
             (stored[run] / "model.json").read_text())["fingerprint"]
         assert [r["step"] for r in final["history"]] == list(range(5, 31, 5))
         assert metrics[run]["val/bpb"] == final["metrics"]["val/bpb"]
+        assert {k: v for k, v in metrics[run].items() if k.startswith("val/")} == \
+            {k: v for k, v in reference[run].items() if k.startswith("val/")}, run
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["mha", "swa"]
 
     # 3. nothing changed: nothing trains, Ray is not even started
@@ -262,54 +293,6 @@ def test_a_resource_no_node_declares_fails_at_once(two_nodes, tiny_project, tmp_
     assert (f"params.yaml: compute.resources: gpu_box=1 per train job but the Ray cluster ({address}) has 0 "
             "of it (its custom resources: node2)") in result.stderr
     assert not (tiny_project / "checkpoints").exists() and not (tiny_project / "metrics").exists()
-
-
-def test_a_lost_node_stops_its_runs_then_a_new_node_resumes_them(two_nodes, tiny_project, tmp_path_factory,
-                                                                 trained_study):
-    """Node 2, the only node with the study's resource, stopped while a run holds at step 12 (after
-    its step-10 checkpoint reached storage): Ray runs the task again, no live node can take it, and
-    the stage ends within `compute.stranded_after_s` naming the run, what it needs and the node lost.
-    With a node 2 again, the next stage resumes the run from its checkpoint in storage, and both
-    runs end with the numbers of the study trained in one go (`trained_study`). Last in this
-    module: it stops the fixture's node 2 (and starts one again)."""
-    address, client, _, node2_temp, restart = two_nodes
-    root, store = tiny_project, tmp_path_factory.mktemp("storage")
-    _study(root, address, store, {"node2": 1})
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["compute"]["stranded_after_s"] = 3
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    stage = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, text=True,
-                             env=stage_env(KVF_FAULT="swa:12:hold", **client),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while not list(Path(node2_temp).rglob(".*.holding")) and time.time() < deadline and stage.poll() is None:
-        time.sleep(0.2)
-    assert stage.poll() is None and list(Path(node2_temp).rglob(".*.holding")), "the run never held at step 12"
-    lost = time.time()
-    for pid in _processes_of([node2_temp]):  # node 2 gone: its raylet, agents and workers
-        os.kill(pid, signal.SIGKILL)
-    out, err = stage.communicate(timeout=240)
-    took = time.time() - lost
-    assert stage.returncode == 1, out[-3000:] + err[-4000:]
-    line = next((x for x in err.splitlines() if x.startswith("[train] FAILED run swa at step ")), err[-4000:])
-    assert (": nothing left to run it on: it needs CPU=1, node2=1 and none of the 1 live node(s) of the Ray "
-            f"cluster ({address}) has that (lost: node ") in line, line
-    assert "waited 3 s (compute.stranded_after_s)" in line, line
-    assert took < 120, took  # Ray's health checks notice the node, then the 3-s bound: never a hang
-    stored = {p.name.rsplit("-", 1)[0]: p for p in (store / "checkpoints").iterdir()}
-    assert json.loads((stored["swa"] / "latest.json").read_text())["step"] == 10  # what storage kept
-
-    restart()
-    result = run_stage(root, "train", timeout=300, **client)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-4000:]
-    assert "[train] swa: step 15/30" in log and "[train] swa: step 5/30" not in log  # from step 10
-    metrics = json.loads((root / "metrics" / "train.json").read_text())["variants"]
-    reference = json.loads((trained_study / "metrics" / "train.json").read_text())["variants"]
-    for run in ("mha", "swa"):
-        assert metrics[run]["status"] == "ok"
-        assert {k: v for k, v in metrics[run].items() if k.startswith("val/")} == \
-            {k: v for k, v in reference[run].items() if k.startswith("val/")}, run
 
 
 def test_a_job_sent_to_a_worker_carries_storage_keys_and_no_driver_path(tiny_project, tmp_path_factory):

@@ -12,10 +12,11 @@ from pipeline.core.results import MEASURES
 from tests.studies import run_stage
 
 # no lm-eval tasks (~8 CPU s an evaluated run): the stage runs them in test_corpus (a BPE study),
-# test_pretrained and test_two_node (a cache policy's, through storage)
+# test_pretrained and test_two_node (a cache policy's, through storage); no memory/speed probes (a
+# fresh process each, ~2 CPU s): they run in those three and in test_evaluate
 EVAL = {"context_lengths": [32, 64], "bpb_tokens": 128, "mqar_pairs": [2], "mqar_examples": 16,
         "capacity_pairs": [1, 2], "lm_eval_tasks": [],
-        "decode_lengths": [64], "decode_new_tokens": 4, "generate_lengths": [], "report_context": 1024,
+        "decode_lengths": [], "generate_lengths": [], "report_context": 1024,
         # inference-time cache policies on the mha checkpoints, at the swa windows' bytes
         "cache_policies": [{"policy": "window", "window": 4, "points": ["mha"]},
                            {"policy": "streaming", "sinks": 1, "window": 5}]}

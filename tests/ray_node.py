@@ -84,6 +84,9 @@ class SharedNode:
         started = subprocess.run(
             [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
              "--num-cpus", str(num_cpus), "--include-dashboard", "false",
+             # no log monitor: it tails every worker's log files all run long (~16 CPU s) to echo
+             # them in the drivers, and no test reads that echo (a job's error comes back in its result)
+             "--include-log-monitor", "false",
              # ports of its own: the defaults may belong to another Ray on this machine
              "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
              "--temp-dir", str(home / "ray"), "--disable-usage-stats"],

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.ray_node import free_port
-from tests.studies import run_stage, stage_env, stage_env_for
+from tests.studies import run_stage, stage_env, stage_env_for, write_params
 from tools.mlflow_server import command
 
 # no memory/speed probes (a fresh process each, ~2 CPU s): what goes to the server is the point here
@@ -259,6 +259,46 @@ def _a_second_study_beside(root, server: Server, tmp_path):
 
     return check
 
+
+
+def test_two_studies_train_at_once_on_one_server(server, tiny_data, tmp_path_factory):
+    """Two studies (each its own folder, study id and experiment) train at the same time against
+    one server, their workers logging their curves live: each experiment holds its own two runs and
+    none of the other's, each run has every logged step once, and the studies' runs were open at once."""
+    roots = {}
+    for name in ("side-a", "side-b"):
+        root = tmp_path_factory.mktemp(name)
+        shutil.copytree(tiny_data, root / "data")
+        params = write_params(root)
+        params["tracking"].update(uri=server.url, experiment=name)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        roots[name] = root
+    procs = {name: subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=stage_env_for(root, "train"),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, root in roots.items()}
+    outs = {name: proc.communicate(timeout=600) for name, proc in procs.items()}
+    for name, proc in procs.items():
+        assert proc.returncode == 0, outs[name][0][-2000:] + outs[name][1][-3000:]
+        assert "(the workers log their curves live)" in outs[name][0]
+
+    spans, ids = {}, {}
+    for name, root in roots.items():
+        trained = json.loads((root / "metrics" / "train.json").read_text())["variants"]
+        runs = _experiment_runs(server.url, name)  # run id -> run name
+        assert sorted(runs.values()) == ["mha", "swa"], runs
+        assert set(runs) == {trained[run]["run_id"] for run in ("mha", "swa")}
+        for run_id in runs:
+            info = _get(server.url, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]["info"]
+            assert info["status"] == "FINISHED"
+            start, end = spans.get(name, (int(info["start_time"]), int(info["end_time"])))
+            spans[name] = (min(start, int(info["start_time"])), max(end, int(info["end_time"])))
+            history = _get(server.url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
+                           metric_key="train/loss")["metrics"]
+            assert sorted(m["step"] for m in history) == list(range(5, 31, 5))  # each step once
+        ids[name] = set(runs)
+    assert not ids["side-a"] & ids["side-b"]
+    (a_start, a_end), (b_start, b_end) = spans.values()
+    assert a_start < b_end and b_start < a_end, spans  # the two studies' runs were open at once
 
 
 def test_a_server_that_does_not_answer_stops_each_tracked_stage_before_any_work(tiny_project):

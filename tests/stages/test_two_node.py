@@ -162,7 +162,7 @@ def test_a_lost_node_then_the_study_through_storage_on_a_new_one(two_nodes, tiny
     checkpoint in storage, mha is not retrained, and both end with the numbers of the study trained
     in one go (`trained_study`); then export and evaluate run there too. First in this module: the
     node 2 the other tests use is the one started here."""
-    address, client, _, node2_temp, restart = two_nodes
+    address, client, node2, node2_temp, restart = two_nodes
     root, store = tiny_project, tmp_path_factory.mktemp("storage")
     _study(root, address, store, {"node2": 1})
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -193,7 +193,7 @@ def test_a_lost_node_then_the_study_through_storage_on_a_new_one(two_nodes, tiny
     node, data = _trained_on(log, "mha")
     manifest = (root / "data" / "manifest.json").read_bytes()
     key = f"data/{Path(data).name}"
-    assert data == f"{node2_temp}/kvf-cache/{key}"  # node 2's own copy of the data
+    assert node == node2 and data == f"{node2_temp}/kvf-cache/{key}"  # node 2's own copy of the data
     assert (store / key / "manifest.json").read_bytes() == manifest  # the data went through storage
     for rel in json.loads(manifest)["files"]:
         assert (store / key / rel).read_bytes() == (root / "data" / rel).read_bytes()
@@ -204,14 +204,14 @@ def test_a_lost_node_then_the_study_through_storage_on_a_new_one(two_nodes, tiny
     assert checkpoint.load_final_meta(root / "checkpoints" / "mha")["step"] == 30  # brought back, verified
 
     # 2. a node 2 again: swa resumes from its checkpoint in storage; mha is not retrained
-    node2 = restart()
-    assert node2 != node
+    new_node2 = restart()
+    assert new_node2 != node2
     second = run_stage(root, "train", timeout=300, **client)
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-4000:]
     assert "[train] mha: unchanged since its last completed run, skipped" in log
     assert "[train] swa: step 15/30" in log and "[train] swa: step 5/30" not in log  # from step 10
-    assert _trained_on(log, "swa") == (node2, data)
+    assert _trained_on(log, "swa") == (new_node2, data)
     metrics = json.loads((root / "metrics" / "train.json").read_text())["variants"]
     reference = json.loads((trained_study / "metrics" / "train.json").read_text())["variants"]
     for run in ("mha", "swa"):
@@ -240,7 +240,7 @@ def test_a_lost_node_then_the_study_through_storage_on_a_new_one(two_nodes, tiny
     assert f"storage file://{store} (no shared filesystem)" in log
     for key in ("mha", "swa", "mha+window4"):
         line = next(x for x in log.splitlines() if x.startswith(f"[evaluate] {key}: done"))
-        assert f"(on node {node2}, data read from {data})" in line, line
+        assert f"(on node {new_node2}, data read from {data})" in line, line
         result = json.loads((root / "results" / "eval" / f"{key}.json").read_text())
         assert "worker" not in result and result["bpb"]["32"] > 0
     # the policy ran the lm-eval tasks too, on its parent's export as fetched through storage

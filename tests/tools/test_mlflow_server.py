@@ -260,7 +260,6 @@ def _a_second_study_beside(root, server: Server, tmp_path):
     return check
 
 
-
 def test_two_studies_train_at_once_on_one_server(server, tiny_data, tmp_path_factory):
     """Two studies (each its own folder, study id and experiment) train at the same time against
     one server, their workers logging their curves live: each experiment holds its own two runs and
@@ -281,17 +280,16 @@ def test_two_studies_train_at_once_on_one_server(server, tiny_data, tmp_path_fac
         assert proc.returncode == 0, outs[name][0][-2000:] + outs[name][1][-3000:]
         assert "(the workers log their curves live)" in outs[name][0]
 
-    spans, ids = {}, {}
+    spans, ids = {}, {}  # study -> (first run's start, last run's end); its run ids
     for name, root in roots.items():
         trained = json.loads((root / "metrics" / "train.json").read_text())["variants"]
         runs = _experiment_runs(server.url, name)  # run id -> run name
         assert sorted(runs.values()) == ["mha", "swa"], runs
         assert set(runs) == {trained[run]["run_id"] for run in ("mha", "swa")}
+        infos = [_get(server.url, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]["info"] for run_id in runs]
+        assert all(info["status"] == "FINISHED" for info in infos)
+        spans[name] = (min(int(i["start_time"]) for i in infos), max(int(i["end_time"]) for i in infos))
         for run_id in runs:
-            info = _get(server.url, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]["info"]
-            assert info["status"] == "FINISHED"
-            start, end = spans.get(name, (int(info["start_time"]), int(info["end_time"])))
-            spans[name] = (min(start, int(info["start_time"])), max(end, int(info["end_time"])))
             history = _get(server.url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
                            metric_key="train/loss")["metrics"]
             assert sorted(m["step"] for m in history) == list(range(5, 31, 5))  # each step once
